@@ -1,0 +1,29 @@
+# edgediff — set-up, demo and tests. `make demo` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel lies on local disk; an unpinned torch pulls a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[export,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgediff export --family dit --size DiT-S/8 --input-size 32 --out build/demo-dit
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -n 2
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2
+
+clean:
+	rm -rf $(VENV) build .pytest_cache
