@@ -1,20 +1,54 @@
-"""Reference PyTorch denoisers, one module per family, and the registry the CLI reuses."""
+"""Reference PyTorch denoisers, one module per family, and the registry the CLI reuses.
+
+The registry maps a family name to its module; modules (and torch) are imported only when
+a family is used, so ``edgediff --help`` and the runtime never pay for torch.
+"""
 from __future__ import annotations
 
-from . import dit, uvit
+import importlib
+from collections.abc import Mapping
+
 from .family import Family, ModelSpec
 
-FAMILIES: dict[str, Family] = {
-    "dit": dit.FAMILY,
-    "uvit": uvit.FAMILY,
+_MODULES = {
+    "dit": "dit",
+    "uvit": "uvit",
 }
 
 
+class _Registry(Mapping):
+    def __getitem__(self, name: str) -> Family:
+        if name not in _MODULES:
+            raise KeyError(name)
+        return importlib.import_module(f"{__name__}.{_MODULES[name]}").FAMILY
+
+    def __iter__(self):
+        return iter(_MODULES)
+
+    def __len__(self):
+        return len(_MODULES)
+
+
+FAMILIES: Mapping[str, Family] = _Registry()
+
+
 def get_family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}") from None
+    if name not in _MODULES:
+        raise ValueError(f"unknown family {name!r}; choose from {', '.join(_MODULES)}")
+    return FAMILIES[name]
 
 
-__all__ = ["FAMILIES", "Family", "ModelSpec", "get_family"]
+def resolve_config(family: Family, size: str | None, config: dict | None) -> dict:
+    """A named configuration (``--size``) or user keyword arguments (``--config``)."""
+    if (size is None) == (config is None):
+        raise ValueError("give exactly one of --size NAME or --config FILE")
+    if config is not None:
+        if not isinstance(config, dict):
+            raise ValueError("the --config file must hold a JSON object of constructor keyword arguments")
+        return config
+    if size not in family.configs:
+        raise ValueError(f"unknown {family.name} size {size!r}; choose from {', '.join(family.configs)}")
+    return dict(family.configs[size])
+
+
+__all__ = ["FAMILIES", "Family", "ModelSpec", "get_family", "resolve_config"]

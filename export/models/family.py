@@ -7,9 +7,10 @@ the spirit of Optimum's export configs, without their class hierarchy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # the registry must list families without importing torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ModelSpec:
 
     sample_shape: tuple[int, int, int]                 # (C, H, W)
     outputs: tuple[str, ...]                           # e.g. ("eps",) or ("eps", "v")
-    prediction: str                                    # "epsilon", "epsilon_learned_range", "ddm_c_eps"
+    prediction: str                                    # "epsilon" or "ddm_c_eps"
     time: dict
     schedule: dict
     num_classes: int | None = None                     # None: unconditional
@@ -55,10 +56,10 @@ class Family:
     """
 
     name: str
-    build: Callable[[dict], torch.nn.Module]
+    build: Callable[[dict], "torch.nn.Module"]
     spec: Callable[[dict], ModelSpec]
     configs: dict[str, dict]
     fixture: str
-    official: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    official: Callable[["torch.nn.Module"], "torch.nn.Module"] = lambda m: m
     tolerance: tuple[float, float] = (1e-5, 1e-4)
     description: str = ""

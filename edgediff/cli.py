@@ -1,0 +1,80 @@
+"""The ``edgediff`` command line: one click group, thin commands over the library."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from edgediff import __version__
+from edgediff.export.models import FAMILIES
+
+# Errors that are the user's input, not our bug: print one line, exit non-zero.
+_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, RuntimeError, OSError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgediff")
+def cli():
+    """Export diffusion denoisers to ONNX/TensorRT bundles and run them without PyTorch."""
+
+
+def _read_json(path: str | None):
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid JSON: {exc}", param_hint="--config") from None
+
+
+@cli.command()
+@click.option("--family", required=True, type=click.Choice(list(FAMILIES)), help="Model family.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="JSON file of the official constructor keyword arguments (diffusers config.json for ddpm).")
+@click.option("--size", help="Named configuration instead of --config (see `edgediff families`).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Weights in the official layout: .safetensors, or .pt/.pth loaded with weights_only=True.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--opset", default=21, show_default=True, type=click.IntRange(18, 23), help="ONNX opset.")
+@click.option("--max-batch", type=click.IntRange(2, None), help="Upper bound of the dynamic batch axis.")
+def export(family, config_path, size, checkpoint, out, opset, max_batch):
+    """Export a PyTorch denoiser to a validated FP32 ONNX bundle."""
+    from edgediff.export.bundle import export_bundle
+    from edgediff.export.models import resolve_config
+
+    start = time.perf_counter()
+    config = resolve_config(FAMILIES[family], size, _read_json(config_path))
+    result = export_bundle(family, config, out, checkpoint=checkpoint, opset=opset, max_batch=max_batch,
+                           log=lambda msg: click.echo(msg, err=True))
+    click.echo(result.parity.summary())
+    click.echo(f"wrote {result.path} in {time.perf_counter() - start:.1f} s")
+
+
+@cli.command()
+def families():
+    """List model families and their named configurations."""
+    for name, family in FAMILIES.items():
+        click.echo(f"{name}: {family.description}")
+        click.echo("  sizes: " + ", ".join(family.configs))
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except _USER_ERRORS as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

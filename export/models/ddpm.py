@@ -1,0 +1,401 @@
+"""DDPM U-Net (Ho et al. 2020, arXiv 2006.11239) laid out like diffusers' ``UNet2DModel``.
+
+The ``google/ddpm-*`` checkpoints are published in that layout, so module and parameter
+names follow it (``down_blocks.N.resnets.M.conv1``, ``attentions.M.to_q``,
+``downsamplers.0.conv``, ``time_embedding.linear_1`` ...) and the configuration is the
+model's ``config.json`` as-is. The numerics follow diffusers: sinusoidal timestep embedding
+with ``flip_sin_to_cos`` and ``freq_shift``, pre-norm ResNet blocks adding the projected
+time embedding after conv1, single-block self-attention with a residual, nearest-neighbour
+upsampling. diffusers itself is only a test-time peer; nothing here imports it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import sinusoidal_embedding, timestep_frequencies
+from .family import Family, ModelSpec
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, time embedding added between; 1x1 shortcut if C changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float,
+                 output_scale_factor: float = 1.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x, temb):                                   # (N, Cin, H, W), (N, T)
+        h = self.conv1(F.silu(self.norm1(x)))                     # (N, Cout, H, W)
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))                     # dropout: identity at inference
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = skip + h
+        # The scale is 1 everywhere except the mid block when mid_block_scale_factor != 1;
+        # skipping the division then keeps a no-op Div out of the exported graph.
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    """Spatial self-attention over the H*W positions (diffusers' "deprecated attn block").
+
+    ``to_out`` is a list so its Linear sits at ``to_out.0`` as in the checkpoints.
+    """
+
+    def __init__(self, ch: int, head_dim: int, groups: int, eps: float, rescale_output_factor: float = 1.0):
+        super().__init__()
+        self.heads = ch // head_dim
+        self.head_dim = head_dim
+        self.group_norm = nn.GroupNorm(groups, ch, eps=eps)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+        self.rescale_output_factor = rescale_output_factor
+
+    def _split(self, z, n):
+        return z.reshape(n, -1, self.heads, self.head_dim).transpose(1, 2)   # (N, heads, L, d)
+
+    def forward(self, x):                                         # (N, C, H, W)
+        n, c, h, w = x.shape
+        z = self.group_norm(x).flatten(2).transpose(1, 2)         # (N, L, C), L = H*W
+        q, k, v = (self._split(proj(z), n) for proj in (self.to_q, self.to_k, self.to_v))
+        # diffusers asks for an upcast softmax; computing attention in float32 honours that
+        # when the module runs in half precision and is a no-op in float32.
+        a = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
+        a = a.transpose(1, 2).reshape(n, -1, c)                   # (N, L, C)
+        out = self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w) + x
+        return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv; with padding 0 the input is first padded on the right and bottom
+    only (the original TF DDPM's asymmetric "SAME"), so H and W halve exactly."""
+
+    def __init__(self, ch: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def forward(self, x):                                         # (N, C, H, W)
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)                                       # (N, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):                                         # (N, C, H, W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))   # (N, C, 2H, 2W)
+
+
+def _attentions(ch: int, head_dim: int | None, groups: int, eps: float, n: int, scale: float = 1.0):
+    """``n`` attention layers, or None for the plain (attention-free) block types."""
+    if head_dim is None:
+        return None
+    return nn.ModuleList([Attention(ch, head_dim, groups, eps, scale) for _ in range(n)])
+
+
+class DownBlock(nn.Module):
+    """DownBlock2D / AttnDownBlock2D: resnets (each followed by attention when ``attn``) and
+    an optional downsampler; every stage output is kept for the up path's skips."""
+
+    def __init__(self, in_ch: int, out_ch: int, layers: int, temb_ch: int, groups: int, eps: float,
+                 head_dim: int | None, downsample_padding: int | None):
+        super().__init__()
+        self.attentions = _attentions(out_ch, head_dim, groups, eps, layers)
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps)
+                                      for i in range(layers)])
+        self.downsamplers = None
+        if downsample_padding is not None:
+            self.downsamplers = nn.ModuleList([Downsample2D(out_ch, downsample_padding)])
+
+    def forward(self, x, temb, skips: list):
+        attentions = self.attentions or [None] * len(self.resnets)
+        for resnet, attn in zip(self.resnets, attentions):
+            x = resnet(x, temb)
+            if attn is not None:
+                x = attn(x)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """UpBlock2D / AttnUpBlock2D: each resnet eats the running features concatenated with
+    one skip (newest first); ``skip_chs`` lists those skips' channel counts in that order."""
+
+    def __init__(self, prev_ch: int, out_ch: int, skip_chs: list[int], temb_ch: int, groups: int, eps: float,
+                 head_dim: int | None, upsample: bool):
+        super().__init__()
+        layers = len(skip_chs)
+        self.attentions = _attentions(out_ch, head_dim, groups, eps, layers)
+        self.resnets = nn.ModuleList([ResnetBlock2D((prev_ch if i == 0 else out_ch) + skip_chs[i], out_ch,
+                                                    temb_ch, groups, eps) for i in range(layers)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+
+    def forward(self, x, temb, skips: list):
+        attentions = self.attentions or [None] * len(self.resnets)
+        for resnet, attn in zip(self.resnets, attentions):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)   # (N, Cout, H, W)
+            if attn is not None:
+                x = attn(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet, attention, resnet at the lowest resolution; ``scale`` divides every residual sum."""
+
+    def __init__(self, ch: int, temb_ch: int, groups: int, attn_groups: int, eps: float,
+                 head_dim: int | None, scale: float):
+        super().__init__()
+        self.attentions = _attentions(ch, head_dim, attn_groups, eps, 1, scale)
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, groups, eps, scale) for _ in range(2)])
+
+    def forward(self, x, temb):                                   # (N, C, h, w)
+        x = self.resnets[0](x, temb)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x, temb)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))            # (N, T)
+
+
+class UNet2D(nn.Module):
+    """diffusers' ``UNet2DModel`` layout; forward(sample, timestep[, class_labels]) -> (N, C_out, H, W).
+
+    Takes a resolved config (see ``check_config``): diffusers' keyword arguments.
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        chs, layers, groups, eps = cfg["block_out_channels"], cfg["layers_per_block"], cfg["norm_num_groups"], cfg["norm_eps"]
+        temb_ch = cfg["time_embedding_dim"] or 4 * chs[0]
+        self.center_input_sample = cfg["center_input_sample"]
+        self.flip_sin_to_cos = cfg["flip_sin_to_cos"]
+        self.time_dim = chs[0]
+        self.register_buffer("freqs", timestep_frequencies(chs[0], 10000, cfg["freq_shift"]), persistent=False)
+        self.conv_in = nn.Conv2d(cfg["in_channels"], chs[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
+        n_cls = cfg["num_class_embeds"]
+        self.class_embedding = nn.Embedding(n_cls, temb_ch) if n_cls is not None else None
+
+        def head_dim(kind: str, ch: int):                       # None: block type without attention
+            return (cfg["attention_head_dim"] or ch) if kind.startswith("Attn") else None
+
+        self.down_blocks = nn.ModuleList()
+        skip_chs = [chs[0]]                                      # channels of every kept skip, in order
+        for i, kind in enumerate(cfg["down_block_types"]):
+            last = i == len(chs) - 1
+            self.down_blocks.append(DownBlock(chs[max(i - 1, 0)], chs[i], layers, temb_ch, groups, eps,
+                                              head_dim(kind, chs[i]), None if last else cfg["downsample_padding"]))
+            skip_chs += [chs[i]] * (layers + (not last))
+
+        self.mid_block = None
+        if cfg["mid_block_type"] is not None:
+            self.mid_block = UNetMidBlock2D(chs[-1], temb_ch, groups, cfg["attn_norm_num_groups"] or groups, eps,
+                                            (cfg["attention_head_dim"] or chs[-1]) if cfg["add_attention"] else None,
+                                            cfg["mid_block_scale_factor"])
+
+        self.up_blocks = nn.ModuleList()
+        prev = chs[-1]
+        for i, kind in enumerate(cfg["up_block_types"]):
+            out = chs[-1 - i]
+            mine = [skip_chs.pop() for _ in range(layers + 1)]  # the skips this block consumes
+            self.up_blocks.append(UpBlock(prev, out, mine, temb_ch, groups, eps, head_dim(kind, out),
+                                          upsample=i < len(chs) - 1))
+            prev = out
+
+        self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=eps)
+        self.conv_out = nn.Conv2d(chs[0], cfg["out_channels"], 3, padding=1)
+
+    def embed(self, timestep, class_labels=None):
+        emb = sinusoidal_embedding(timestep, self.freqs, self.time_dim, cos_first=self.flip_sin_to_cos)
+        emb = self.time_embedding(emb)                           # (N, T)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("this DDPM U-Net is class-conditional: pass class labels")
+            emb = emb + self.class_embedding(class_labels)
+        return emb
+
+    def forward(self, sample, timestep, class_labels=None):    # (N, C, H, W), (N,), (N,)
+        if self.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = self.embed(timestep, class_labels)
+        x = self.conv_in(sample)                                 # (N, C0, H, W)
+        skips = [x]
+        for block in self.down_blocks:
+            x = block(x, emb, skips)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb)                           # (N, C_last, H/2^k, W/2^k)
+        for block in self.up_blocks:
+            x = block(x, emb, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))      # (N, C_out, H, W)
+
+
+class DDPMExport(nn.Module):
+    """Export view: forward(x, t[, y]) -> (eps,) (DESIGN.md contract)."""
+
+    def __init__(self, unet: UNet2D):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, y=None):
+        return (self.unet(x, t, y),)
+
+
+# UNet2DModel's constructor defaults (diffusers 0.42), so a config.json that leaves a key
+# out means what it means to diffusers.
+_DEFAULTS = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
+    "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
+    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
+}
+# Keys with a restricted set of supported values (every other key takes any value).
+_CHOICES = {
+    "time_embedding_type": ("positional",),
+    "mid_block_type": ("UNetMidBlock2D", None),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "act_fn": ("silu", "swish"),                                 # the same nn.SiLU in diffusers
+    "resnet_time_scale_shift": ("default",),
+    "class_embed_type": (None,),
+}
+_DOWN_TYPES, _UP_TYPES = ("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "AttnUpBlock2D")
+
+
+def _refuse(key: str, value, why: str):
+    raise ValueError(f"DDPM U-Net config: unsupported {key}={value!r} ({why})")
+
+
+def _block_types(cfg: dict, key: str, allowed: tuple[str, ...]) -> list[str]:
+    # diffusers strips the legacy "UNetRes" prefix (UNetResDownBlock2D == DownBlock2D).
+    kinds = [k[7:] if k.startswith("UNetRes") else k for k in cfg[key]]
+    for kind in kinds:
+        if kind not in allowed:
+            _refuse(key, cfg[key], f"block type {kind!r}; supported: {', '.join(allowed)}")
+    if len(kinds) != len(cfg["block_out_channels"]):
+        _refuse(key, cfg[key], f"needs one entry per block_out_channels {cfg['block_out_channels']}")
+    return kinds
+
+
+def _check_channels(cfg: dict):
+    groups, head = cfg["norm_num_groups"], cfg["attention_head_dim"]
+    if not isinstance(groups, int):
+        _refuse("norm_num_groups", groups, "diffusers' down/up blocks need an integer")
+    for ch in cfg["block_out_channels"]:
+        if ch % groups:
+            _refuse("norm_num_groups", groups, f"does not divide block channel count {ch}")
+        if head is not None and ch % head:
+            _refuse("attention_head_dim", head, f"does not divide block channel count {ch}")
+    size = cfg["sample_size"]
+    step = 2 ** (len(cfg["block_out_channels"]) - 1)
+    for side in ([size] * 2 if isinstance(size, int) else size or []):
+        if side % step:
+            _refuse("sample_size", size, f"must be a multiple of 2**(len(block_out_channels)-1) = {step}")
+
+
+def check_config(config: dict) -> dict:
+    """A diffusers UNet2DModel config.json dict -> resolved keyword arguments, or ValueError.
+
+    Keys starting with "_" (``_class_name``, ``_diffusers_version`` ...) are metadata;
+    ``dropout`` and ``num_train_timesteps`` (used only by the "learned" embedding) do not
+    change inference. Unknown keys are refused rather than silently ignored.
+    """
+    unknown = sorted(k for k in config if k not in _DEFAULTS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"DDPM U-Net config: unknown key(s) {', '.join(unknown)}; "
+                         f"UNet2DModel takes {', '.join(_DEFAULTS)}")
+    cfg = dict(_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")})
+    for key, allowed in _CHOICES.items():
+        if cfg[key] not in allowed:
+            _refuse(key, cfg[key], f"supported: {', '.join(map(repr, allowed))}")
+    cfg["block_out_channels"] = [int(c) for c in cfg["block_out_channels"]]
+    cfg["down_block_types"] = _block_types(cfg, "down_block_types", _DOWN_TYPES)
+    cfg["up_block_types"] = _block_types(cfg, "up_block_types", _UP_TYPES)
+    _check_channels(cfg)
+    return cfg
+
+
+def build(config: dict) -> DDPMExport:
+    return DDPMExport(UNet2D(check_config(config))).eval()
+
+
+def spec(config: dict) -> ModelSpec:
+    cfg = check_config(config)
+    size = cfg["sample_size"]
+    if size is None:
+        _refuse("sample_size", size, "the bundle needs the sample shape")
+    h, w = (size, size) if isinstance(size, int) else size
+    n_cls = cfg["num_class_embeds"]
+    return ModelSpec(
+        sample_shape=(cfg["in_channels"], h, w),
+        outputs=("eps",),
+        prediction="epsilon",
+        time={"convention": "discrete", "min": 0, "max": 999},
+        # The google/ddpm-* schedulers: "linear" betas 1e-4..0.02 over 1000 steps (Ho et al.).
+        schedule={"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+        # UNet2DModel has no guidance convention of its own: we reserve the last embedding
+        # row as the null label (as DiT does), so num_class_embeds - 1 real classes remain.
+        num_classes=None if n_cls is None else n_cls - 1,
+        null_label=None if n_cls is None else n_cls - 1,
+        space="pixel",
+    )
+
+
+_DDPM_COMMON = {
+    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None, "center_input_sample": False,
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "out_channels": 3,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-6, "norm_num_groups": 32,
+    "time_embedding_type": "positional",
+}
+CONFIGS = {
+    # google/ddpm-cifar10-32/config.json (35.7M parameters).
+    "ddpm-cifar10-32": dict(
+        _DDPM_COMMON, sample_size=32, block_out_channels=[128, 256, 256, 256],
+        down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]),
+    # google/ddpm-celebahq-256, ddpm-church-256, ddpm-bedroom-256, ddpm-cat-256 (attention at 16x16).
+    "ddpm-256": dict(
+        _DDPM_COMMON, sample_size=256, block_out_channels=[128, 128, 256, 256, 512, 512],
+        down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4),
+    # Registry fixture: 8x8, one channel, class-conditional (10 classes + null label).
+    "tiny": dict(
+        _DDPM_COMMON, sample_size=8, in_channels=1, out_channels=1, block_out_channels=[16, 32],
+        layers_per_block=1, norm_num_groups=8, num_class_embeds=11,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"]),
+}
+
+FAMILY = Family(name="ddpm", build=build, spec=spec, configs=CONFIGS, fixture="tiny",
+                official=lambda m: m.unet,
+                description="DDPM U-Net (diffusers UNet2DModel layout, google/ddpm-* checkpoints)")

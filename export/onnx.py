@@ -1,0 +1,108 @@
+"""FP32 ONNX export of a family's export view, with dynamic batch, checks and parity."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edgediff.runtime.backends.ort import OrtBackend
+from edgediff.runtime.bundle import io_spec
+from edgediff.runtime.parity import ParityResult
+
+from .models.family import ModelSpec
+
+# Protobuf cannot hold more than 2 GiB; above ~1.8 GiB of weights the initializers go to a
+# side file (model.onnx.data) so the graph stays loadable.
+EXTERNAL_DATA_BYTES = int(1.8 * 2**30)
+
+
+class ExportError(RuntimeError):
+    """The exporter could not produce a valid ONNX graph."""
+
+
+def example_feed(spec: ModelSpec, batch: int, t: float, labels: str, rng: np.random.Generator) -> dict:
+    """Inputs in the DESIGN.md contract; ``labels`` is 'class' (random classes) or 'null'."""
+    feed = {"x": rng.standard_normal((batch, *spec.sample_shape)).astype(np.float32),
+            "t": np.full((batch,), t, dtype=np.float32)}
+    if spec.conditional:
+        if labels == "null" and spec.null_label is not None:
+            feed["y"] = np.full((batch,), spec.null_label, dtype=np.int64)
+        else:
+            feed["y"] = rng.integers(0, spec.num_classes, size=batch).astype(np.int64)
+    return feed
+
+
+def torch_outputs(module: torch.nn.Module, spec: ModelSpec, feed: dict) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        outs = module(*(torch.from_numpy(feed[n]) for n in spec.inputs))
+    return {n: o.float().numpy() for n, o in zip(spec.outputs, outs)}
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def export_onnx(module: torch.nn.Module, spec: ModelSpec, path: Path, opset: int = 21,
+                max_batch: int | None = None) -> list[Path]:
+    """Trace ``module`` with the dynamo exporter into ``path``; return the files written."""
+    if opset < 18:
+        raise ExportError("opset must be ≥ 18 (the dynamo exporter's Split is invalid at 17)")
+    feed = example_feed(spec, 2, float(spec.time["max"]), "class", np.random.default_rng(0))
+    args = tuple(torch.from_numpy(feed[n]) for n in spec.inputs)
+    batch = torch.export.Dim("batch", min=1, max=max_batch or 2**20)
+    external = weight_bytes(module) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, args, str(path), input_names=list(spec.inputs),
+                              output_names=list(spec.outputs), opset_version=opset, dynamo=True,
+                              dynamic_shapes=tuple({0: batch} for _ in args), external_data=external,
+                              optimize=True, verbose=False)
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
+    check_onnx(path)
+    return [p for p in (path, path.with_name(path.name + ".data")) if p.exists()]
+
+
+def check_onnx(path: Path) -> None:
+    """Full checker pass (includes strict shape inference); path-based so >2 GB models work."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"ONNX checker rejected {path.name}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def validate(module: torch.nn.Module, spec: ModelSpec, path: Path, tolerance: tuple[float, float],
+             seed: int = 0, candidate: str = "onnx-fp32 (onnxruntime CPU)") -> ParityResult:
+    """DESIGN.md rung 1: ORT vs PyTorch on fresh inputs at both ends of the time range,
+    batch 1 and 3, with class labels and with the null label."""
+    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
+    backend = OrtBackend(path, inputs, list(spec.outputs))
+    result = ParityResult("pytorch-fp32", candidate, tolerance[0], tolerance[1])
+    rng = np.random.default_rng(seed)
+    label_kinds = ("class", "null") if spec.null_label is not None else ("class",)
+    for batch in (1, 3):
+        for t in (spec.time["min"], spec.time["max"]):
+            for labels in label_kinds:
+                feed = example_feed(spec, batch, float(t), labels, rng)
+                tag = f"batch={batch} t={t:g}" + (f" labels={labels}" if spec.conditional else "")
+                result.add(tag, torch_outputs(module, spec, feed), backend.infer(feed))
+    return result
+
+
+class _quiet_exporter:
+    """The dynamo exporter logs progress at INFO/WARNING; keep the CLI's output readable."""
+
+    def __enter__(self):
+        self.loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)
