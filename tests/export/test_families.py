@@ -1,0 +1,40 @@
+"""Every registered family: has a fixture and a test module, exports, and passes rung 1."""
+from pathlib import Path
+
+import pytest
+
+from edgediff.export.bundle import export_bundle
+from edgediff.export.models import FAMILIES, get_family
+from edgediff.runtime.bundle import read_bundle
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_is_complete(name):
+    family = FAMILIES[name]
+    assert family.name == name
+    assert family.fixture in family.configs, f"{name}: fixture config {family.fixture!r} not registered"
+    assert (HERE / f"test_{name}.py").is_file(), f"{name}: no tests/export/test_{name}.py"
+    spec = family.spec(family.configs[family.fixture])
+    assert spec.outputs and spec.time["min"] < spec.time["max"]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fixture_exports_with_parity(name, tmp_path):
+    family = FAMILIES[name]
+    result = export_bundle(name, family.configs[family.fixture], tmp_path / "b", log=lambda m: None)
+    assert result.parity.passed, result.parity.summary()
+    bundle = read_bundle(tmp_path / "b")
+    spec = family.spec(family.configs[family.fixture])
+    assert bundle.input_names == list(spec.inputs)
+    assert bundle.output_names == list(spec.outputs)
+    assert bundle["parity"]["fp32"]["passed"] is True
+    # batch 1 and 3, both ends of t, labels and null labels (where a null label exists)
+    labels = 2 if spec.null_label is not None else 1
+    assert len(result.parity.cases) == 2 * 2 * labels
+
+
+def test_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="unknown family"):
+        get_family("nope")

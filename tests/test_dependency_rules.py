@@ -1,0 +1,25 @@
+"""DESIGN.md dependency rules: the runtime and calibration wings run without torch."""
+import subprocess
+import sys
+
+import pytest
+
+PROBE = ("import sys, importlib; importlib.import_module({mod!r}); "
+         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') {extra}); "
+         "print(bad); sys.exit(1 if bad else 0)")
+NO_EXPORT = "or m.startswith('edgediff.export') or m.startswith('edgediff.calibration')"
+
+
+@pytest.mark.parametrize("mod", ["edgediff.runtime", "edgediff.runtime.bundle", "edgediff.runtime.parity",
+                                 "edgediff.runtime.backends.ort"])
+def test_runtime_imports_neither_torch_nor_export(mod):
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra=NO_EXPORT)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"{mod} pulled in: {proc.stdout.strip()} {proc.stderr[-300:]}"
+
+
+@pytest.mark.parametrize("mod", ["edgediff.calibration", "edgediff.cli"])
+def test_imports_no_torch(mod):
+    """The CLI lists families from the torch-free registry; torch loads only inside export."""
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra="")], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{mod} pulled in: {proc.stdout.strip()} {proc.stderr[-300:]}"
