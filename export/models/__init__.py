@@ -13,6 +13,7 @@ from .family import Family, ModelSpec
 _MODULES = {
     "dit": "dit",
     "uvit": "uvit",
+    "ddpm": "ddpm",
 }
 
 

@@ -51,13 +51,15 @@ class Attention(nn.Module):
 
     def __init__(self, ch: int, head_dim: int, groups: int, eps: float, rescale_output_factor: float = 1.0):
         super().__init__()
-        self.heads = ch // head_dim
-        self.head_dim = head_dim
+        self.heads, self.head_dim = ch // head_dim, head_dim
+        if self.heads < 1:
+            raise ValueError(f"attention_head_dim={head_dim} exceeds the {ch} channels of an attention block")
+        inner = self.heads * head_dim                          # < ch when head_dim does not divide ch
         self.group_norm = nn.GroupNorm(groups, ch, eps=eps)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+        self.to_q = nn.Linear(ch, inner)
+        self.to_k = nn.Linear(ch, inner)
+        self.to_v = nn.Linear(ch, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, ch)])
         self.rescale_output_factor = rescale_output_factor
 
     def _split(self, z, n):
@@ -65,12 +67,14 @@ class Attention(nn.Module):
 
     def forward(self, x):                                         # (N, C, H, W)
         n, c, h, w = x.shape
-        z = self.group_norm(x).flatten(2).transpose(1, 2)         # (N, L, C), L = H*W
+        # Normalise the (N, C, L) view, not (N, C, H, W): same maths, but torch's CPU kernel
+        # rounds differently for the two ranks and diffusers uses the former.
+        z = self.group_norm(x.flatten(2)).transpose(1, 2)         # (N, L, C), L = H*W
         q, k, v = (self._split(proj(z), n) for proj in (self.to_q, self.to_k, self.to_v))
         # diffusers asks for an upcast softmax; computing attention in float32 honours that
         # when the module runs in half precision and is a no-op in float32.
         a = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
-        a = a.transpose(1, 2).reshape(n, -1, c)                   # (N, L, C)
+        a = a.transpose(1, 2).reshape(n, -1, self.heads * self.head_dim)   # (N, L, inner)
         out = self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w) + x
         return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
 
@@ -107,8 +111,8 @@ def _attentions(ch: int, head_dim: int | None, groups: int, eps: float, n: int, 
 
 
 class DownBlock(nn.Module):
-    """DownBlock2D / AttnDownBlock2D: resnets (each followed by attention when ``attn``) and
-    an optional downsampler; every stage output is kept for the up path's skips."""
+    """DownBlock2D / AttnDownBlock2D: resnets (each followed by attention in the Attn type)
+    and an optional downsampler; every stage output is kept for the up path's skips."""
 
     def __init__(self, in_ch: int, out_ch: int, layers: int, temb_ch: int, groups: int, eps: float,
                  head_dim: int | None, downsample_padding: int | None):
@@ -183,6 +187,11 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))            # (N, T)
 
 
+def _head_dim(cfg: dict, ch: int, attention: bool) -> int | None:
+    """Per-head width of a block's attention (None: no attention); unset means one head."""
+    return (cfg["attention_head_dim"] or ch) if attention else None
+
+
 class UNet2D(nn.Module):
     """diffusers' ``UNet2DModel`` layout; forward(sample, timestep[, class_labels]) -> (N, C_out, H, W).
 
@@ -191,7 +200,7 @@ class UNet2D(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        chs, layers, groups, eps = cfg["block_out_channels"], cfg["layers_per_block"], cfg["norm_num_groups"], cfg["norm_eps"]
+        chs = cfg["block_out_channels"]
         temb_ch = cfg["time_embedding_dim"] or 4 * chs[0]
         self.center_input_sample = cfg["center_input_sample"]
         self.flip_sin_to_cos = cfg["flip_sin_to_cos"]
@@ -201,42 +210,49 @@ class UNet2D(nn.Module):
         self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
         n_cls = cfg["num_class_embeds"]
         self.class_embedding = nn.Embedding(n_cls, temb_ch) if n_cls is not None else None
-
-        def head_dim(kind: str, ch: int):                       # None: block type without attention
-            return (cfg["attention_head_dim"] or ch) if kind.startswith("Attn") else None
-
-        self.down_blocks = nn.ModuleList()
-        skip_chs = [chs[0]]                                      # channels of every kept skip, in order
-        for i, kind in enumerate(cfg["down_block_types"]):
-            last = i == len(chs) - 1
-            self.down_blocks.append(DownBlock(chs[max(i - 1, 0)], chs[i], layers, temb_ch, groups, eps,
-                                              head_dim(kind, chs[i]), None if last else cfg["downsample_padding"]))
-            skip_chs += [chs[i]] * (layers + (not last))
-
+        skip_chs = self._make_down(cfg, temb_ch)
         self.mid_block = None
         if cfg["mid_block_type"] is not None:
-            self.mid_block = UNetMidBlock2D(chs[-1], temb_ch, groups, cfg["attn_norm_num_groups"] or groups, eps,
-                                            (cfg["attention_head_dim"] or chs[-1]) if cfg["add_attention"] else None,
+            groups = cfg["norm_num_groups"]
+            self.mid_block = UNetMidBlock2D(chs[-1], temb_ch, groups, cfg["attn_norm_num_groups"] or groups,
+                                            cfg["norm_eps"], _head_dim(cfg, chs[-1], cfg["add_attention"]),
                                             cfg["mid_block_scale_factor"])
+        self._make_up(cfg, temb_ch, skip_chs)
+        self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], chs[0], eps=cfg["norm_eps"])
+        self.conv_out = nn.Conv2d(chs[0], cfg["out_channels"], 3, padding=1)
 
+    def _make_down(self, cfg: dict, temb_ch: int) -> list[int]:
+        """Builds ``down_blocks``; returns the channel counts of the skips they keep, in order."""
+        chs, layers = cfg["block_out_channels"], cfg["layers_per_block"]
+        self.down_blocks = nn.ModuleList()
+        skip_chs = [chs[0]]                                      # conv_in's output is the first skip
+        for i, kind in enumerate(cfg["down_block_types"]):
+            last = i == len(chs) - 1
+            self.down_blocks.append(DownBlock(
+                chs[max(i - 1, 0)], chs[i], layers, temb_ch, cfg["norm_num_groups"], cfg["norm_eps"],
+                _head_dim(cfg, chs[i], kind.startswith("Attn")), None if last else cfg["downsample_padding"]))
+            skip_chs += [chs[i]] * (layers + (not last))
+        return skip_chs
+
+    def _make_up(self, cfg: dict, temb_ch: int, skip_chs: list[int]):
+        chs, layers = cfg["block_out_channels"], cfg["layers_per_block"]
         self.up_blocks = nn.ModuleList()
         prev = chs[-1]
         for i, kind in enumerate(cfg["up_block_types"]):
             out = chs[-1 - i]
             mine = [skip_chs.pop() for _ in range(layers + 1)]  # the skips this block consumes
-            self.up_blocks.append(UpBlock(prev, out, mine, temb_ch, groups, eps, head_dim(kind, out),
-                                          upsample=i < len(chs) - 1))
+            self.up_blocks.append(UpBlock(
+                prev, out, mine, temb_ch, cfg["norm_num_groups"], cfg["norm_eps"],
+                _head_dim(cfg, out, kind.startswith("Attn")), upsample=i < len(chs) - 1))
             prev = out
-
-        self.conv_norm_out = nn.GroupNorm(groups, chs[0], eps=eps)
-        self.conv_out = nn.Conv2d(chs[0], cfg["out_channels"], 3, padding=1)
 
     def embed(self, timestep, class_labels=None):
         emb = sinusoidal_embedding(timestep, self.freqs, self.time_dim, cos_first=self.flip_sin_to_cos)
         emb = self.time_embedding(emb)                           # (N, T)
+        if (self.class_embedding is None) != (class_labels is None):
+            raise ValueError("class labels must be given exactly when the U-Net is class-conditional "
+                             f"(num_class_embeds {'set' if self.class_embedding is not None else 'unset'})")
         if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("this DDPM U-Net is class-conditional: pass class labels")
             emb = emb + self.class_embedding(class_labels)
         return emb
 
@@ -309,14 +325,12 @@ def _block_types(cfg: dict, key: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def _check_channels(cfg: dict):
-    groups, head = cfg["norm_num_groups"], cfg["attention_head_dim"]
+    groups = cfg["norm_num_groups"]
     if not isinstance(groups, int):
         _refuse("norm_num_groups", groups, "diffusers' down/up blocks need an integer")
     for ch in cfg["block_out_channels"]:
         if ch % groups:
             _refuse("norm_num_groups", groups, f"does not divide block channel count {ch}")
-        if head is not None and ch % head:
-            _refuse("attention_head_dim", head, f"does not divide block channel count {ch}")
     size = cfg["sample_size"]
     step = 2 ** (len(cfg["block_out_channels"]) - 1)
     for side in ([size] * 2 if isinstance(size, int) else size or []):
@@ -369,6 +383,8 @@ def spec(config: dict) -> ModelSpec:
         num_classes=None if n_cls is None else n_cls - 1,
         null_label=None if n_cls is None else n_cls - 1,
         space="pixel",
+        # The google/ddpm-* scheduler configs clip the predicted x0 to [-1, 1] when sampling.
+        extra={"clip_sample": True},
     )
 
 
@@ -384,7 +400,7 @@ CONFIGS = {
         _DDPM_COMMON, sample_size=32, block_out_channels=[128, 256, 256, 256],
         down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
         up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]),
-    # google/ddpm-celebahq-256, ddpm-church-256, ddpm-bedroom-256, ddpm-cat-256 (attention at 16x16).
+    # google/ddpm-celebahq-256 and ddpm-church-256 (and their ddpm-ema-* twins): attention at 16x16.
     "ddpm-256": dict(
         _DDPM_COMMON, sample_size=256, block_out_channels=[128, 128, 256, 256, 512, 512],
         down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],

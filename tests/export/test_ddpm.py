@@ -30,6 +30,7 @@ VARIANTS = {
     "tiny-unconditional": {k: v for k, v in TINY.items() if k != "num_class_embeds"},
     "tiny-no-mid-attention": dict(TINY, add_attention=False, layers_per_block=2),
     "tiny-no-mid-block": dict(TINY, mid_block_type=None),
+    "tiny-ragged-heads": dict(TINY, attention_head_dim=12),     # 2 heads of 12 in 32 channels, as diffusers
     "mid": MID,
 }
 
@@ -88,6 +89,9 @@ def test_class_labels_change_the_output_and_are_required():
         assert _rel(ours(x, t, y)[0], ours(x, t, (y + 1) % 11)[0]) > 1e-3
         with pytest.raises(ValueError, match="class-conditional"):
             ours(x, t)
+    unconditional = ddpm.build(VARIANTS["tiny-unconditional"])
+    with pytest.raises(ValueError, match="class-conditional"):
+        unconditional(x, t, y)
 
 
 @pytest.mark.parametrize("name", ["ddpm-cifar10-32", "ddpm-256", "tiny"])
@@ -148,10 +152,10 @@ def test_spec():
 
 
 def test_metadata_and_inert_keys_are_accepted():
+    legacy = ["UNetResDownBlock2D", "UNetResAttnDownBlock2D", "UNetResDownBlock2D", "UNetResDownBlock2D"]
     config = dict(ddpm.CONFIGS["ddpm-cifar10-32"], _diffusers_version="0.5.0.dev0", _name_or_path="x",
                   dropout=0.1, num_train_timesteps=None, class_embed_type=None, upsample_type="conv",
-                  resnet_time_scale_shift="default", down_block_types=["UNetResDownBlock2D", "UNetResAttnDownBlock2D",
-                                                                       "UNetResDownBlock2D", "UNetResDownBlock2D"])
+                  resnet_time_scale_shift="default", down_block_types=legacy)
     assert ddpm.check_config(config)["down_block_types"][1] == "AttnDownBlock2D"
 
 
@@ -165,7 +169,6 @@ def test_metadata_and_inert_keys_are_accepted():
     ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D"]),
     ("up_block_types", ["UpBlock2D", "SkipUpBlock2D"]),
     ("up_block_types", ["UpBlock2D"]),
-    ("attention_head_dim", 12),
     ("norm_num_groups", None),
     ("sample_size", 9),
 ])
