@@ -48,3 +48,8 @@ class OrtBackend:
         validate_feed(feed, self.inputs)
         values = self.session.run(self.outputs, feed)
         return dict(zip(self.outputs, values))
+
+
+def from_bundle(bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> OrtBackend:
+    return OrtBackend(bundle.model_path(precision), bundle.manifest["inputs"], bundle.output_names,
+                      device=device, threads=threads)

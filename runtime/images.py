@@ -1,0 +1,80 @@
+"""Turning samples into pictures and archives, written atomically."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import public_mode
+
+
+def to_uint8(samples: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) data in [-1, 1] -> (N, H, W, C) uint8."""
+    pixels = np.clip((samples.astype(np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
+    return pixels.astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows·(H+pad)+pad, cols·(W+pad)+pad, C) picture, row-major."""
+    n, h, w, c = images.shape
+    cols = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(path: str | Path, picture: np.ndarray, upscale: int = 1) -> None:
+    from PIL import Image
+
+    if upscale > 1:
+        picture = picture.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    img = Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)
+    _atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_npz(path: str | Path, **arrays) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    _atomic(Path(path), write)
+
+
+def save_outputs(manifest: dict, samples: np.ndarray, labels, png=None, npz=None) -> list[str]:
+    """Write the grid and/or archive; latent models get float32 ``latents`` and no picture."""
+    lines = []
+    latent = manifest.get("space") == "latent"
+    if png:
+        if latent:
+            raise ValueError("this is a latent-space model: decode the latents (--npz) with its VAE; no PNG grid")
+        classes = manifest.get("num_classes")
+        nrow = min(classes, len(samples)) if labels is not None and classes and classes <= 16 else None
+        save_png(png, grid(to_uint8(samples), nrow=nrow), upscale=max(1, 128 // samples.shape[-1]))
+        lines.append(f"wrote {png}")
+    if npz:
+        arrays = {"latents": samples.astype(np.float32)} if latent else {"images": to_uint8(samples)}
+        if labels is not None:
+            arrays["labels"] = labels
+        save_npz(npz, **arrays)
+        lines.append(f"wrote {npz}")
+    return lines
