@@ -212,11 +212,11 @@ def _time_and_schedule(timesteps: str) -> tuple[dict, dict]:
     if timesteps == "continuous":
         # sde.py: nnet(xt, t * 999), t ~ U[0, 1) in training; VPSDE(beta_min=0.1, beta_max=20).
         return ({"convention": "continuous", "min": 0.0, "max": 999.0, "scale": 999.0},
-                {"type": "vp_continuous", "beta_min": 0.1, "beta_max": 20.0, "T": 1.0})
+                {"type": "vp_continuous", "beta_min": 0.1, "beta_max": 20.0, "model_time_scale": 999.0})
     # train_ldm_discrete.py: n in {1..1000} uses betas[n-1]; diffusers timestep = n - 1.
     return ({"convention": "discrete", "min": 1.0, "max": 1000.0, "scale": 1000.0, "offset": 1},
             {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-             "beta_start": 0.00085, "beta_end": 0.012})
+             "beta_start": 0.00085, "beta_end": 0.012, "model_time_offset": 1})
 
 
 def spec(config: dict) -> ModelSpec:
@@ -273,6 +273,6 @@ FAMILY = Family(
     configs=CONFIGS,
     fixture="tiny",
     official=_official,
-    description="U-ViT (baofff/U-ViT): all-token ViT with long skips; pixel (VP SDE, t*999) "
-                "and latent (SD schedule) checkpoints",
+    description="U-ViT (baofff/U-ViT): ViT with time/class/patch tokens and long skips; VP-SDE "
+                "models take t*999, the *_huge latent models discrete steps 1..1000",
 )

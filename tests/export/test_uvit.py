@@ -1,0 +1,248 @@
+"""U-ViT reference model: strict checkpoint loading, export view, spec facts, and numeric
+properties of the official computation checked independently of the implementation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edgediff.runtime.schedules import Schedule
+import torch
+from safetensors.torch import save_file
+
+from edgediff.export.models import get_family
+from edgediff.export.models.common import CheckpointError, load_strict, read_checkpoint
+
+FAMILY = get_family("uvit")
+TINY = FAMILY.configs[FAMILY.fixture]
+TINY_UNCOND = {**TINY, "num_classes": -1, "cfg": False, "mlp_time_embed": False, "qkv_bias": False}
+
+
+def _randomized(config: dict, seed: int = 0) -> torch.nn.Module:
+    """A built model with every parameter random (LayerNorm affine included), so a swapped
+    or mis-wired tensor cannot hide behind the default init."""
+    torch.manual_seed(seed)
+    model = FAMILY.build(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() == 1 else p.shape[-1] ** -0.5))
+    return model
+
+
+def _record(store: dict, key: str, pick):
+    """A forward hook that stores pick(inputs, output) and returns None (keeps the output)."""
+    def hook(module, inputs, output):
+        store[key] = pick(inputs, output)
+    return hook
+
+
+def _inputs(config: dict, batch: int = 3, seed: int = 1):
+    spec = FAMILY.spec(config)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *spec.sample_shape, generator=g)
+    t = torch.rand(batch, generator=g) * spec.time["max"]
+    if spec.conditional:
+        return x, t, torch.randint(0, spec.num_classes + 1, (batch,), generator=g)
+    return x, t
+
+
+@torch.no_grad()
+def test_checkpoint_round_trip_safetensors_and_wrapped_pt(tmp_path):
+    model = _randomized(TINY)
+    state = FAMILY.official(model).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "uvit.safetensors"))
+    torch.save({"ema": state, "step": 5}, tmp_path / "uvit.pt")
+    args = _inputs(TINY)
+    (want,) = model(*args)
+    for name in ("uvit.safetensors", "uvit.pt"):
+        fresh = FAMILY.build(TINY)
+        load_strict(FAMILY.official(fresh), read_checkpoint(tmp_path / name), "tiny")
+        (got,) = fresh(*args)
+        assert torch.equal(got, want), name
+
+
+def test_official_key_layout():
+    keys = set(FAMILY.official(FAMILY.build(TINY)).state_dict())
+    for key in ("patch_embed.proj.weight", "time_embed.0.weight", "time_embed.2.bias", "label_emb.weight",
+                "pos_embed", "in_blocks.1.attn.qkv.bias", "mid_block.mlp.fc2.weight",
+                "out_blocks.0.skip_linear.weight", "norm.weight", "decoder_pred.bias", "final_layer.weight"):
+        assert key in keys, key
+    # Only out-blocks carry the long-skip fusion; the frequency table is not a checkpoint tensor.
+    assert not any(k.startswith(("in_blocks", "mid_block")) and "skip_linear" in k for k in keys)
+    assert "freqs" not in keys
+
+
+def test_load_failure_names_missing_and_unexpected_keys():
+    state = FAMILY.official(FAMILY.build(TINY)).state_dict()
+    del state["mid_block.attn.proj.weight"]
+    state["mid_block.attn.bogus"] = torch.zeros(1)
+    expected = r"missing: mid_block\.attn\.proj\.weight.*unexpected: mid_block\.attn\.bogus"
+    with pytest.raises(CheckpointError, match=expected):
+        load_strict(FAMILY.official(FAMILY.build(TINY)), state, "tiny")
+    # A class-conditional checkpoint does not fit an unconditional config.
+    cond_state = FAMILY.official(FAMILY.build({**TINY_UNCOND, "num_classes": 11})).state_dict()
+    with pytest.raises(CheckpointError, match=r"unexpected: label_emb\.weight.*shape mismatch: pos_embed"):
+        load_strict(FAMILY.official(FAMILY.build(TINY_UNCOND)), cond_state, "tiny")
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_UNCOND], ids=["conditional", "unconditional"])
+@torch.no_grad()
+def test_export_view_returns_one_eps_tensor(config):
+    args = _inputs(config, batch=3)
+    outs = FAMILY.build(config)(*args)
+    assert isinstance(outs, tuple) and len(outs) == 1
+    assert outs[0].shape == (3, *FAMILY.spec(config).sample_shape) and outs[0].dtype == torch.float32
+
+
+def test_constructor_rejects_unknown_arguments():
+    from edgediff.export.models.uvit import UViT
+
+    with pytest.raises(ValueError, match="unknown UViT arguments.*'depht'"):
+        UViT(depht=4)
+    with pytest.raises(ValueError, match="norm_layer"):
+        UViT(norm_layer=torch.nn.GroupNorm)
+    with pytest.raises(ValueError, match="unknown U-ViT config keys"):
+        FAMILY.build({**TINY, "learn_sigma": True})
+    with pytest.raises(ValueError, match="needs y"):
+        FAMILY.build(TINY)(*_inputs(TINY)[:2])
+
+
+def test_spec_facts():
+    tiny = FAMILY.spec(TINY)
+    assert (tiny.sample_shape, tiny.inputs, tiny.outputs) == ((1, 8, 8), ("x", "t", "y"), ("eps",))
+    assert (tiny.num_classes, tiny.null_label, tiny.prediction, tiny.space) == (10, 10, "epsilon", "pixel")
+
+    cifar = FAMILY.spec(FAMILY.configs["cifar10_uvit_small"])
+    assert cifar.sample_shape == (3, 32, 32) and cifar.inputs == ("x", "t") and cifar.num_classes is None
+    assert cifar.time == {"convention": "continuous", "min": 0.0, "max": 999.0, "scale": 999.0}
+    sched = Schedule.from_config(cifar.schedule)
+    assert (sched.kind, sched.beta_min, sched.beta_max, tuple(sched.ignored_keys)) == ("vp_continuous", 0.1, 20.0, ())
+    assert sched.model_time(1.0) == 999.0                       # sde.py: nnet(xt, t * 999)
+
+    huge = FAMILY.spec(FAMILY.configs["imagenet256_uvit_huge"])
+    assert (huge.sample_shape, huge.space, huge.num_classes, huge.null_label) == ((4, 32, 32), "latent", 1000, 1000)
+    time = huge.time
+    assert (time["convention"], time["min"], time["max"], time["offset"]) == ("discrete", 1.0, 1000.0, 1)
+    sched = Schedule.from_config(huge.schedule)
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    np.testing.assert_allclose(sched.betas, betas, rtol=1e-12)
+    assert sched.model_time(0) == 1.0 and not sched.ignored_keys   # step n-1 is the model's n
+    assert huge.extra["cfg_scale"] == 0.4
+    # U-ViT-L/2 on ImageNet-256 was trained with train_ldm.py: latent but VP-SDE continuous time.
+    assert FAMILY.spec(FAMILY.configs["imagenet256_uvit_large"]).time["scale"] == 999.0
+    # ImageNet-64 models have 1000 labels and no null class.
+    in64 = FAMILY.spec(FAMILY.configs["imagenet64_uvit_mid"])
+    assert (in64.num_classes, in64.null_label, in64.space) == (1000, None, "pixel")
+
+
+def _official_param_count(c: dict) -> int:
+    """Count written from the architecture description, not from the module tree."""
+    d, p, ch = c["embed_dim"], c["patch_size"], c.get("in_chans", 3)
+    hidden, tokens = int(d * c["mlp_ratio"]), (c["img_size"] // p) ** 2 + (2 if c["num_classes"] > 0 else 1)
+    block = 4 * d + 3 * d * d + (3 * d if c["qkv_bias"] else 0) + d * d + d + 2 * d * hidden + hidden + d
+    half = c["depth"] // 2
+    total = ch * p * p * d + d + tokens * d + (2 * half + 1) * block + half * (2 * d * d + d)
+    total += 2 * d + d * p * p * ch + p * p * ch
+    total += (8 * d * d + 5 * d) if c["mlp_time_embed"] else 0
+    total += c["num_classes"] * d if c["num_classes"] > 0 else 0
+    total += (9 * ch * ch + ch) if c.get("conv", True) else 0
+    return total
+
+
+@pytest.mark.parametrize("name,paper_millions", [("tiny", None), ("cifar10_uvit_small", 44),
+                                                 ("imagenet64_uvit_mid", 131), ("imagenet256_uvit_huge", 501)])
+def test_parameter_count_matches_architecture_and_paper(name, paper_millions):
+    config = FAMILY.configs[name]
+    with torch.device("meta"):                                      # no memory, no init cost
+        count = sum(p.numel() for p in FAMILY.build(config).parameters())
+    assert count == _official_param_count(config)
+    if paper_millions is not None:                                  # arXiv 2209.12152, Table 1
+        assert round(count / 1e6) == paper_millions
+
+
+@torch.no_grad()
+def test_token_layout_label_then_time_then_patches_with_cos_first_embedding():
+    config = {**TINY, "mlp_time_embed": False}                      # time token = raw sinusoid
+    model = _randomized(config)
+    net = FAMILY.official(model)
+    seen = {}
+    net.in_blocks[0].register_forward_hook(_record(seen, "tokens", lambda a, out: a[0]))
+    x, t, y = _inputs(config)
+    t = torch.tensor([0.0, 1.0, 999.0])
+    model(x, t, y)
+    tokens = seen["tokens"] - net.pos_embed                         # (N, 2 + L, D)
+    d, half = net.embed_dim, net.embed_dim // 2
+    freqs = np.exp(-math.log(10000.0) * np.arange(half) / half)
+    args = t.double().numpy()[:, None] * freqs[None]
+    expected_time = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    assert tokens.shape[1] == 2 + 16 and tokens.shape[2] == d
+    np.testing.assert_allclose(tokens[:, 0].numpy(), net.label_emb.weight[y].numpy(), atol=1e-6)
+    np.testing.assert_allclose(tokens[:, 1].numpy(), expected_time, atol=2e-4)
+    # Patch token k is the row-major patch (k // 4, k % 4) of the 4x4 grid.
+    conv = net.patch_embed.proj
+    patch = x[:, :, 2:4, 4:6]                                       # row 1, column 2 -> token 6
+    direct = torch.einsum("nchw,dchw->nd", patch, conv.weight) + conv.bias
+    np.testing.assert_allclose(tokens[:, 2 + 6].numpy(), direct.numpy(), atol=1e-5)
+
+
+@torch.no_grad()
+def test_label_matters_and_null_row_is_used():
+    model = _randomized(TINY)
+    x, t, _ = _inputs(TINY, batch=2)
+    (a,) = model(x, t, torch.tensor([3, 3]))
+    (b,) = model(x, t, torch.tensor([4, 10]))                       # 10 is the null label
+    assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    FAMILY.official(model).label_emb.weight[10].zero_()
+    (c,) = model(x, t, torch.tensor([4, 10]))
+    assert torch.equal(c[0], b[0]) and not torch.equal(c[1], b[1])
+
+
+@torch.no_grad()
+def test_long_skips_pair_deepest_in_block_with_first_out_block():
+    net = FAMILY.official(_randomized(TINY))
+    seen = {}
+    for i, blk in enumerate(net.in_blocks):
+        blk.register_forward_hook(_record(seen, f"in{i}", lambda a, out: out))
+    for i, blk in enumerate(net.out_blocks):
+        blk.skip_linear.register_forward_hook(_record(seen, f"cat{i}", lambda a, out: a[0]))
+    net(*_inputs(TINY))
+    d = net.embed_dim
+    last = len(net.in_blocks) - 1
+    for i in range(len(net.out_blocks)):                            # concat([main, skip]): skip second
+        assert torch.equal(seen[f"cat{i}"][..., d:], seen[f"in{last - i}"])
+
+
+def test_unpatchify_matches_einops_pattern_by_loops():
+    """'B (h w) (p1 p2 C) -> B C (h p1) (w p2)', spelled out element by element."""
+    net = FAMILY.official(FAMILY.build({**TINY_UNCOND, "in_chans": 3}))
+    g, p, c = net.grid, net.patch_size, net.in_chans
+    x = torch.randn(2, g * g, p * p * c)
+    want = torch.empty(2, c, g * p, g * p)
+    for h in range(g):
+        for w in range(g):
+            for p1 in range(p):
+                for p2 in range(p):
+                    for ch in range(c):
+                        want[:, ch, h * p + p1, w * p + p2] = x[:, h * g + w, (p1 * p + p2) * c + ch]
+    assert torch.equal(net.unpatchify(x), want)
+
+
+def test_mlp_uses_exact_gelu_and_default_layernorm():
+    net = FAMILY.official(FAMILY.build(TINY))
+    assert net.mid_block.mlp.act.approximate == "none"
+    assert net.norm.eps == 1e-5 and net.in_blocks[0].norm1.eps == 1e-5
+    head_dim = net.embed_dim // 2
+    assert net.mid_block.attn.scale == head_dim ** -0.5
+
+
+@torch.no_grad()
+def test_attention_matches_torch_multi_head_attention():
+    """Fused qkv features split as (q|k|v, head, head_dim), as nn.MultiheadAttention packs them."""
+    attn = FAMILY.official(_randomized(TINY)).mid_block.attn
+    x = torch.randn(2, 18, attn.proj.in_features)
+    want, _ = torch.nn.functional.multi_head_attention_forward(
+        x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), attn.proj.in_features, attn.num_heads,
+        attn.qkv.weight, attn.qkv.bias, None, None, False, 0.0, attn.proj.weight, attn.proj.bias,
+        training=False, need_weights=False)
+    torch.testing.assert_close(attn(x), want.transpose(0, 1), rtol=1e-5, atol=1e-6)
