@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all edge-check clean
 
 install: $(STAMP)
 
@@ -24,6 +24,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# The edge story: a fresh venv with `pip install .` and no extras (no torch) runs a bundle
+# exported by the development venv.
+edge-check: $(STAMP)
+	rm -rf build/edge-venv && $(PYTHON) -m venv build/edge-venv
+	build/edge-venv/bin/pip install -q .
+	build/edge-venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
+	$(VENV)/bin/edgediff export --family ddpm --size tiny --out build/edge-bundle
+	build/edge-venv/bin/edgediff generate build/edge-bundle -n 20 --guidance 2 --out build/edge.png --npz build/edge.npz
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
