@@ -66,6 +66,12 @@ def _parse_classes(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint="--classes") from None
 
 
+def _backend_options(backend: str, device: str, threads: int | None) -> dict:
+    if backend != "ort":
+        return {}
+    return {"device": device, "threads": threads}
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the schedule's usual one).")
@@ -78,9 +84,13 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the only noise source.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(list(BACKENDS)), help="Backend.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
+              help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu).")
+@click.option("--threads", type=click.IntRange(1), help="Intra-op threads (default: all cores).")
 @click.option("--out", type=click.Path(dir_okay=False), help="PNG grid to write (pixel-space models).")
 @click.option("--npz", type=click.Path(dir_okay=False), help="Also save samples and labels as .npz.")
-def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, seed, backend, precision, out, npz):
+def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, seed, backend, precision, device,
+             threads, out, npz):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
     from edgediff.runtime import pipeline, read_bundle
     from edgediff.runtime.backends import load_backend
@@ -91,7 +101,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, s
     b = read_bundle(bundle)
     wanted = [one_class] if one_class is not None else _parse_classes(classes)
     labels = pipeline.resolve_labels(b.manifest, num, wanted)
-    engine = load_backend(b, backend, precision)
+    engine = load_backend(b, backend, precision, **_backend_options(backend, device, threads))
     start = time.perf_counter()
     with tqdm(total=-(-num // batch) * steps, desc="sampling", unit="step", disable=None) as bar:
         result = pipeline.generate(engine, b.manifest, num, sampler=sampler, steps=steps, batch=batch,
