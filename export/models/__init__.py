@@ -14,6 +14,7 @@ _MODULES = {
     "dit": "dit",
     "uvit": "uvit",
     "ddpm": "ddpm",
+    "ddm": "ddm",
 }
 
 
