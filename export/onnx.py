@@ -69,8 +69,10 @@ def export_onnx(module: torch.nn.Module, spec: ModelSpec, path: Path, opset: int
 
 
 def check_onnx(path: Path) -> None:
-    """Full checker pass (includes strict shape inference); path-based so >2 GB models work."""
+    """Store inferred shapes (strict), then a full checker pass; both path-based so models
+    over 2 GB (external data) work."""
     try:
+        onnx.shape_inference.infer_shapes_path(str(path), strict_mode=True, data_prop=True)
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise ExportError(f"ONNX checker rejected {path.name}: {str(exc).strip().splitlines()[0]}") from None
