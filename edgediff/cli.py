@@ -10,6 +10,8 @@ import click
 from tqdm.auto import tqdm
 
 from edgediff import __version__
+from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
+from edgediff.cli_precision import add_to_bundle
 from edgediff.export.models import FAMILIES
 from edgediff.runtime.backends import BACKENDS
 from edgediff.runtime.samplers import SAMPLERS
@@ -44,7 +46,9 @@ def _read_json(path: str | None):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--opset", default=21, show_default=True, type=click.IntRange(18, 23), help="ONNX opset.")
 @click.option("--max-batch", type=click.IntRange(2, None), help="Upper bound of the dynamic batch axis.")
-def export(family, config_path, size, checkpoint, out, opset, max_batch):
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="Also add a mixed-precision model (fp16: ModelOpt AutoCast, gated at rel-L2 ≤ 5e-3).")
+def export(family, config_path, size, checkpoint, out, opset, max_batch, precision):
     """Export a PyTorch denoiser to a validated FP32 ONNX bundle."""
     from edgediff.export.bundle import export_bundle
     from edgediff.export.models import resolve_config
@@ -54,6 +58,7 @@ def export(family, config_path, size, checkpoint, out, opset, max_batch):
     result = export_bundle(family, config, out, checkpoint=checkpoint, opset=opset, max_batch=max_batch,
                            log=lambda msg: click.echo(msg, err=True))
     click.echo(result.parity.summary())
+    add_to_bundle(str(result.path), precision, checkpoint)
     click.echo(f"wrote {result.path} in {time.perf_counter() - start:.1f} s")
 
 
@@ -66,9 +71,9 @@ def _parse_classes(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint="--classes") from None
 
 
-def _backend_options(backend: str, device: str, threads: int | None) -> dict:
-    if backend != "ort":
-        return {}
+def _backend_options(backend: str, device: str, threads: int | None, batch: int, guidance: float) -> dict:
+    if backend == "trt":  # pick the engine whose profile covers the (guidance-doubled) batch
+        return {"batch": batch * (2 if guidance != 1.0 else 1)}
     return {"device": device, "threads": threads}
 
 
@@ -101,7 +106,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, s
     b = read_bundle(bundle)
     wanted = [one_class] if one_class is not None else _parse_classes(classes)
     labels = pipeline.resolve_labels(b.manifest, num, wanted)
-    engine = load_backend(b, backend, precision, **_backend_options(backend, device, threads))
+    engine = load_backend(b, backend, precision, **_backend_options(backend, device, threads, batch, guidance))
     start = time.perf_counter()
     with tqdm(total=-(-num // batch) * steps, desc="sampling", unit="step", disable=None) as bar:
         result = pipeline.generate(engine, b.manifest, num, sampler=sampler, steps=steps, batch=batch,
@@ -117,6 +122,10 @@ def families():
     for name, family in FAMILIES.items():
         click.echo(f"{name}: {family.description}")
         click.echo("  sizes: " + ", ".join(family.configs))
+
+
+for _command in PRECISION_COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv=None):

@@ -64,10 +64,12 @@ def io_spec(spec_inputs: tuple[str, ...], outputs: tuple[str, ...], sample_shape
 
 
 def finalize_manifest(directory: str | Path, manifest: dict) -> dict:
-    """Hash every file in the bundle (but the manifest) into ``files`` and write bundle.json."""
+    """Hash every file in the bundle into ``files`` and write bundle.json. The manifest itself
+    and ``engines/`` are left out: engines come and go per GPU and carry their own sidecar."""
     directory = Path(directory)
     files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+                       and p.relative_to(directory).parts[0] != "engines"):
         files[path.relative_to(directory).as_posix()] = sha256_file(path)
     manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
     write_json_atomic(directory / MANIFEST, manifest)

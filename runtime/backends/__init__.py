@@ -12,6 +12,7 @@ from .base import BackendError, validate_feed
 # name -> (module, factory function); one line per backend.
 BACKENDS = {
     "ort": ("ort", "from_bundle"),
+    "trt": ("trt", "from_bundle"),
 }
 
 

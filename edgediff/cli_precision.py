@@ -1,0 +1,69 @@
+"""CLI commands for precision: FP16 bundles and TensorRT engines (registered in cli.py).
+
+Imports of torch, ModelOpt and TensorRT stay inside the commands so ``edgediff --help``
+and the torch-free runtime never pay for them.
+"""
+from __future__ import annotations
+
+import time
+
+import click
+
+ADDABLE = ["fp16"]                    # precisions `add-precision` (and `export --precision`) can add
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def add_to_bundle(bundle: str, precision: str, checkpoint: str | None, calibration_rows: int = 12) -> None:
+    """Add ``precision`` to a bundle and print its gate result (shared by export and add-precision)."""
+    if precision == "fp32":
+        return
+    from edgediff.export.fp16 import add_fp16
+
+    parity = add_fp16(bundle, checkpoint=checkpoint, calibration_rows=calibration_rows, log=_log)
+    click.echo(parity.summary())
+
+
+@click.command("add-precision")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--precision", required=True, type=click.Choice(ADDABLE), help="Precision to add.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="The checkpoint the bundle was exported from (the gate compares against PyTorch with it).")
+@click.option("--calibration-rows", default=12, show_default=True, type=click.IntRange(2, 256),
+              help="Schedule points (one row each) whose activations decide the FP32 islands.")
+def add_precision(bundle, precision, checkpoint, calibration_rows):
+    """Add a mixed-precision model to an existing bundle, gated against FP32 (rel-L2 ≤ 5e-3)."""
+    start = time.perf_counter()
+    add_to_bundle(bundle, precision, checkpoint, calibration_rows)
+    click.echo(f"added {precision} to {bundle} in {time.perf_counter() - start:.1f} s")
+
+
+@click.command("build")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Which ONNX model of the bundle to build (its types are kept: strongly typed).")
+@click.option("--min-batch", default=1, show_default=True, type=click.IntRange(1), help="Smallest sample batch.")
+@click.option("--opt-batch", default=8, show_default=True, type=click.IntRange(1), help="Sample batch to tune for.")
+@click.option("--max-batch", type=click.IntRange(1), help="Largest sample batch (default: --opt-batch).")
+@click.option("--guidance/--no-guidance", default=None,
+              help="Double opt/max for classifier-free guidance (default: when the model has a null label).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False),
+              help="Timing cache file (default: engines/timing_<sm>_<trt>.cache in the bundle).")
+@click.option("--workspace", "workspace_gib", type=float, help="Builder workspace limit in GiB.")
+@click.option("--force", is_flag=True, help="Rebuild even when a matching engine exists.")
+@click.option("--device", default=0, show_default=True, type=click.IntRange(0), help="CUDA device.")
+def build(bundle, precision, min_batch, opt_batch, max_batch, guidance, timing_cache, workspace_gib, force, device):
+    """Build a TensorRT engine for this GPU from a bundle's ONNX model."""
+    from edgediff.export.tensorrt import BuildOptions, build_engine
+
+    opts = BuildOptions(precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                        guidance=guidance, timing_cache=timing_cache, workspace_gib=workspace_gib,
+                        force=force, device=device)
+    start = time.perf_counter()
+    path = build_engine(bundle, opts, log=_log)
+    click.echo(f"engine {path} ready in {time.perf_counter() - start:.1f} s")
+
+
+COMMANDS = (add_precision, build)

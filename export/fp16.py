@@ -1,0 +1,398 @@
+"""FP16 mixed-precision ONNX with NVIDIA ModelOpt AutoCast, gated against FP32 (DESIGN.md rung 2).
+
+TensorRT's strongly typed networks take precision from the graph, so FP16 is decided here,
+on a CPU, and checked with ONNX Runtime. AutoCast keeps a node in FP32 when its FP32
+activations on the calibration feeds exceed ``DATA_MAX``; the feeds therefore walk the whole
+noise schedule (t at both ends and between, x scaled as real trajectories are), otherwise the
+timestep embedding's sin/cos arguments (t·freq up to ~1000, where an FP16 ulp is 0.5 rad) are
+cast to FP16 and late-t predictions are wrong. Further FP32 islands are added only when the
+measured gate fails, and only the candidate that helps most each round.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from edgediff.runtime.backends.ort import OrtBackend
+from edgediff.runtime.bundle import finalize_manifest, io_spec, public_mode, read_bundle, sha256_file, write_json_atomic
+from edgediff.runtime.parity import ParityResult
+from edgediff.runtime.schedules import Schedule
+
+from .models.family import ModelSpec
+from .onnx import EXTERNAL_DATA_BYTES, torch_outputs
+
+GATE_REL_L2 = 5e-3
+DATA_MAX = 512.0   # ModelOpt's default: above it an FP16 ulp is ≥ 0.5 (too coarse for sin/cos args)
+MISSING_MODELOPT = ("FP16 conversion needs NVIDIA ModelOpt AutoCast: pip install 'edgediff[fp16]' "
+                    "(nvidia-modelopt onnxslim lief onnx-graphsurgeon polygraphy)")
+NORM_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean",
+            "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt", "Reciprocal")
+FP16_FILE = "model_fp16.onnx"
+Reference = Callable[[dict], dict]
+
+
+class FP16Error(RuntimeError):
+    """FP16 conversion is unavailable or cannot meet the gate."""
+
+
+# --- calibration and gate inputs ---------------------------------------------------------
+
+def schedule_points(spec: ModelSpec, n: int) -> list[tuple[float, float, float]]:
+    """``n`` (model t, signal coeff, noise coeff) triples along the sampler's schedule,
+    from the model's smallest to its largest t: x_t = signal·x0 + noise·ε."""
+    sched = Schedule.from_config(spec.schedule)
+    u = np.linspace(sched.t_min, sched.t_max, n)
+    if sched.kind == "ddm_constant":
+        signal, noise = 1.0 - u, np.sqrt(u)                 # x_t = x0 − x0·t + √t·ε
+    else:
+        signal, noise = sched.alpha_sigma(u)
+    t = np.clip(sched.continuous_model_time(u), spec.time["min"], spec.time["max"])
+    t[0], t[-1] = spec.time["min"], spec.time["max"]        # the exact ends the model accepts
+    return [(float(a), float(b), float(c)) for a, b, c in zip(t, signal, noise)]
+
+
+def trajectory_feed(spec: ModelSpec, point, batch: int, labels: str, rng: np.random.Generator) -> dict:
+    """A feed at one schedule point; x0 is data-like (pixels in [-1, 1], unit-variance latents)."""
+    t, signal, noise = point
+    shape = (batch, *spec.sample_shape)
+    x0 = rng.standard_normal(shape) if spec.space == "latent" else rng.uniform(-1.0, 1.0, shape)
+    feed = {"x": (signal * x0 + noise * rng.standard_normal(shape)).astype(np.float32),
+            "t": np.full(batch, t, dtype=np.float32)}
+    if spec.conditional:
+        null = labels == "null" and spec.null_label is not None
+        feed["y"] = (np.full(batch, spec.null_label) if null
+                     else rng.integers(0, spec.num_classes, batch)).astype(np.int64)
+    return feed
+
+
+def calibration_feed(spec: ModelSpec, rows: int = 12, seed: int = 0) -> dict:
+    """One batch, one row per schedule point, labels alternating class / null."""
+    rng = np.random.default_rng(seed)
+    kinds = ("class", "null")
+    parts = [trajectory_feed(spec, p, 1, kinds[i % 2], rng) for i, p in enumerate(schedule_points(spec, rows))]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def measure(reference: Reference, ref_name: str, spec: ModelSpec, path: Path, points: int = 7,
+            seed: int = 1) -> ParityResult:
+    """Rung 2: FP16 ONNX on ORT vs the FP32 reference at t across the schedule, both labels."""
+    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
+    backend = OrtBackend(path, inputs, list(spec.outputs))
+    result = ParityResult(ref_name, "onnx-fp16 (onnxruntime CPU)", GATE_REL_L2, None)
+    rng = np.random.default_rng(seed)
+    kinds = ("class", "null") if spec.null_label is not None else ("class",)
+    for point in schedule_points(spec, points):
+        for labels in kinds:
+            feed = trajectory_feed(spec, point, 2, labels, rng)
+            tag = f"t={point[0]:g}" + (f" labels={labels}" if spec.conditional else "")
+            result.add(tag, reference(feed), backend.infer(feed))
+    return result
+
+
+# --- FP32 islands ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Island:
+    """A candidate FP32 region: ``select(model)`` gives its node names."""
+    name: str
+    why: str
+    select: Callable[[onnx.ModelProto], list[str]]
+
+
+def conditioning_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes fed by t/y but not by x: timestep embedding, its MLP, label embedding and the
+    adaLN / scale-shift projections. Per-sample vectors, so FP32 there costs almost nothing."""
+    from_x, from_cond, names = {"x"}, {"t", "y"}, []
+    for node in model.graph.node:                   # ONNX graphs are topologically sorted
+        if any(i in from_x for i in node.input):
+            from_x.update(node.output)
+        elif any(i in from_cond for i in node.input):
+            from_cond.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def op_nodes(*op_types: str) -> Callable[[onnx.ModelProto], list[str]]:
+    return lambda model: [n.name for n in model.graph.node if n.op_type in op_types]
+
+CANDIDATES = (
+    Island("conditioning", "t/y-only path (timestep sin/cos embedding and MLP, label embedding, "
+           "adaLN / scale-shift modulation): errors there scale every token", conditioning_nodes),
+    Island("softmax", "attention softmax: exp of large logits and long sums", op_nodes("Softmax")),
+    Island("normalization", "LayerNorm/GroupNorm statistics: sums of squares overflow FP16 "
+           "once activations pass ~256", op_nodes(*NORM_OPS)),
+)
+
+
+def module_scopes(model: onnx.ModelProto, names) -> list[str]:
+    """The PyTorch modules (from the dynamo exporter's metadata) that ``names`` belong to."""
+    wanted, scopes = set(names), set()
+    for node in model.graph.node:
+        if node.name in wanted:
+            raw = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
+            path = ast.literal_eval(raw) if raw.startswith("[") else []
+            scopes.add(path[-2] if len(path) >= 2 else node.op_type)
+    return sorted(scopes)
+
+
+def activation_peaks(fp32_path: Path, feed: dict) -> dict[str, float]:
+    """max |value| of every float tensor of the FP32 graph over the rows of ``feed``, run one
+    row at a time so memory stays at one row's activations."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(v for v in inferred.graph.value_info
+                              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name not in have)
+    names = [o.name for o in model.graph.output]
+    # Beside the original, so that relative external-data locations still resolve.
+    fd, tmp = tempfile.mkstemp(dir=fp32_path.parent, prefix=".calib-", suffix=".onnx")
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # unfused values
+        session = ort.InferenceSession(tmp, sess_options=opts, providers=["CPUExecutionProvider"])
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    peaks = {k: float(np.abs(v).max()) for k, v in feed.items() if v.dtype == np.float32}
+    for row in range(len(feed["t"])):
+        outs = session.run(names, {k: v[row:row + 1] for k, v in feed.items()})
+        for name, value in zip(names, outs):
+            if value.size:
+                peaks[name] = max(peaks.get(name, 0.0), float(np.abs(value).max()))
+    return peaks
+
+
+def range_nodes(model: onnx.ModelProto, peaks: dict[str, float], limit: float = DATA_MAX) -> dict[str, float]:
+    """Nodes with an input or output beyond ±``limit`` (AutoCast's I/O range rule), with the peak."""
+    found = {n.name: max((peaks.get(v, 0.0) for v in (*n.input, *n.output)), default=0.0)
+             for n in model.graph.node if n.op_type != "Constant"}
+    return {name: peak for name, peak in found.items() if peak > limit}
+
+
+# --- conversion --------------------------------------------------------------------------
+
+class _SkipLog(logging.Handler):
+    """Collects AutoCast's "Skipping node NAME: reason" decisions; keeps its console quiet."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.skipped, self.logger = {}, logging.getLogger("modelopt.onnx.autocast")
+
+    def emit(self, record):
+        if m := re.match(r"Skipping node (\S+): (.*)", record.getMessage()):
+            self.skipped[m.group(1)] = m.group(2)
+
+    def __enter__(self):
+        self.saved = [(h, h.level) for name in ("modelopt.onnx", "modelopt.onnx.autocast")
+                      for h in logging.getLogger(name).handlers]
+        for h, _ in self.saved:
+            h.setLevel(max(h.level, logging.ERROR))   # its warnings are not actionable for users
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        for h, level in self.saved:
+            h.setLevel(level)
+
+
+def autocast(fp32_path: Path, out_path: Path, exclude_nodes=()) -> dict[str, str]:
+    """AutoCast to FP16 with FP32 I/O, ``exclude_nodes`` kept FP32; return what its own rules
+    (initializers beyond FP16 range) also kept, with the reason. Its range rule is off: its
+    reference runner holds every activation of every calibration row at once (12 GB for DiT-B/2
+    at 12 rows), so the streamed ``activation_peaks`` pass decides those nodes instead."""
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as exc:
+        raise FP16Error(f"{MISSING_MODELOPT}; missing: {exc.name or exc}") from None
+    with _SkipLog() as skips:
+        model = convert_to_mixed_precision(
+            str(fp32_path), low_precision_type="fp16", keep_io_types=True, data_max=np.inf,
+            nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude_nodes], providers=["cpu"])
+    model.ir_version = min(model.ir_version, 10)     # ORT 1.31 rejects IR 14 (DESIGN.md facts)
+    for stale in list(model.graph.value_info):        # AutoCast leaves some with wrong shapes
+        model.graph.value_info.remove(stale)
+    external = model.ByteSize() > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(out_path), save_as_external_data=external,
+                    location=out_path.name + ".data" if external else None)
+    _check(out_path)
+    excluded = set(exclude_nodes)
+    return {k: v for k, v in skips.skipped.items() if k not in excluded}
+
+
+def _check(path: Path) -> None:
+    """The full checker, without ``check_onnx``'s strict inference pass: ONNX 1.23 cannot infer
+    GroupNormalization-21's output type from FP16 inputs, which ORT and TensorRT run fine."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise FP16Error(f"the ONNX checker rejected {path.name}: {str(exc).strip().splitlines()[0]}") from None
+
+
+@dataclass
+class Trial:
+    islands: tuple[str, ...]
+    parity: ParityResult
+
+    @property
+    def score(self) -> float:
+        finite = all(c.finite for case in self.parity.cases for c in case.checks)
+        return self.parity.worst_rel_l2 if finite else float("inf")
+
+
+def choose_islands(trial: Callable[[tuple[str, ...]], ParityResult], candidates: tuple[str, ...],
+                   log=print) -> list[Trial]:
+    """Greedy by measurement: start with none; while the gate fails, add the candidate whose
+    addition gives the lowest worst rel-L2. Returns every trial, the accepted one last."""
+    chosen: tuple[str, ...] = ()
+    trials = [Trial(chosen, trial(chosen))]
+    while not trials[-1].parity.passed:
+        left = [c for c in candidates if c not in chosen]
+        if not left:
+            raise FP16Error(f"FP16 misses the gate even with FP32 islands {list(chosen)}: "
+                            f"{trials[-1].parity.summary()}")
+        round_ = [Trial(chosen + (c,), trial(chosen + (c,))) for c in left]
+        best = min(round_, key=lambda tr: tr.score)
+        log(f"  FP32 island {best.islands[-1]!r}: worst rel-L2 {trials[-1].score:.2e} -> {best.score:.2e}")
+        trials.extend(tr for tr in round_ if tr is not best)
+        trials.append(best)
+        chosen = best.islands
+    return trials
+
+
+def _range_island(model: onnx.ModelProto, ranged: dict[str, float]) -> dict | None:
+    """The nodes kept in FP32 because calibration activations leave the FP16-safe range."""
+    if not ranged:
+        return None
+    ops = sorted({n.op_type for n in model.graph.node if n.name in ranged})
+    return {"name": "activation-range", "nodes": sorted(ranged), "scopes": module_scopes(model, ranged),
+            "op_types": ops, "peak": max(ranged.values()),
+            "reason": f"FP32 activations on the schedule-spanning calibration feeds reach "
+                      f"{max(ranged.values()):g}, beyond ±{DATA_MAX:g} where an FP16 ulp is ≥ 0.5"}
+
+
+def _record(model, trials: list[Trial], ranged: dict, skipped: dict, calibration: dict) -> dict:
+    """bundle.json's ``precision.fp16``: what stayed FP32 and the measurement behind it."""
+    from importlib.metadata import version
+
+    final, by_name = trials[-1], {c.name: c for c in CANDIDATES}
+    rules = {"name": "autocast-rules", "nodes": sorted(skipped),
+             "reason": "kept by AutoCast's own rules: " + "; ".join(sorted(set(skipped.values())))}
+    islands = [i for i in (_range_island(model, ranged), rules if skipped else None) if i]
+    before = {tr.islands: tr.score for tr in trials}
+    for k, name in enumerate(final.islands):
+        nodes = by_name[name].select(model)
+        islands.append({"name": name, "nodes": nodes, "scopes": module_scopes(model, nodes),
+                        "reason": f"{by_name[name].why}; measured worst rel-L2 "
+                                  f"{before[final.islands[:k]]:.2e} without, "
+                                  f"{before[final.islands[:k + 1]]:.2e} with"})
+    return {"tool": f"nvidia-modelopt {version('nvidia-modelopt')} AutoCast", "data_max": DATA_MAX,
+            "keep_io_types": True, "fp32_islands": islands,
+            "calibration": {"rows": int(calibration["t"].shape[0]),
+                            "t": [round(float(t), 6) for t in calibration["t"]],
+                            "x": "signal(t)·x0 + noise(t)·ε along the bundle's schedule"},
+            "trials": [{"islands": list(tr.islands), "finite": tr.score != float("inf"),
+                        "worst_rel_l2": tr.score if tr.score != float("inf") else None} for tr in trials],
+            "gate": {"rel_l2": GATE_REL_L2, "worst_rel_l2": final.parity.worst_rel_l2,
+                     "passed": final.parity.passed}}
+
+
+def convert_fp16(fp32_path: Path, out_path: Path, spec: ModelSpec, reference: Reference, ref_name: str,
+                 candidates: tuple[str, ...] = tuple(c.name for c in CANDIDATES),
+                 calibration_rows: int = 12, log=print) -> tuple[ParityResult, dict]:
+    """Convert, measure, add FP32 islands until the gate holds; return (parity, record)."""
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    by_name = {c.name: c for c in CANDIDATES}
+    calibration = calibration_feed(spec, calibration_rows)
+    ranged = range_nodes(model, activation_peaks(fp32_path, calibration))
+    skipped: dict[str, str] = {}
+    written: list[tuple[str, ...]] = [()]
+
+    def trial(islands: tuple[str, ...]) -> ParityResult:
+        nodes = set(ranged).union(*(by_name[name].select(model) for name in islands))
+        skipped.clear()
+        skipped.update(autocast(fp32_path, out_path, sorted(nodes)))
+        written[0] = islands
+        return measure(reference, ref_name, spec, out_path)
+
+    trials = choose_islands(trial, candidates, log=log)
+    if written[0] != trials[-1].islands:   # the last file written was a rejected alternative
+        trial(trials[-1].islands)
+    return trials[-1].parity, _record(model, trials, ranged, skipped, calibration)
+
+
+def _reference(bundle, spec: ModelSpec, checkpoint) -> tuple[Reference, str]:
+    """PyTorch FP32 with the bundle's source weights; for a bundle exported without a
+    checkpoint (random weights that cannot be re-created) the rung-1-validated FP32 ONNX."""
+    source = bundle["source"] if "source" in bundle.manifest else {}
+    if source.get("sha256") is None:
+        backend = OrtBackend(bundle.model_path("fp32"), bundle.manifest["inputs"], bundle.output_names)
+        return backend.infer, "onnx-fp32 (rung-1 validated; bundle has no source checkpoint)"
+    if checkpoint is None:
+        raise FP16Error(f"{bundle.path} was exported from {source.get('checkpoint')}: pass that checkpoint "
+                        "so the FP16 gate compares against PyTorch with the same weights")
+    if sha256_file(checkpoint) != source["sha256"]:
+        raise FP16Error(f"{checkpoint} is not the checkpoint {bundle.path} was exported from (sha256 differs)")
+    from .bundle import build_reference
+
+    _, module = build_reference(bundle["family"], bundle["config"], checkpoint)
+    return (lambda feed: torch_outputs(module, spec, feed)), "pytorch-fp32"
+
+
+def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calibration_rows: int = 12,
+             log=print) -> ParityResult:
+    """Add ``model_fp16.onnx`` to a bundle, gated; on failure leave it at BUNDLE.fp16.failed."""
+    from .models import get_family
+
+    bundle = read_bundle(bundle_dir)
+    spec = get_family(bundle["family"]).spec(bundle["config"])
+    reference, ref_name = _reference(bundle, spec, checkpoint)
+    path = Path(bundle_dir)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.fp16-"))
+    public_mode(tmp, directory=True)
+    try:
+        log("converting to mixed FP16/FP32 with ModelOpt AutoCast and checking against FP32 ...")
+        try:
+            parity, record = convert_fp16(bundle.model_path("fp32"), tmp / FP16_FILE, spec, reference, ref_name,
+                                          calibration_rows=calibration_rows, log=log)
+        except FP16Error as exc:
+            if not (tmp / FP16_FILE).exists():
+                raise
+            failed = path.with_name(path.name + ".fp16.failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            tmp.rename(failed)
+            raise FP16Error(f"{exc}; the last FP16 model tried is in {failed}") from None
+        _install_fp16(bundle, tmp, parity, record)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return parity
+
+
+def _install_fp16(bundle, tmp: Path, parity: ParityResult, record: dict) -> None:
+    """Move the FP16 files in, then rewrite parity.json and bundle.json (atomic renames).
+    Readers keep verifying against the old manifest, which does not list the new files."""
+    for f in sorted(tmp.iterdir()):
+        f.replace(bundle.path / f.name)
+    parity_path = bundle.path / "parity.json"
+    results = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
+    write_json_atomic(parity_path, {**results, "fp16": parity.to_dict()})
+    manifest = dict(bundle.manifest)
+    manifest["models"] = {**manifest["models"], "fp16": FP16_FILE}
+    manifest["precision"] = {**manifest.get("precision", {}), "fp16": record}
+    manifest["parity"] = {**manifest.get("parity", {}),
+                          "fp16": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}}
+    finalize_manifest(bundle.path, manifest)

@@ -1,0 +1,170 @@
+"""TensorRT engines from a bundle's ONNX: strongly typed networks only (TensorRT 10.12+ / 11).
+
+TensorRT 11 has no FP16/INT8 builder flags: the precision is the ONNX file's (FP32, the
+AutoCast FP16 mix, or INT8 Q/DQ), so ``--precision`` picks the file and the builder only
+chooses kernels. The engine goes to ``engines/`` under a name that says what it depends
+on, with a sidecar (``edgediff.runtime.engines``); the timing cache persists per GPU
+architecture and TensorRT version so rebuilds and other bundles reuse kernel timings.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgediff.runtime.backends.trt import device_info, import_tensorrt
+from edgediff.runtime.bundle import public_mode, read_bundle, sha256_file, write_json_atomic
+from edgediff.runtime.engines import (ENGINE_DIR, PRECISIONS, BatchProfile, EngineError, EngineKey, batch_profile,
+                                      incompatibility, make_sidecar, model_digest, read_sidecar, sidecar_path,
+                                      timing_cache_name)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str = "fp16"
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int | None = None          # sample batch; None: opt_batch
+    guidance: bool | None = None          # None: double the batch when the model has a null label
+    timing_cache: str | Path | None = None  # None: engines/timing_<sm>_<trt>.cache; "" disables
+    workspace_gib: float | None = None
+    optimization_level: int | None = None   # TensorRT's builder level 0..5 (its default is 3)
+    force: bool = False
+    device: int = 0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.workspace_gib is not None and self.workspace_gib <= 0:
+            raise ValueError("--workspace must be positive (GiB)")
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
+            raise ValueError("--optimization-level must be in 0..5")
+
+
+def engine_profile(manifest: dict, opts: BuildOptions) -> BatchProfile:
+    """The engine batch profile: guidance doubles it; the bundle's max_batch bounds it."""
+    guidance = manifest.get("null_label") is not None if opts.guidance is None else opts.guidance
+    profile = batch_profile(opts.min_batch, opts.opt_batch, opts.max_batch, guidance)
+    limit = manifest.get("max_batch")
+    if limit is not None and profile.max > limit:
+        raise ValueError(f"the profile's max batch {profile.max} (guidance doubles it) exceeds the "
+                         f"bundle's exported max_batch {limit}")
+    return profile
+
+
+def profile_shapes(inputs: dict[str, dict], profile: BatchProfile) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) shapes per input: the symbolic batch axis takes the profile's sizes."""
+    shapes = {}
+    for name, decl in inputs.items():
+        dims = decl["shape"]
+        if any(not isinstance(d, int) for d in dims[1:]) or isinstance(dims[0], int):
+            raise ValueError(f"input {name!r} must have a symbolic batch axis and static others, got {dims}")
+        shapes[name] = tuple((b, *dims[1:]) for b in (profile.min, profile.opt, profile.max))
+    return shapes
+
+
+def _parse(trt, builder, logger, onnx_path: Path):
+    """A strongly typed network from ``onnx_path`` (from the file, so external data loads)."""
+    # Required on 10.x; accepted and ignored on 11.x, where every network is strongly typed.
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+    return network, parser
+
+
+def _config(trt, builder, network, shapes: dict, opts: BuildOptions, cache: bytes):
+    config = builder.create_builder_config()
+    if opts.workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * 2**30))
+    if opts.optimization_level is not None:
+        config.builder_optimization_level = opts.optimization_level
+    if opts.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)     # FP32 engines are parity references: no TF32
+    profile = builder.create_optimization_profile()
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if sorted(names) != sorted(shapes):
+        raise EngineError(f"network inputs {names} do not match the bundle's {sorted(shapes)}")
+    for name in names:
+        profile.set_shape(name, *shapes[name])
+    config.add_optimization_profile(profile)
+    config.set_timing_cache(config.create_timing_cache(cache), ignore_mismatch=False)
+    return config
+
+
+def _write_atomic(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        public_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _existing(path: Path, key: EngineKey) -> bool:
+    """True when ``path`` is a valid engine for ``key`` (so nothing needs building)."""
+    if not path.is_file():
+        return False
+    try:
+        side = read_sidecar(path)
+    except EngineError:
+        return False
+    return incompatibility(side, key) is None and sha256_file(path) == side.get("engine_sha256")
+
+
+def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), log=print) -> Path:
+    """Build (or reuse) the engine for ``opts``; return its path under ``engines/``."""
+    bundle = read_bundle(bundle_dir)
+    if opts.precision not in bundle["models"]:
+        how = "edgediff add-precision" if opts.precision == "fp16" else "INT8 calibration"
+        raise ValueError(f"bundle {bundle.path} has no {opts.precision} model (has: {', '.join(bundle['models'])}); "
+                         f"add it with {how} first")
+    onnx_path = bundle.model_path(opts.precision)
+    profile = engine_profile(bundle.manifest, opts)
+    trt = import_tensorrt()
+    gpu = device_info(opts.device)
+    key = EngineKey(opts.precision, gpu["compute_capability"], trt.__version__,
+                    model_digest(bundle.manifest, opts.precision), profile)
+    folder = bundle.path / ENGINE_DIR
+    folder.mkdir(exist_ok=True)
+    path = folder / key.name
+    if not opts.force and _existing(path, key):
+        log(f"{path} is up to date (use --force to rebuild)")
+        return path
+    cache_path = (folder / timing_cache_name(key.compute_capability, key.tensorrt_version)
+                  if opts.timing_cache is None else Path(opts.timing_cache) if opts.timing_cache else None)
+    log(f"building a strongly typed {opts.precision} engine for {gpu['name']} (sm {key.compute_capability}, "
+        f"TensorRT {key.tensorrt_version}), engine batch {profile.min}..{profile.opt}..{profile.max} ...")
+    engine = _build(trt, onnx_path, profile_shapes(bundle.manifest["inputs"], profile), opts, cache_path)
+    _write_atomic(path, engine)
+    side = make_sidecar(key, sha256_file(path), onnx_path.name, gpu_name=gpu["name"],
+                        built=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        sample_batch={"min": opts.min_batch, "opt": opts.opt_batch,
+                                      "max": opts.max_batch or opts.opt_batch},
+                        workspace_gib=opts.workspace_gib, optimization_level=opts.optimization_level)
+    write_json_atomic(sidecar_path(path), side)     # after the engine: a stale sidecar fails its sha check
+    return path
+
+
+def _build(trt, onnx_path: Path, shapes: dict, opts: BuildOptions, cache_path: Path | None) -> memoryview:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network, _parser = _parse(trt, builder, logger, onnx_path)   # the parser must outlive the build
+    cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    config = _config(trt, builder, network, shapes, opts, cache)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+    return memoryview(serialized)

@@ -1,0 +1,201 @@
+"""Native TensorRT backend: a bundle's engine run through the TensorRT 10+/11 name-based API.
+
+No torch and no CuPy: device memory, copies, the stream and CUDA graphs go through
+cuda-python (``cuda.bindings.runtime``). Buffers are allocated once, for the largest batch of
+the engine's optimisation profile, and bound to the context once; each call only sets the
+input shapes (when the batch changes), copies inputs in, enqueues and copies outputs out.
+With ``cuda_graph=True`` the enqueue for each batch size is captured once and replayed.
+
+The engine is checked against this GPU, this TensorRT and the bundle's ONNX hash
+(``edgediff.runtime.engines``) before its bytes reach TensorRT.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..engines import EngineError, EngineKey, model_digest, select_engine
+from .base import BackendError, validate_feed
+
+MIN_TENSORRT = (10, 12)
+MISSING_TENSORRT = ("TensorRT is not installed: pip install 'edgediff[gpu]' (TensorRT ≥ 10.12 and "
+                    "cuda-python, on a machine with an NVIDIA GPU)")
+MISSING_CUDA = "cuda-python is not installed: pip install 'edgediff[gpu]'"
+
+
+def import_tensorrt():
+    """``tensorrt``, or one clear line naming the extra; refuses pre-10.12 (no strong typing API)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendError(MISSING_TENSORRT) from None
+    version = tuple(int(p) for p in trt.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_TENSORRT:
+        raise BackendError(f"TensorRT {trt.__version__} is too old: edgediff needs ≥ 10.12 "
+                           "(strongly typed networks, name-based I/O)")
+    return trt
+
+
+def cudart():
+    try:
+        from cuda.bindings import runtime               # cuda-python ≥ 12.6
+    except ImportError:
+        try:
+            from cuda import cudart as runtime          # older cuda-python layout
+        except ImportError:
+            raise BackendError(MISSING_CUDA) from None
+    return runtime
+
+
+def cuda_call(result):
+    """cuda-python returns (error, *values): raise on error, return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        msg = cudart().cudaGetErrorString(err)[1]
+        raise BackendError(f"CUDA error {int(err)}: {msg.decode() if isinstance(msg, bytes) else msg}")
+    return values[0] if len(values) == 1 else (tuple(values) or None)
+
+
+def device_info(device: int = 0) -> dict:
+    """Compute capability ("9.0") and name of CUDA device ``device``; selects it."""
+    rt = cudart()
+    cuda_call(rt.cudaSetDevice(device))
+    props = cuda_call(rt.cudaGetDeviceProperties(device))
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"compute_capability": f"{props.major}.{props.minor}", "name": name.rstrip("\x00")}
+
+
+class TrtBackend:
+    """``infer(feed) -> outputs`` over a deserialised engine; one execution context."""
+
+    name = "trt"
+
+    def __init__(self, engine_path, sidecar: dict, inputs: dict[str, dict], outputs: list[str],
+                 device: int = 0, cuda_graph: bool = False):
+        trt = import_tensorrt()
+        self.rt, self.inputs, self.outputs = cudart(), inputs, list(outputs)
+        self.min_batch, self.max_batch = sidecar["profile"]["min"], sidecar["profile"]["max"]
+        self.buffers, self.graphs, self.batch = {}, ({} if cuda_graph else None), None
+        cuda_call(self.rt.cudaSetDevice(device))
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        with open(engine_path, "rb") as f:
+            self.engine = self.runtime.deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise BackendError(f"TensorRT could not deserialise {engine_path} (see its log above)")
+        self.context = self.engine.create_execution_context()
+        self.tensors = self._io_tensors(trt)
+        self.stream = cuda_call(self.rt.cudaStreamCreate())
+        self._allocate()
+
+    def _io_tensors(self, trt) -> dict[str, tuple[np.dtype, tuple[int, ...], bool]]:
+        """name -> (numpy dtype, per-row shape, is_input); checked against the bundle's I/O."""
+        tensors = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            tensors[name] = (dtype, tuple(self.engine.get_tensor_shape(name))[1:], is_input)
+        want_in, want_out = set(self.inputs), set(self.outputs)
+        got_in = {n for n, (_, _, is_in) in tensors.items() if is_in}
+        if got_in != want_in or set(tensors) - got_in != want_out:
+            raise BackendError(f"engine I/O {sorted(tensors)} does not match the bundle's "
+                               f"{sorted(want_in | want_out)}")
+        for name, decl in self.inputs.items():
+            if tensors[name][0] != np.dtype(decl["dtype"]):
+                raise BackendError(f"engine input {name!r} is {tensors[name][0]}, the bundle says {decl['dtype']}")
+        return tensors
+
+    def _allocate(self) -> None:
+        for name, (dtype, row, _) in self.tensors.items():
+            nbytes = self.max_batch * int(np.prod(row, dtype=np.int64)) * dtype.itemsize
+            self.buffers[name] = cuda_call(self.rt.cudaMalloc(max(nbytes, 1)))
+            if not self.context.set_tensor_address(name, int(self.buffers[name])):
+                raise BackendError(f"TensorRT refused the device address of {name!r}")
+
+    def _set_batch(self, batch: int) -> None:
+        if not self.min_batch <= batch <= self.max_batch:
+            raise BackendError(f"batch {batch} is outside the engine's profile {self.min_batch}..{self.max_batch}; "
+                               "rebuild with a wider --min-batch/--max-batch")
+        if batch != self.batch:
+            for name in self.inputs:
+                if not self.context.set_input_shape(name, (batch, *self.tensors[name][1])):
+                    raise BackendError(f"TensorRT refused shape batch={batch} for {name!r}")
+            self.batch = batch
+
+    def _enqueue(self, batch: int) -> None:
+        if self.graphs is None:
+            if not self.context.execute_async_v3(int(self.stream)):
+                raise BackendError("TensorRT execute_async_v3 failed (see its log above)")
+            return
+        if batch not in self.graphs:
+            self.graphs[batch] = self._capture()
+        cuda_call(self.rt.cudaGraphLaunch(self.graphs[batch], self.stream))
+
+    def _capture(self):
+        """Capture one enqueue at the current shapes; addresses are fixed, so it stays valid."""
+        rt = self.rt
+        # The first enqueue after a shape change may do setup work that must not be captured.
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise BackendError("TensorRT execute_async_v3 failed (see its log above)")
+        cuda_call(rt.cudaStreamSynchronize(self.stream))
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        cuda_call(rt.cudaStreamBeginCapture(self.stream, mode))
+        ok = self.context.execute_async_v3(int(self.stream))
+        graph = cuda_call(rt.cudaStreamEndCapture(self.stream))
+        if not ok:
+            raise BackendError("TensorRT execute_async_v3 failed while capturing a CUDA graph")
+        try:
+            return cuda_call(rt.cudaGraphInstantiate(graph, 0))
+        finally:
+            cuda_call(rt.cudaGraphDestroy(graph))
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = validate_feed(feed, self.inputs)
+        self._set_batch(batch)
+        rt, h2d = self.rt, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        staged = {n: np.ascontiguousarray(feed[n]) for n in self.inputs}   # alive until synchronised
+        for name, arr in staged.items():
+            cuda_call(rt.cudaMemcpyAsync(self.buffers[name], arr.ctypes.data, arr.nbytes, h2d, self.stream))
+        self._enqueue(batch)
+        out, d2h = {}, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in self.outputs:
+            dtype, row, _ = self.tensors[name]
+            out[name] = np.empty((batch, *row), dtype=dtype)
+            cuda_call(rt.cudaMemcpyAsync(out[name].ctypes.data, self.buffers[name], out[name].nbytes, d2h,
+                                         self.stream))
+        cuda_call(rt.cudaStreamSynchronize(self.stream))
+        return {n: (a if a.dtype == np.float32 else a.astype(np.float32)) for n, a in out.items()}
+
+    def close(self) -> None:
+        """Free graphs, buffers and the stream (also on garbage collection)."""
+        rt = getattr(self, "rt", None)
+        if rt is None:
+            return
+        for exe in (self.graphs or {}).values():
+            rt.cudaGraphExecDestroy(exe)
+        for ptr in self.buffers.values():
+            rt.cudaFree(ptr)
+        if getattr(self, "stream", None) is not None:
+            rt.cudaStreamDestroy(self.stream)
+        self.graphs, self.buffers, self.stream, self.rt = {}, {}, None, None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:          # interpreter shutdown: CUDA may already be gone
+            pass
+
+
+def from_bundle(bundle, precision: str = "fp16", device: int = 0, cuda_graph: bool = False,
+                batch: int | None = None) -> TrtBackend:
+    """The backend for ``bundle``'s engine of ``precision`` on this GPU; ``batch`` is the
+    largest engine batch the caller will feed (2× the sample batch under guidance)."""
+    trt = import_tensorrt()
+    info = device_info(device)
+    want = EngineKey(precision, info["compute_capability"], trt.__version__,
+                     model_digest(bundle.manifest, precision))
+    try:
+        path, sidecar = select_engine(bundle.path, want, batch)
+    except EngineError as exc:
+        raise BackendError(str(exc)) from None
+    return TrtBackend(path, sidecar, bundle.manifest["inputs"], bundle.output_names, device, cuda_graph)
