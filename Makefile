@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/edgediff export --family dit --size DiT-S/8 --out build/demo-dit
+	$(VENV)/bin/edgediff demo --out demo.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2

@@ -10,6 +10,7 @@ import click
 from tqdm.auto import tqdm
 
 from edgediff import __version__
+from edgediff.cli_digits import DIGITS_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
 from edgediff.export.models import FAMILIES
@@ -124,7 +125,7 @@ def families():
         click.echo("  sizes: " + ", ".join(family.configs))
 
 
-for _command in PRECISION_COMMANDS:
+for _command in (*PRECISION_COMMANDS, *DIGITS_COMMANDS):
     cli.add_command(_command)
 
 

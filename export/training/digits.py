@@ -1,0 +1,108 @@
+"""scikit-learn's bundled digits as a 16×16 diffusion data set, and the small
+class-conditional configurations every family trains on it.
+
+The 1,797 images are 8×8 with 17 grey levels (0..16). They are upsampled 2× bilinearly
+(half-pixel centres, edges replicated, as ``F.interpolate(..., mode="bilinear")``):
+smooth strokes are easier for a small denoiser than nearest-neighbour blocks, and 2×2
+average pooling brings a sample back close to the 8×8 original for outside classifiers.
+Pixels are scaled to [-1, 1]; one channel; labels 0..9; label 10 is the null label.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 16
+NUM_CLASSES = 10
+HELD_OUT = 0.2          # fraction of each class kept away from every model and the judge
+SPLIT_SEED = 0
+
+
+def upsample2x(images: np.ndarray) -> np.ndarray:
+    """(N, h, w) -> (N, 2h, 2w) bilinear, half-pixel centres, edge pixels replicated."""
+    def along(a: np.ndarray, axis: int) -> np.ndarray:
+        prev = np.concatenate([a.take([0], axis), a.take(range(a.shape[axis] - 1), axis)], axis)
+        nxt = np.concatenate([a.take(range(1, a.shape[axis]), axis), a.take([-1], axis)], axis)
+        even, odd = 0.75 * a + 0.25 * prev, 0.75 * a + 0.25 * nxt
+        out = np.stack([even, odd], axis=axis + 1)               # (..., n, 2, ...)
+        shape = list(a.shape)
+        shape[axis] *= 2
+        return out.reshape(shape)
+
+    return along(along(images.astype(np.float64), 1), 2)
+
+
+def downsample2x(images: np.ndarray) -> np.ndarray:
+    """(N, 2h, 2w) -> (N, h, w) by 2×2 averaging: back to the 8×8 grid of the originals."""
+    n, h, w = images.shape
+    return images.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+
+
+@dataclass(frozen=True)
+class Digits:
+    """Images (N, 1, 16, 16) float32 in [-1, 1] and labels (N,) int64, split in two."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    held_x: np.ndarray
+    held_y: np.ndarray
+
+
+def _split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class seeded split, so the held-out set has every class in proportion."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for k in range(NUM_CLASSES):
+        idx = np.flatnonzero(labels == k)
+        held.extend(rng.permutation(idx)[: int(round(fraction * idx.size))])
+    held = np.sort(np.asarray(held))
+    train = np.setdiff1d(np.arange(labels.size), held)
+    return train, held
+
+
+def load(fraction: float = HELD_OUT, seed: int = SPLIT_SEED) -> Digits:
+    """The digits at 16×16 in [-1, 1], split into train and held-out parts (seeded)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    small = data.images.astype(np.float64) / 16.0                # (N, 8, 8) in [0, 1]
+    x = (upsample2x(small) * 2.0 - 1.0).astype(np.float32)[:, None]   # (N, 1, 16, 16)
+    y = data.target.astype(np.int64)
+    train, held = _split(y, fraction, seed)
+    return Digits(x[train], y[train], x[held], y[held])
+
+
+# Official constructor keyword arguments of each family at 16×16, one channel, ten classes
+# plus the null label (index 10) for classifier-free guidance. Sized to train on 2 CPU
+# cores in under ten minutes and to stay under 5 MB of FP32 weights.
+DIGITS_CONFIGS: dict[str, dict] = {
+    # diffusers UNet2DModel: the last class embedding row is the null label; attention at 4×4.
+    "ddpm": {
+        "_class_name": "UNet2DModel", "sample_size": SIZE, "in_channels": 1, "out_channels": 1,
+        "block_out_channels": [16, 32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "attention_head_dim": 32, "num_class_embeds": NUM_CLASSES + 1,
+    },
+    # U-ViT: 4×4 patches (16 tokens + time + label); discrete time (model t = step + 1), so
+    # dpmpp_2m and ddpm sample it like the others.
+    "uvit": {
+        "img_size": SIZE, "patch_size": 4, "in_chans": 1, "embed_dim": 96, "depth": 5,
+        "num_heads": 4, "mlp_ratio": 4, "qkv_bias": False, "mlp_time_embed": False,
+        "num_classes": NUM_CLASSES + 1, "cfg": True, "timesteps": "discrete",
+    },
+    # DiT with learned sigma and 4×4 patches; class_dropout_prob > 0 adds the null row.
+    "dit": {
+        "input_size": SIZE, "patch_size": 4, "in_channels": 1, "hidden_size": 96, "depth": 4,
+        "num_heads": 4, "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": NUM_CLASSES,
+        "learn_sigma": True,
+    },
+    # DDM's EDMPrecond/DhariwalUNet: one-hot labels; the all-zero label vector is the null.
+    "ddm": {
+        "img_resolution": SIZE, "img_channels": 1, "label_dim": NUM_CLASSES, "sigma_data": 1.0,
+        "model_type": "DhariwalUNet", "model_channels": 16, "channel_mult": [1, 2, 2],
+        "channel_mult_emb": 4, "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
+        "label_dropout": 0.1, "augment_dim": 0,
+    },
+}

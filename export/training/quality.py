@@ -1,0 +1,147 @@
+"""Judge digits models: a trained directory through PyTorch, or the shipped weights through
+their ONNX bundles on ONNX Runtime (the README's quality table).
+
+The same ``runtime.pipeline.generate`` loop that runs bundles drives a torch module here
+(a backend whose ``infer`` calls the export view), so a model can be checked while it
+trains, without an ONNX export. Beside the project's judge, an outside check: an RBF
+SVM (scikit-learn) trained on the original 8×8 digits classifies 2×2-pooled samples.
+
+    python -m edgediff.export.training.quality check export/assets/digits/dit --guidance 3
+    python -m edgediff.export.training.quality table --per-class 100 --long-per-class 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgediff.runtime import judge as rt_judge
+
+from . import digits
+
+LONG_SAMPLER = {"discrete": ("ddpm", {}), "ddm_constant": ("ddm", {"stochastic": True})}
+
+
+class TorchBackend:
+    """``infer(feed) -> {name: array}`` over an export-view module (batched, no grad)."""
+
+    def __init__(self, module: torch.nn.Module, outputs: tuple[str, ...]):
+        self.module = module.eval()
+        self.outputs = outputs
+
+    @torch.no_grad()
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.array(feed[k])) for k in ("x", "t", "y") if k in feed]
+        return {k: v.numpy() for k, v in zip(self.outputs, self.module(*args))}
+
+
+def manifest_of(spec) -> dict:
+    """The fields of bundle.json that ``pipeline.generate`` reads, from a ModelSpec."""
+    return {"inputs": list(spec.inputs), "outputs": list(spec.outputs), "schedule": spec.schedule,
+            "sample_shape": list(spec.sample_shape), "num_classes": spec.num_classes,
+            "null_label": spec.null_label, "space": spec.space, "extra": spec.extra}
+
+
+def load_trained(path: str | Path):
+    """(family name, config, export-view module, spec) from a training output directory."""
+    from edgediff.export.bundle import build_reference
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    family_name = json.loads((path / "train.json").read_text())["family"]
+    family, module = build_reference(family_name, config, path / "model.safetensors")
+    return family_name, config, module, family.spec(config)
+
+
+class OutsideClassifier:
+    """RBF SVM on the 8×8 train split; classifies 16×16 samples after 2×2 pooling."""
+
+    def __init__(self):
+        from sklearn.svm import SVC
+
+        data = digits.load()
+        self.svc = SVC().fit(self._features(data.train_x), data.train_y)
+
+    @staticmethod
+    def _features(x: np.ndarray) -> np.ndarray:
+        small = digits.downsample2x((np.clip(x.reshape(len(x), 16, 16), -1, 1) + 1) / 2)   # (N, 8, 8)
+        return small.reshape(len(x), -1)
+
+    def accuracy(self, samples: np.ndarray, labels: np.ndarray) -> float:
+        return float(np.mean(self.svc.predict(self._features(samples)) == labels))
+
+
+def _row(name, sampler, steps, guidance, result, outside, seconds) -> str:
+    return (f"| {name} | {sampler} | {steps} | {guidance:g} | {100 * result.accuracy:.1f}% | "
+            f"{100 * outside:.1f}% | {result.fd:.1f} | {result.baseline_fd:.1f} | {result.n} | {seconds:.0f} s |")
+
+
+def table(families, per_class: int, long_per_class: int, guidance: float | None, cache: Path) -> list[str]:
+    """Markdown rows: per family 20 default-sampler steps at w=1 and w=guidance (None: the
+    runtime's default for the bundle), and the 1000-step ancestral sampler at w=guidance
+    with the same number of samples; then the real held-out digits."""
+    from edgediff.runtime.backends import load_backend
+    from edgediff.runtime.bundle import read_bundle
+
+    from .demo import ensure_bundle
+
+    outside = OutsideClassifier()
+    rows = ["| model | sampler | steps | w | judge accuracy | SVM accuracy | FD | real FD (same n) | n | time |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for fam in families:
+        bundle = read_bundle(ensure_bundle(fam, cache / f"digits-{fam}", log=lambda m: None))
+        backend = load_backend(bundle, "ort", "fp32")
+        kind = bundle.manifest["schedule"].get("type", "discrete")
+        default = "dpmpp_2m" if kind == "discrete" else "ddm"
+        long_name, long_opts = LONG_SAMPLER[kind]
+        w = rt_judge.default_guidance(bundle.manifest) if guidance is None else guidance
+        runs = [(default, 20, 1.0, per_class, {}), (default, 20, w, per_class, {}),
+                (default, 20, w, long_per_class, {}), (long_name, 1000, w, long_per_class, long_opts)]
+        for sampler, steps, w, n, opts in runs:
+            start = time.perf_counter()
+            labels = rt_judge.class_order_labels(n)
+            result, samples = rt_judge.judge_backend(backend, bundle.manifest, n, sampler=sampler, steps=steps,
+                                                     guidance=w, batch=200, **opts)
+            label = sampler + (" (stochastic)" if opts.get("stochastic") else "")
+            rows.append(_row(fam, label, steps, w, result, outside.accuracy(samples, labels),
+                             time.perf_counter() - start))
+            print(rows[-1], flush=True)
+    held = rt_judge.load_judge()
+    real = rt_judge.judge(held["held_images"], held["held_labels"])
+    rows.append(_row("real held-out digits", "-", 0, 0, real,
+                     outside.accuracy(rt_judge.as_images(held["held_images"]), held["held_labels"]), 0))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    check = sub.add_parser("check", help="judge a training output directory through PyTorch")
+    check.add_argument("path")
+    check.add_argument("--sampler", default=None)
+    check.add_argument("--steps", type=int, default=20)
+    check.add_argument("--per-class", type=int, default=100)
+    tab = sub.add_parser("table", help="the quality table of the shipped weights, on ONNX Runtime")
+    tab.add_argument("--families", default=",".join(digits.DIGITS_CONFIGS))
+    tab.add_argument("--per-class", type=int, default=100)
+    tab.add_argument("--long-per-class", type=int, default=20)
+    tab.add_argument("--cache", type=Path, default=Path("build"))
+    for p in (check, tab):
+        p.add_argument("--guidance", type=float, default=None)
+    args = parser.parse_args(argv)
+    if args.cmd == "table":
+        print("\n".join(table(args.families.split(","), args.per_class, args.long_per_class, args.guidance,
+                              args.cache)))
+        return
+    _, _, module, spec = load_trained(args.path)
+    result, _ = rt_judge.judge_backend(TorchBackend(module, spec.outputs), manifest_of(spec), args.per_class,
+                                       sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    print(result.summary())
+
+
+if __name__ == "__main__":
+    main()

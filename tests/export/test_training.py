@@ -1,0 +1,118 @@
+"""Digits training: every family's objective trains (finite, decreasing loss on a tiny
+budget), the saved files load strictly, and the shipped weights fit their configs."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgediff.export.models import FAMILIES, get_family
+from edgediff.export.models.common import load_strict, read_checkpoint
+from edgediff.export.training import digits, objectives, train
+from edgediff.export.training.demo import ASSETS, shipped
+
+TRAINABLE = [f for f in digits.DIGITS_CONFIGS if f in FAMILIES]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits.load()
+
+
+def test_digits_split_is_seeded_and_disjoint(data):
+    assert data.train_x.shape[1:] == (1, 16, 16) and data.train_x.dtype == np.float32
+    assert len(data.train_y) + len(data.held_y) == 1797
+    assert data.train_x.min() == -1.0 and data.train_x.max() == 1.0
+    assert set(np.bincount(data.held_y)) <= {35, 36, 37}              # 20% of every class
+    again = digits.load()
+    np.testing.assert_array_equal(again.held_x, data.held_x)
+
+
+def test_upsample_is_bilinear_and_pools_back():
+    small = np.random.default_rng(0).random((4, 8, 8))
+    ref = torch.nn.functional.interpolate(torch.from_numpy(small)[:, None], scale_factor=2,
+                                          mode="bilinear", align_corners=False)[:, 0].numpy()
+    np.testing.assert_allclose(digits.upsample2x(small), ref, atol=1e-12)
+    # 2×2 pooling brings 16×16 digits back to the 8×8 grid that outside classifiers know
+    from sklearn.svm import SVC
+
+    data = digits.load()
+    originals = ((data.train_x[:, 0] + 1) / 2)                               # (N, 16, 16) in [0, 1]
+    svc = SVC().fit(digits.downsample2x(originals).reshape(len(originals), -1), data.train_y)
+    held = digits.downsample2x((data.held_x[:, 0] + 1) / 2).reshape(len(data.held_y), -1)
+    assert np.mean(svc.predict(held) == data.held_y) >= 0.95
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "ddm" else f for f in TRAINABLE])
+def test_family_trains_and_saves_loadable_weights(family, data, tmp_path):
+    h = train.Hyper(steps=16, batch=12, lr=2e-3, warmup=2)
+    module, fam, result = train.fit(family, digits.DIGITS_CONFIGS[family], h, seed=0, data=data, progress=False)
+    losses = result.losses
+    assert len(losses) == 16 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    out = train.save(tmp_path / family, fam, module, digits.DIGITS_CONFIGS[family], {"final_loss": result.final_loss})
+    config = json.loads((out / "config.json").read_text())
+    fresh = get_family(family).build(config)
+    load_strict(get_family(family).official(fresh), read_checkpoint(out / "model.safetensors"))
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([0.5, 0.9]) if family == "ddm" else torch.tensor([10.0, 900.0])
+    y = torch.tensor([3, 10])
+    with torch.no_grad():
+        for a, b in zip(fresh(x, t, y), module.eval()(x, t, y)):
+            torch.testing.assert_close(a, b)
+
+
+def test_hybrid_loss_pieces():
+    m = torch.zeros(3)
+    assert torch.allclose(objectives._gauss_kl(m, m, m, m), torch.zeros(3))
+    # a sharp decoder centred on the pixel gives ~zero NLL; a far one a large NLL
+    x0 = torch.tensor([-1.0, 0.0, 1.0])
+    sharp = objectives._decoder_nll(x0, x0, torch.full((3,), -20.0))
+    far = objectives._decoder_nll(x0, -x0 + 0.5, torch.full((3,), -20.0))
+    assert sharp.max() < 1e-3 and far.min() > 10
+
+
+def test_ddm_loss_is_zero_for_the_true_targets():
+    """The objective's targets: c = -x0 and the drawn noise (an oracle that knows both)."""
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    t_state = gen.get_state()
+
+    def oracle(x_t, t, y):
+        g = torch.Generator().manual_seed(0)
+        g.set_state(t_state)
+        torch.rand(x0.shape[0], generator=g)
+        return -x0, torch.randn(x0.shape, generator=g)
+
+    assert objectives.ddm_loss()(oracle, x0, None, gen).item() == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("family", sorted(p.name for p in ASSETS.glob("*") if (p / "model.safetensors").is_file()))
+def test_shipped_weights_load_strictly(family):
+    path = shipped(family)
+    assert (path / "model.safetensors").stat().st_size <= 5 * 1024 * 1024
+    config = json.loads((path / "config.json").read_text())
+    record = json.loads((path / "train.json").read_text())
+    assert record["family"] == family and math.isfinite(record["final_loss"])
+    fam = get_family(family)
+    load_strict(fam.official(fam.build(config)), read_checkpoint(path / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_demo_exports_once_and_judges_its_grid(tmp_path):
+    """The demo's bundle is exported on first use, reused while fresh, redone when stale."""
+    from edgediff.export.training.demo import DEFAULT_FAMILY, ensure_bundle, run_demo
+    from edgediff.runtime.bundle import read_bundle
+
+    result = run_demo(cache=tmp_path, png=tmp_path / "demo.png", log=lambda m: None)
+    assert result.png.is_file() and result.judge.n == 100
+    assert result.judge.accuracy >= 0.95
+    created = read_bundle(result.bundle).manifest["created"]
+    ensure_bundle(DEFAULT_FAMILY, result.bundle, log=lambda m: None)
+    assert read_bundle(result.bundle).manifest["created"] == created          # fresh: kept
+    manifest = json.loads((result.bundle / "bundle.json").read_text())
+    manifest["source"]["sha256"] = "0" * 64                                  # weights changed since
+    (result.bundle / "bundle.json").write_text(json.dumps(manifest))
+    ensure_bundle(DEFAULT_FAMILY, result.bundle, log=lambda m: None)
+    assert read_bundle(result.bundle).manifest["source"]["sha256"] != "0" * 64
