@@ -20,6 +20,15 @@ def data():
     return digits.load()
 
 
+@pytest.fixture
+def one_thread():
+    """Many tiny ops: one thread avoids OpenMP oversubscription under `pytest -n 2` (~10x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_digits_split_is_seeded_and_disjoint(data):
     assert data.train_x.shape[1:] == (1, 16, 16) and data.train_x.dtype == np.float32
     assert len(data.train_y) + len(data.held_y) == 1797
@@ -44,8 +53,8 @@ def test_upsample_is_bilinear_and_pools_back():
     assert np.mean(svc.predict(held) == data.held_y) >= 0.95
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "ddm" else f for f in TRAINABLE])
-def test_family_trains_and_saves_loadable_weights(family, data, tmp_path):
+@pytest.mark.parametrize("family", TRAINABLE)
+def test_family_trains_and_saves_loadable_weights(family, data, tmp_path, one_thread):
     h = train.Hyper(steps=16, batch=12, lr=2e-3, warmup=2)
     module, fam, result = train.fit(family, digits.DIGITS_CONFIGS[family], h, seed=0, data=data, progress=False)
     losses = result.losses
