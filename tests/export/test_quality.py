@@ -1,0 +1,39 @@
+"""The quality table's pieces: the outside (scikit-learn) classifier and the PyTorch-driven
+judge of a training directory."""
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+torch = pytest.importorskip("torch")
+
+from edgediff.export.training import digits, quality  # noqa: E402
+from edgediff.export.training.demo import shipped  # noqa: E402
+from edgediff.runtime import judge as rt_judge  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def outside():
+    return quality.OutsideClassifier()
+
+
+def test_outside_classifier_reads_held_out_digits(outside):
+    data = digits.load()
+    assert outside.accuracy(data.held_x, data.held_y) >= 0.95
+    assert outside.accuracy(data.held_x, (data.held_y + 1) % 10) <= 0.05
+
+
+def test_outside_classifier_rejects_noise(outside):
+    noise = np.random.default_rng(0).uniform(-1, 1, (200, 1, 16, 16)).astype(np.float32)
+    labels = np.repeat(np.arange(10), 20)
+    assert outside.accuracy(noise, labels) <= 0.3
+
+
+def test_shipped_dit_through_torch_draws_the_requested_digits(outside):
+    """The loop that runs bundles, driven by the PyTorch module: 5 per class, 10 steps."""
+    _, _, module, spec = quality.load_trained(shipped("dit"))
+    backend = quality.TorchBackend(module, spec.outputs)
+    result, samples = rt_judge.judge_backend(backend, quality.manifest_of(spec), per_class=5, steps=10,
+                                             guidance=2.0, batch=50)
+    labels = rt_judge.class_order_labels(5)
+    assert result.n == 50 and result.accuracy >= 0.9
+    assert outside.accuracy(samples, labels) >= 0.9
