@@ -28,12 +28,13 @@ def test_outside_classifier_rejects_noise(outside):
     assert outside.accuracy(noise, labels) <= 0.3
 
 
-def test_shipped_dit_through_torch_draws_the_requested_digits(outside):
+@pytest.mark.parametrize("family", ["ddpm", "uvit", "dit", "ddm"])
+def test_shipped_weights_through_torch_draw_the_requested_digits(family, outside, one_thread):
     """The loop that runs bundles, driven by the PyTorch module: 5 per class, 10 steps."""
-    _, _, module, spec = quality.load_trained(shipped("dit"))
+    _, _, module, spec = quality.load_trained(shipped(family))
     backend = quality.TorchBackend(module, spec.outputs)
-    result, samples = rt_judge.judge_backend(backend, quality.manifest_of(spec), per_class=5, steps=10,
-                                             guidance=2.0, batch=50)
+    manifest = quality.manifest_of(spec)
+    result, samples = rt_judge.judge_backend(backend, manifest, per_class=5, steps=10, batch=50)
     labels = rt_judge.class_order_labels(5)
     assert result.n == 50 and result.accuracy >= 0.9
     assert outside.accuracy(samples, labels) >= 0.9

@@ -20,15 +20,6 @@ def data():
     return digits.load()
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: one thread avoids OpenMP oversubscription under `pytest -n 2` (~10x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_digits_split_is_seeded_and_disjoint(data):
     assert data.train_x.shape[1:] == (1, 16, 16) and data.train_x.dtype == np.float32
     assert len(data.train_y) + len(data.held_y) == 1797
