@@ -20,7 +20,6 @@ Classifier-free guidance (``eval*.py``): the null label is ``dataset.K`` (1000, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import sinusoidal_embedding, timestep_frequencies

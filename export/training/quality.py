@@ -27,16 +27,16 @@ LONG_SAMPLER = {"discrete": ("ddpm", {}), "ddm_constant": ("ddm", {"stochastic":
 
 
 class TorchBackend:
-    """``infer(feed) -> {name: array}`` over an export-view module (batched, no grad)."""
+    """``infer(feed) -> {name: array}`` over an export-view module, named by a manifest."""
 
-    def __init__(self, module: torch.nn.Module, outputs: tuple[str, ...]):
+    def __init__(self, module: torch.nn.Module, manifest: dict):
         self.module = module.eval()
-        self.outputs = outputs
+        self.inputs, self.outputs = list(manifest["inputs"]), list(manifest["outputs"])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(np.array(feed[k])) for k in ("x", "t", "y") if k in feed]
-        return {k: v.numpy() for k, v in zip(self.outputs, self.module(*args))}
+        outs = self.module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.inputs))
+        return {n: o.numpy() for n, o in zip(self.outputs, outs)}
 
 
 def manifest_of(spec) -> dict:
@@ -138,7 +138,8 @@ def main(argv=None) -> None:
                               args.cache)))
         return
     _, _, module, spec = load_trained(args.path)
-    result, _ = rt_judge.judge_backend(TorchBackend(module, spec.outputs), manifest_of(spec), args.per_class,
+    manifest = manifest_of(spec)
+    result, _ = rt_judge.judge_backend(TorchBackend(module, manifest), manifest, args.per_class,
                                        sampler=args.sampler, steps=args.steps, guidance=args.guidance)
     print(result.summary())
 

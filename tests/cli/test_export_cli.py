@@ -21,7 +21,6 @@ def test_export_named_size(tmp_path):
 
 
 def test_export_config_and_checkpoint(tmp_path):
-    import torch
     from safetensors.torch import save_file
 
     from edgediff.export.models import dit

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import save_file
 
 from edgediff.export import fp16
-from edgediff.export.bundle import build_reference, export_bundle
 from edgediff.export.models import FAMILIES
 from edgediff.export.onnx import export_onnx, torch_outputs
 from edgediff.runtime import read_bundle
@@ -98,14 +97,8 @@ def test_islands_are_added_only_as_measurement_demands():
         fp16.choose_islands(lambda i: _result(0, finite=False), ("softmax",), log=lambda m: None)
 
 
-def test_add_fp16_to_a_bundle(tmp_path):
-    name = "ddpm"
-    family = FAMILIES[name]
-    config = family.configs[family.fixture]
-    torch.manual_seed(0)
-    _, module = build_reference(name, config)
-    save_file(family.official(module).state_dict(), tmp_path / "w.safetensors")
-    export_bundle(name, config, tmp_path / "b", checkpoint=tmp_path / "w.safetensors", log=lambda m: None)
+def test_add_fp16_to_a_bundle(tmp_path, fixture_bundle):
+    family, module, _, _ = fixture_bundle("ddpm")
     with pytest.raises(fp16.FP16Error, match="pass that checkpoint"):
         fp16.add_fp16(tmp_path / "b", log=lambda m: None)
     parity = fp16.add_fp16(tmp_path / "b", checkpoint=tmp_path / "w.safetensors", log=lambda m: None)

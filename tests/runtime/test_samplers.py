@@ -251,7 +251,7 @@ def dpm_solver_reference(x, grid, orders, model, alpha_sigma, lam, inv_lam):
     for i, k in enumerate(orders):
         s, t = grid[i], grid[i + 1]
         h = lam(t) - lam(s)
-        (a_s, s_s), (a_t, s_t) = alpha_sigma(s), alpha_sigma(t)
+        (a_s, _), (a_t, s_t) = alpha_sigma(s), alpha_sigma(t)
         e_s = model(x, s)
         x_t = a_t / a_s * x - s_t * np.expm1(h) * e_s
         if k == 2:
