@@ -165,7 +165,13 @@ def judge_backend(backend, manifest: dict, per_class: int = 100, *, sampler: str
 
 def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """``images`` and ``labels`` from an .npz written by ``edgediff generate --npz``."""
-    with np.load(path) as data:
+    try:
+        archive = np.load(path)
+    except (OSError, ValueError, EOFError):    # empty, truncated, pickled or not numpy at all
+        raise ValueError(f"{path} is not a samples archive (an .npz from `edgediff generate --npz`)") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not a samples archive (an .npz with images and labels)")
+    with archive as data:
         missing = [k for k in ("images", "labels") if k not in data.files]
         if missing:
             raise ValueError(f"{path} lacks {', '.join(missing)} (expected an `edgediff generate --npz` archive)")

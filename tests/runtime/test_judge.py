@@ -87,3 +87,19 @@ def test_evaluate_command_reads_a_samples_archive(tmp_path, weights):
     out = CliRunner().invoke(evaluate, [str(path), "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["accuracy"] >= 0.97
+
+
+@pytest.mark.parametrize("content", [b"", b"# not numpy\n", "npy"])
+def test_evaluate_refuses_what_is_not_a_samples_archive(tmp_path, capsys, content):
+    from edgediff.cli import main
+
+    path = tmp_path / "bad.npz"
+    if content == "npy":
+        np.save(tmp_path / "bad.npy", np.zeros(3))
+        path = tmp_path / "bad.npy"
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and err.startswith("error: ") and "\n" not in err and "archive" in err
