@@ -13,10 +13,11 @@ import json
 
 import click
 
+from edgediff.export.training.digits import DIGITS_CONFIGS
 from edgediff.runtime.judge import DDM_CLIPPED_GUIDANCE, DEFAULT_GUIDANCE
 from edgediff.runtime.samplers import SAMPLERS
 
-FAMILY_NAMES = ("ddpm", "uvit", "dit", "ddm")
+FAMILY_NAMES = tuple(DIGITS_CONFIGS)
 
 
 @click.command()

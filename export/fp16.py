@@ -133,6 +133,7 @@ CANDIDATES = (
     Island("normalization", "LayerNorm/GroupNorm statistics: sums of squares overflow FP16 "
            "once activations pass ~256", op_nodes(*NORM_OPS)),
 )
+BY_NAME = {c.name: c for c in CANDIDATES}
 
 
 def module_scopes(model: onnx.ModelProto, names) -> list[str]:
@@ -289,15 +290,15 @@ def _record(model, trials: list[Trial], ranged: dict, skipped: dict, calibration
     """bundle.json's ``precision.fp16``: what stayed FP32 and the measurement behind it."""
     from importlib.metadata import version
 
-    final, by_name = trials[-1], {c.name: c for c in CANDIDATES}
+    final = trials[-1]
     rules = {"name": "autocast-rules", "nodes": sorted(skipped),
              "reason": "kept by AutoCast's own rules: " + "; ".join(sorted(set(skipped.values())))}
     islands = [i for i in (_range_island(model, ranged), rules if skipped else None) if i]
     before = {tr.islands: tr.score for tr in trials}
     for k, name in enumerate(final.islands):
-        nodes = by_name[name].select(model)
+        nodes = BY_NAME[name].select(model)
         islands.append({"name": name, "nodes": nodes, "scopes": module_scopes(model, nodes),
-                        "reason": f"{by_name[name].why}; measured worst rel-L2 "
+                        "reason": f"{BY_NAME[name].why}; measured worst rel-L2 "
                                   f"{before[final.islands[:k]]:.2e} without, "
                                   f"{before[final.islands[:k + 1]]:.2e} with"})
     return {"tool": f"nvidia-modelopt {version('nvidia-modelopt')} AutoCast", "data_max": DATA_MAX,
@@ -312,18 +313,17 @@ def _record(model, trials: list[Trial], ranged: dict, skipped: dict, calibration
 
 
 def convert_fp16(fp32_path: Path, out_path: Path, spec: ModelSpec, reference: Reference, ref_name: str,
-                 candidates: tuple[str, ...] = tuple(c.name for c in CANDIDATES),
+                 candidates: tuple[str, ...] = tuple(BY_NAME),
                  calibration_rows: int = 12, log=print) -> tuple[ParityResult, dict]:
     """Convert, measure, add FP32 islands until the gate holds; return (parity, record)."""
     model = onnx.load(str(fp32_path), load_external_data=False)
-    by_name = {c.name: c for c in CANDIDATES}
     calibration = calibration_feed(spec, calibration_rows)
     ranged = range_nodes(model, activation_peaks(fp32_path, calibration))
     skipped: dict[str, str] = {}
     written: list[tuple[str, ...]] = [()]
 
     def trial(islands: tuple[str, ...]) -> ParityResult:
-        nodes = set(ranged).union(*(by_name[name].select(model) for name in islands))
+        nodes = set(ranged).union(*(BY_NAME[name].select(model) for name in islands))
         skipped.clear()
         skipped.update(autocast(fp32_path, out_path, sorted(nodes)))
         written[0] = islands
@@ -338,7 +338,7 @@ def convert_fp16(fp32_path: Path, out_path: Path, spec: ModelSpec, reference: Re
 def _reference(bundle, spec: ModelSpec, checkpoint) -> tuple[Reference, str]:
     """PyTorch FP32 with the bundle's source weights; for a bundle exported without a
     checkpoint (random weights that cannot be re-created) the rung-1-validated FP32 ONNX."""
-    source = bundle["source"] if "source" in bundle.manifest else {}
+    source = bundle.manifest.get("source", {})
     if source.get("sha256") is None:
         backend = OrtBackend(bundle.model_path("fp32"), bundle.manifest["inputs"], bundle.output_names)
         return backend.infer, "onnx-fp32 (rung-1 validated; bundle has no source checkpoint)"

@@ -9,16 +9,13 @@ architecture and TensorRT version so rebuilds and other bundles reuse kernel tim
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgediff.runtime.backends.trt import device_info, import_tensorrt
-from edgediff.runtime.bundle import public_mode, read_bundle, sha256_file, write_json_atomic
+from edgediff.runtime.bundle import read_bundle, sha256_file, write_atomic, write_json_atomic
 from edgediff.runtime.engines import (ENGINE_DIR, PRECISIONS, BatchProfile, EngineError, EngineKey, batch_profile,
-                                      incompatibility, make_sidecar, model_digest, read_sidecar, sidecar_path,
-                                      timing_cache_name)
+                                      check_engine, make_sidecar, model_digest, sidecar_path, timing_cache_name)
 
 
 @dataclass(frozen=True)
@@ -97,28 +94,7 @@ def _config(trt, builder, network, shapes: dict, opts: BuildOptions, cache: byte
 
 
 def _write_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _existing(path: Path, key: EngineKey) -> bool:
-    """True when ``path`` is a valid engine for ``key`` (so nothing needs building)."""
-    if not path.is_file():
-        return False
-    try:
-        side = read_sidecar(path)
-    except EngineError:
-        return False
-    return incompatibility(side, key) is None and sha256_file(path) == side.get("engine_sha256")
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), log=print) -> Path:
@@ -137,7 +113,7 @@ def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), lo
     folder = bundle.path / ENGINE_DIR
     folder.mkdir(exist_ok=True)
     path = folder / key.name
-    if not opts.force and _existing(path, key):
+    if not opts.force and path.is_file() and check_engine(path, key)[1] is None:
         log(f"{path} is up to date (use --force to rebuild)")
         return path
     cache_path = (folder / timing_cache_name(key.compute_capability, key.tensorrt_version)

@@ -41,19 +41,23 @@ def public_mode(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def write_json_atomic(path: str | Path, data) -> None:
-    """Write JSON via a temporary file in the same directory and an atomic rename."""
+def write_atomic(path: str | Path, write) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed into place:
+    readers never see a partial file, and a failed write leaves nothing behind."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        write(tmp)
         public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def io_spec(spec_inputs: tuple[str, ...], outputs: tuple[str, ...], sample_shape) -> tuple[dict, dict]:

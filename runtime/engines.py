@@ -136,6 +136,20 @@ def incompatibility(sidecar: dict, want: EngineKey, batch: int | None = None) ->
     return None
 
 
+def check_engine(path: Path, want: EngineKey, batch: int | None = None,
+                 check_bytes: bool = True) -> tuple[dict | None, str | None]:
+    """(sidecar, None) when the engine at ``path`` may run for ``want``, else (sidecar or
+    None, why not)."""
+    try:
+        side = read_sidecar(path)
+    except EngineError as exc:
+        return None, str(exc)
+    reason = incompatibility(side, want, batch)
+    if reason is None and check_bytes and sha256_file(path) != side.get("engine_sha256"):
+        reason = "file does not match its sidecar's sha256 (partial copy or altered)"
+    return side, None if reason is None else f"{path.name}: {reason}"
+
+
 def engine_candidates(bundle_dir: str | Path, precision: str) -> list[Path]:
     folder = Path(bundle_dir) / ENGINE_DIR
     return sorted(folder.glob(f"{precision}_*.engine")) if folder.is_dir() else []
@@ -153,17 +167,10 @@ def select_engine(bundle_dir: str | Path, want: EngineKey, batch: int | None = N
     exact = Path(bundle_dir) / ENGINE_DIR / want.name if want.profile else None
     candidates = engine_candidates(bundle_dir, want.precision)
     for path in sorted(candidates, key=lambda p: p != exact):          # the exact name first
-        try:
-            side = read_sidecar(path)
-        except EngineError as exc:
-            refusals.append(str(exc))
-            continue
-        reason = incompatibility(side, want, batch)
-        if reason is None and check_bytes and sha256_file(path) != side.get("engine_sha256"):
-            reason = "file does not match its sidecar's sha256 (partial copy or altered)"
+        side, reason = check_engine(path, want, batch, check_bytes)
         if reason is None:
             return path, side
-        refusals.append(f"{path.name}: {reason}")
+        refusals.append(reason)
     hint = f"build one with: edgediff build {bundle_dir} --precision {want.precision}"
     if batch:
         hint += f" and a --max-batch whose profile covers {batch} engine rows (guidance doubles the batch)"

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import public_mode
+from .bundle import write_atomic
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:
@@ -30,17 +28,8 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarra
 
 
 def _atomic(path: Path, write) -> None:
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, write)
 
 
 def save_png(path: str | Path, picture: np.ndarray, upscale: int = 1) -> None:

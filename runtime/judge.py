@@ -75,7 +75,8 @@ def forward(weights: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h, h @ weights[f"w{layers - 1}"] + weights[f"b{layers - 1}"]
 
 
-def _stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64) of judge features, the Gaussian the FD compares."""
     f = features.astype(np.float64)
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
@@ -102,9 +103,9 @@ def _baseline(weights: dict, n: int) -> tuple[float, float]:
     accuracy = float(np.mean(logits.argmax(axis=1) == weights["held_labels"]))
     mu, cov = weights["ref_mu"], weights["ref_cov"]
     if n >= len(feats):
-        return accuracy, frechet_distance(*_stats(feats), mu, cov)
+        return accuracy, frechet_distance(*feature_stats(feats), mu, cov)
     rng = np.random.default_rng(0)
-    fds = [frechet_distance(*_stats(feats[rng.choice(len(feats), n, replace=False)]), mu, cov)
+    fds = [frechet_distance(*feature_stats(feats[rng.choice(len(feats), n, replace=False)]), mu, cov)
            for _ in range(_BASELINE_DRAWS)]
     return accuracy, float(np.mean(fds))
 
@@ -122,7 +123,7 @@ def judge(images: np.ndarray, labels: np.ndarray, weights: dict | None = None) -
     hit = logits.argmax(axis=1) == labels
     per_class = tuple(float(hit[labels == k].mean()) if np.any(labels == k) else float("nan")
                       for k in range(logits.shape[1]))
-    fd = frechet_distance(*_stats(feats), weights["ref_mu"], weights["ref_cov"])
+    fd = frechet_distance(*feature_stats(feats), weights["ref_mu"], weights["ref_cov"])
     base_acc, base_fd = _baseline(weights, x.shape[0])
     return JudgeResult(int(x.shape[0]), float(hit.mean()), fd, base_acc, base_fd, per_class)
 

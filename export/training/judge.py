@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from edgediff.runtime import judge as rt_judge
+from edgediff.runtime.images import save_npz, to_uint8
 
 from . import digits
 
@@ -65,7 +65,7 @@ def train_judge(data: digits.Digits, epochs: int = 150, seed: int = 0) -> nn.Seq
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     """(N, 1, 16, 16) in [-1, 1] -> (N, 16, 16) uint8, as samples are saved."""
-    return np.clip((x[:, 0] + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return to_uint8(x)[..., 0]
 
 
 def export_weights(net: nn.Sequential, data: digits.Digits) -> dict[str, np.ndarray]:
@@ -75,20 +75,10 @@ def export_weights(net: nn.Sequential, data: digits.Digits) -> dict[str, np.ndar
         weights[f"w{i}"] = lin.weight.detach().numpy().T.astype(np.float32).copy()   # (in, out)
         weights[f"b{i}"] = lin.bias.detach().numpy().astype(np.float32).copy()
     feats, _ = rt_judge.forward(weights, rt_judge.as_images(_to_uint8(data.train_x)))
-    weights["ref_mu"] = feats.astype(np.float64).mean(axis=0)
-    weights["ref_cov"] = np.cov(feats.astype(np.float64), rowvar=False)
+    weights["ref_mu"], weights["ref_cov"] = rt_judge.feature_stats(feats)
     weights["held_images"] = _to_uint8(data.held_x)
     weights["held_labels"] = data.held_y.astype(np.int64)
     return weights
-
-
-def save_npz(path: Path, arrays: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    np.savez_compressed(tmp, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
@@ -100,7 +90,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     data = digits.load()
     weights = export_weights(train_judge(data, args.epochs, args.seed), data)
-    save_npz(args.out, weights)
+    save_npz(args.out, **weights)
     result = rt_judge.judge(weights["held_images"], weights["held_labels"], weights)
     print(f"wrote {args.out}; held-out accuracy {100 * result.accuracy:.2f}%, FD {result.fd:.3f}")
 

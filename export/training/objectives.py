@@ -129,12 +129,9 @@ def ddm_loss(eps: float = 1e-4, weighting: bool = True):
 
 def objective_for(family: str, spec) -> callable:
     """The loss a family trains with, given its ModelSpec (for the schedule)."""
-    if family in ("ddpm", "uvit"):
-        return epsilon_loss(DiscreteSchedule(spec.schedule))
-    if family == "dit":
-        if "v" not in spec.outputs:
-            return epsilon_loss(DiscreteSchedule(spec.schedule))
-        return hybrid_loss(DiscreteSchedule(spec.schedule))
+    if family in ("ddpm", "uvit", "dit"):
+        sched = DiscreteSchedule(spec.schedule)
+        return hybrid_loss(sched) if "v" in spec.outputs else epsilon_loss(sched)   # v: DiT's learned sigma
     if family == "ddm":
         return ddm_loss(eps=float(spec.schedule.get("eps", 1e-4)))
     raise ValueError(f"no training objective for family {family!r}")

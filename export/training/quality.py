@@ -20,9 +20,12 @@ import numpy as np
 import torch
 
 from edgediff.runtime import judge as rt_judge
+from edgediff.runtime.pipeline import DEFAULT_SAMPLER
+from edgediff.runtime.schedules import Schedule
 
 from . import digits
 
+# The 1000-step reference sampler per schedule kind: ancestral DDPM, or DDM's stochastic one.
 LONG_SAMPLER = {"discrete": ("ddpm", {}), "ddm_constant": ("ddm", {"stochastic": True})}
 
 
@@ -95,8 +98,8 @@ def table(families, per_class: int, long_per_class: int, guidance: float | None,
     for fam in families:
         bundle = read_bundle(ensure_bundle(fam, cache / f"digits-{fam}", log=lambda m: None))
         backend = load_backend(bundle, "ort", "fp32")
-        kind = bundle.manifest["schedule"].get("type", "discrete")
-        default = "dpmpp_2m" if kind == "discrete" else "ddm"
+        kind = Schedule.from_config(bundle.manifest["schedule"]).kind
+        default = DEFAULT_SAMPLER[kind]
         long_name, long_opts = LONG_SAMPLER[kind]
         w = rt_judge.default_guidance(bundle.manifest) if guidance is None else guidance
         runs = [(default, 20, 1.0, per_class, {}), (default, 20, w, per_class, {}),

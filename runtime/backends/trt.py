@@ -122,11 +122,13 @@ class TrtBackend:
                     raise BackendError(f"TensorRT refused shape batch={batch} for {name!r}")
             self.batch = batch
 
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise BackendError("TensorRT execute_async_v3 failed (see its log above)")
+
     def _enqueue(self, batch: int) -> None:
         if self.graphs is None:
-            if not self.context.execute_async_v3(int(self.stream)):
-                raise BackendError("TensorRT execute_async_v3 failed (see its log above)")
-            return
+            return self._execute()
         if batch not in self.graphs:
             self.graphs[batch] = self._capture()
         cuda_call(self.rt.cudaGraphLaunch(self.graphs[batch], self.stream))
@@ -135,8 +137,7 @@ class TrtBackend:
         """Capture one enqueue at the current shapes; addresses are fixed, so it stays valid."""
         rt = self.rt
         # The first enqueue after a shape change may do setup work that must not be captured.
-        if not self.context.execute_async_v3(int(self.stream)):
-            raise BackendError("TensorRT execute_async_v3 failed (see its log above)")
+        self._execute()
         cuda_call(rt.cudaStreamSynchronize(self.stream))
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_call(rt.cudaStreamBeginCapture(self.stream, mode))
