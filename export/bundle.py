@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from edgediff.runtime.bundle import (MANIFEST, finalize_manifest, io_spec, public_mode, sha256_file,
-                                     write_json_atomic)
+from edgediff.runtime.bundle import (MANIFEST, check_replaceable, finalize_manifest, io_spec, public_mode,
+                                     replace_dir, sha256_file, write_json_atomic)
 from edgediff.runtime.parity import ParityResult
 
 from .models import get_family
@@ -64,26 +64,11 @@ def _manifest(family, config, spec, checkpoint, opset, max_batch) -> dict:
     }
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp`` with renames only, so readers never see a partial bundle."""
-    if out.exists():
-        if not (out / MANIFEST).is_file() and any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not a bundle; choose another --out")
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: str | Path | None = None,
                   opset: int = 21, max_batch: int | None = None, log=print) -> ExportResult:
     """Export ``family`` at ``config`` to a validated bundle directory at ``out``."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
+    check_replaceable(out, MANIFEST, "a bundle")
     family, module = build_reference(family_name, config, checkpoint)
     spec = family.spec(config)
     n_params = sum(p.numel() for p in module.parameters())
@@ -104,7 +89,7 @@ def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: s
             shutil.rmtree(failed, ignore_errors=True)
             tmp.rename(failed)
             raise ParityError(f"{parity.summary()}; the bundle was left at {failed} for inspection")
-        _install(tmp, out)
+        replace_dir(tmp, out, MANIFEST, "a bundle")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, manifest, parity, n_params)

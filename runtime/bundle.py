@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,30 @@ def write_atomic(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """Refuse an ``out`` that is not ours to replace: a file, or a non-empty directory without
+    ``marker``, so that a mistyped path never deletes a user's directory. Called before long
+    work starts and again just before the swap."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and not (out / marker).is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not {what}; choose another --out")
+
+
+def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
+    """Put the finished directory ``tmp`` at ``out`` with renames only, so readers never see a
+    partial one; an existing ``out`` must pass :func:`check_replaceable`."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    check_replaceable(out, marker, what)
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: str | Path, data) -> None:

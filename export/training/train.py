@@ -27,9 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgediff.export.models import get_family
+from edgediff.runtime.bundle import check_replaceable, public_mode, replace_dir
 
 from . import digits
 from .objectives import objective_for
+
+
+TRAIN_RECORD = "train.json"     # marks a directory as a training output (safe to replace)
 
 
 @dataclass
@@ -161,19 +165,13 @@ def save(out: str | Path, family, module: nn.Module, config: dict, record: dict)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    public_mode(tmp, directory=True)
     try:
         state = {k: v.detach().contiguous().clone() for k, v in family.official(module).state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         for name, obj in (("config.json", config), ("train.json", record)):
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-        for p in [tmp, *tmp.iterdir()]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out, TRAIN_RECORD, "a digits training output")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -184,6 +182,8 @@ def train(family_name: str, out: str | Path | None, *, steps: int | None = None,
     """Train ``family_name`` on the digits with its digits config and write ``out``."""
     if family_name not in digits.DIGITS_CONFIGS:
         raise ValueError(f"no digits config for family {family_name!r}; choose from {', '.join(digits.DIGITS_CONFIGS)}")
+    if out is not None:
+        check_replaceable(Path(out), TRAIN_RECORD, "a digits training output")
     if threads:
         torch.set_num_threads(threads)
     config = dict(config or digits.DIGITS_CONFIGS[family_name])

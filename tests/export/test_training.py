@@ -116,3 +116,21 @@ def test_demo_exports_once_and_judges_its_grid(tmp_path):
     (result.bundle / "bundle.json").write_text(json.dumps(manifest))
     ensure_bundle(DEFAULT_FAMILY, result.bundle, log=lambda m: None)
     assert read_bundle(result.bundle).manifest["source"]["sha256"] != "0" * 64
+
+
+def test_train_refuses_a_foreign_out_directory_before_training(tmp_path, capsys):
+    from edgediff.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-digits", "--family", "dit", "--out", str(tmp_path), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "not a digits training output" in err and "train dit" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_train_replaces_its_own_output(tmp_path, one_thread):
+    first = train.train("dit", tmp_path / "run", steps=2, threads=None, progress=False, batch=4, warmup=1)
+    second = train.train("dit", tmp_path / "run", steps=3, threads=None, progress=False, batch=4, warmup=1)
+    assert first.path == second.path and json.loads((second.path / "train.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
