@@ -1,11 +1,8 @@
-"""The digits commands: ``demo``, ``evaluate`` and ``train-digits``.
+"""The digits commands: ``demo`` and ``evaluate`` at the top, and the ``digits`` group
+(``train``, ``check``, ``quality-table``, ``train-judge``) for the embedded models' tooling.
 
-Registered on the main group in ``edgediff/cli.py``::
-
-    from edgediff.cli_digits import DIGITS_COMMANDS
-    for _command in DIGITS_COMMANDS: cli.add_command(_command)
-
-Torch is imported only inside ``train-digits`` and (for a stale bundle) ``demo``.
+Registered on the main group in ``edgediff/cli.py`` through ``DIGITS_COMMANDS``. Torch is
+imported only inside the commands that train or run PyTorch, and (for a stale bundle) ``demo``.
 """
 from __future__ import annotations
 
@@ -13,8 +10,8 @@ import json
 
 import click
 
-from edgediff.export.training.digits import DIGITS_CONFIGS
-from edgediff.runtime.judge import DDM_CLIPPED_GUIDANCE, DEFAULT_GUIDANCE
+from edgediff.digits.data import DIGITS_CONFIGS
+from edgediff.digits.judge import DDM_CLIPPED_GUIDANCE, DEFAULT_GUIDANCE, JUDGE_PATH
 from edgediff.runtime.samplers import SAMPLERS
 
 FAMILY_NAMES = tuple(DIGITS_CONFIGS)
@@ -31,7 +28,7 @@ FAMILY_NAMES = tuple(DIGITS_CONFIGS)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the only noise source.")
 def demo(family, out, cache, guidance, seed):
     """Export the embedded digits model, draw ten of each class on ONNX Runtime, judge them."""
-    from edgediff.export.training.demo import DEFAULT_FAMILY, run_demo
+    from edgediff.digits.demo import DEFAULT_FAMILY, run_demo
 
     result = run_demo(family or DEFAULT_FAMILY, cache=cache, png=out, guidance=guidance, seed=seed,
                       log=lambda msg: click.echo(msg, err=True))
@@ -52,14 +49,19 @@ def demo(family, out, cache, guidance, seed):
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def evaluate(source, sampler, steps, per_class, guidance, seed, precision, as_json):
     """Judge digits samples: a BUNDLE (sampled here on ONNX Runtime) or a samples .npz."""
-    from edgediff.runtime.judge import evaluate as run
+    from edgediff.digits.judge import evaluate as run
 
     result = run(source, per_class=per_class, sampler=sampler, steps=steps, guidance=guidance,
                  seed=seed, precision=precision)
     click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 
-@click.command("train-digits")
+@click.group()
+def digits():
+    """Tooling of the embedded digits models: training, checks, the quality table, the judge."""
+
+
+@digits.command("train")
 @click.option("--family", required=True, type=click.Choice(FAMILY_NAMES), help="Model family.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for model.safetensors, config.json, train.json.")
@@ -68,10 +70,60 @@ def evaluate(source, sampler, steps, per_class, guidance, seed, precision, as_js
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="torch CPU threads.")
 def train_digits(family, out, steps, seed, threads):
     """Train a small class-conditional model of FAMILY on scikit-learn's digits."""
-    from edgediff.export.training.train import train
+    from edgediff.digits.train import train
 
     result = train(family, out, steps=steps, seed=seed, threads=threads)
     click.echo(f"wrote {result.path}: final loss {result.final_loss:.4f} in {result.seconds:.0f} s")
 
 
-DIGITS_COMMANDS = (demo, evaluate, train_digits)
+@digits.command("check")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the schedule's usual one).")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampler steps.")
+@click.option("--per-class", default=100, show_default=True, type=click.IntRange(2), help="Samples per class.")
+@click.option("--guidance", type=float, help="Guidance scale w (default: the model's recommended one).")
+def check(path, sampler, steps, per_class, guidance):
+    """Judge a training output directory through PyTorch (no ONNX export)."""
+    from edgediff.digits.quality import check as run
+
+    click.echo(run(path, per_class, sampler, steps, guidance).summary())
+
+
+@digits.command("quality-table")
+@click.option("--families", default=",".join(FAMILY_NAMES), show_default=True,
+              help="Comma-separated digits families to table.")
+@click.option("--per-class", default=100, show_default=True, type=click.IntRange(2),
+              help="Samples per class for the 20-step rows.")
+@click.option("--long-per-class", default=20, show_default=True, type=click.IntRange(2),
+              help="Samples per class for the 20- vs 1000-step comparison.")
+@click.option("--guidance", type=float, help="Guidance scale w (default: the model's recommended one).")
+@click.option("--cache", default="build", show_default=True, type=click.Path(file_okay=False),
+              help="Where the exported bundles are kept (build/digits-FAMILY).")
+def quality_table(families, per_class, long_per_class, guidance, cache):
+    """The README's quality table of the shipped weights, sampled on ONNX Runtime (~15 min)."""
+    from pathlib import Path
+
+    from edgediff.digits.quality import table
+
+    names = [f.strip() for f in families.split(",") if f.strip()]
+    unknown = sorted(set(names) - set(FAMILY_NAMES))
+    if unknown:
+        raise click.BadParameter(f"unknown families {unknown}; choose from {', '.join(FAMILY_NAMES)}",
+                                 param_hint="--families")
+    click.echo("\n".join(table(names, per_class, long_per_class, guidance, Path(cache))))
+
+
+@digits.command("train-judge")
+@click.option("--out", default=str(JUDGE_PATH), show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the judge's weights (.npz).")
+@click.option("--epochs", default=150, show_default=True, type=click.IntRange(1), help="Training epochs.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation and batches.")
+def train_judge(out, epochs, seed):
+    """Train the torch-free digits judge (a small MLP) on the train split."""
+    from edgediff.digits.judge_train import train_and_save
+
+    result = train_and_save(out, epochs, seed)
+    click.echo(f"wrote {out}; held-out accuracy {100 * result.accuracy:.2f}%, FD {result.fd:.3f}")
+
+
+DIGITS_COMMANDS = (demo, evaluate, digits)

@@ -56,7 +56,7 @@ def add_precision(bundle, precision, checkpoint, calibration_rows):
 @click.option("--device", default=0, show_default=True, type=click.IntRange(0), help="CUDA device.")
 def build(bundle, precision, min_batch, opt_batch, max_batch, guidance, timing_cache, workspace_gib, force, device):
     """Build a TensorRT engine for this GPU from a bundle's ONNX model."""
-    from edgediff.export.tensorrt import BuildOptions, build_engine
+    from edgediff.export.trt_build import BuildOptions, build_engine
 
     opts = BuildOptions(precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                         guidance=guidance, timing_cache=timing_cache, workspace_gib=workspace_gib,

@@ -15,7 +15,7 @@ from edgediff.runtime.parity import ParityResult
 
 from .models import get_family
 from .models.common import load_strict, read_checkpoint
-from .onnx import export_onnx, validate
+from .onnx_export import export_onnx, validate
 
 
 class ParityError(RuntimeError):

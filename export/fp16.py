@@ -30,7 +30,7 @@ from edgediff.runtime.parity import ParityResult
 from edgediff.runtime.schedules import Schedule
 
 from .models.family import ModelSpec
-from .onnx import EXTERNAL_DATA_BYTES, torch_outputs
+from .onnx_export import EXTERNAL_DATA_BYTES, torch_outputs
 
 GATE_REL_L2 = 5e-3
 DATA_MAX = 512.0   # ModelOpt's default: above it an FP16 ulp is ≥ 0.5 (too coarse for sin/cos args)

@@ -1,6 +1,6 @@
 """TensorRT engine identity: names, sidecars and the compatibility check.
 
-Pure logic shared by the builder (``edgediff.export.tensorrt``) and the native backend
+Pure logic shared by the builder (``edgediff.export.trt_build``) and the native backend
 (``edgediff.runtime.backends.trt``); it imports neither TensorRT nor CUDA, so every rule
 here is tested on machines without a GPU.
 

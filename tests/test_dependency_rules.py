@@ -24,3 +24,19 @@ def test_imports_no_torch(mod):
     """The CLI lists families from the torch-free registry; torch loads only inside export."""
     proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra="")], capture_output=True, text=True)
     assert proc.returncode == 0, f"{mod} pulled in: {proc.stdout.strip()} {proc.stderr[-300:]}"
+
+
+def test_export_and_runtime_never_import_the_digits_tooling():
+    """digits/ may import export and runtime, never the reverse (read from the source)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for wing in ("export", "runtime", "calibration")
+                 for p in (root / wing).rglob("*.py") if "edgediff.digits" in p.read_text()]
+    assert offenders == []
+
+
+def test_digits_judge_is_torch_free():
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(mod="edgediff.digits.judge", extra="")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-300:]

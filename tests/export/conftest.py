@@ -2,16 +2,6 @@ import pytest
 
 
 @pytest.fixture
-def one_thread():
-    """Many tiny ops: one torch thread avoids OpenMP oversubscription under `pytest -n 2` (~10x)."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def fixture_bundle(tmp_path):
     """``make(name) -> (family, module, bundle dir, checkpoint)``: the family's fixture config
     with seeded random weights, saved in the official layout and exported to a bundle."""

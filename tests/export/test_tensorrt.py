@@ -14,7 +14,7 @@ import pytest
 
 from edgediff.export import tensorrt as trt_build
 from edgediff.export.models import FAMILIES
-from edgediff.export.tensorrt import BuildOptions, build_engine, engine_profile, profile_shapes
+from edgediff.export.trt_build import BuildOptions, build_engine, engine_profile, profile_shapes
 from edgediff.runtime.backends.base import BackendError
 from edgediff.runtime.engines import BatchProfile, EngineError, EngineKey, read_sidecar, select_engine
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgediff.export.models import FAMILIES
-from edgediff.export.training.quality import TorchBackend
+from edgediff.digits.quality import TorchBackend
 from edgediff.runtime import read_bundle
 from edgediff.runtime.backends import load_backend
 from edgediff.runtime.parity import rel_l2

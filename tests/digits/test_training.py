@@ -9,8 +9,8 @@ import torch
 
 from edgediff.export.models import FAMILIES, get_family
 from edgediff.export.models.common import load_strict, read_checkpoint
-from edgediff.export.training import digits, objectives, train
-from edgediff.export.training.demo import ASSETS, shipped
+from edgediff.digits import data as digits, objectives, train
+from edgediff.digits.demo import ASSETS, shipped
 
 TRAINABLE = [f for f in digits.DIGITS_CONFIGS if f in FAMILIES]
 
@@ -102,7 +102,7 @@ def test_shipped_weights_load_strictly(family):
 @pytest.mark.slow
 def test_demo_exports_once_and_judges_its_grid(tmp_path):
     """The demo's bundle is exported on first use, reused while fresh, redone when stale."""
-    from edgediff.export.training.demo import DEFAULT_FAMILY, ensure_bundle, run_demo
+    from edgediff.digits.demo import DEFAULT_FAMILY, ensure_bundle, run_demo
     from edgediff.runtime.bundle import read_bundle
 
     result = run_demo(cache=tmp_path, png=tmp_path / "demo.png", log=lambda m: None)
@@ -123,7 +123,7 @@ def test_train_refuses_a_foreign_out_directory_before_training(tmp_path, capsys)
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exit_:
-        main(["train-digits", "--family", "dit", "--out", str(tmp_path), "--steps", "1"])
+        main(["digits", "train", "--family", "dit", "--out", str(tmp_path), "--steps", "1"])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and "not a digits training output" in err and "train dit" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

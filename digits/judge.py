@@ -1,6 +1,6 @@
 """The digits judge: does a sample of class k look like a k, and how far is the set of
 samples from the real digits? Torch-free: a small NumPy MLP whose weights ship in
-``assets/judge.npz`` (trained by ``edgediff.export.training.judge`` on the train split of
+``assets/judge.npz`` (trained by ``edgediff.digits.judge_train`` on the train split of
 scikit-learn's digits at 16×16, the data the digits models learn).
 
 Two figures, each with the same figure for held-out real digits as the baseline:
@@ -153,7 +153,7 @@ def judge_backend(backend, manifest: dict, per_class: int = 100, *, sampler: str
                   **options):
     """Generate ``per_class`` samples of every class and judge them: (JudgeResult, samples).
     ``options`` go to the sampler (e.g. ``stochastic=True`` for ``ddm``)."""
-    from .pipeline import generate
+    from edgediff.runtime.pipeline import generate
 
     if not manifest.get("num_classes"):
         raise ValueError("the digits judge needs a class-conditional model")
@@ -187,8 +187,8 @@ def evaluate(source: str | Path, *, per_class: int = 100, sampler: str | None = 
     source = Path(source)
     if source.is_file():
         return judge(*read_samples(source))
-    from .backends import load_backend
-    from .bundle import read_bundle
+    from edgediff.runtime.backends import load_backend
+    from edgediff.runtime.bundle import read_bundle
 
     bundle = read_bundle(source)
     engine = load_backend(bundle, backend, precision)

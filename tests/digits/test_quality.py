@@ -6,9 +6,9 @@ import pytest
 pytest.importorskip("sklearn")
 torch = pytest.importorskip("torch")
 
-from edgediff.export.training import digits, quality  # noqa: E402
-from edgediff.export.training.demo import shipped  # noqa: E402
-from edgediff.runtime import judge as rt_judge  # noqa: E402
+from edgediff.digits import data as digits, quality  # noqa: E402
+from edgediff.digits.demo import shipped  # noqa: E402
+from edgediff.digits import judge as rt_judge  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,14 @@
-"""Train the digits judge (a small MLP) and write the torch-free ``runtime/assets/judge.npz``.
+"""Train the digits judge (a small MLP) and write the torch-free ``digits/assets/judge.npz``.
 
 The judge sees only the train split of :func:`digits.load`; the held-out split is stored
 in the npz (as uint8) so the runtime can score real digits as the baseline. Training
 shifts images by up to one pixel and adds a little noise, so that slightly imperfect
 samples are judged by their shape rather than by pixel-exact agreement.
 
-    python -m edgediff.export.training.judge [--out runtime/assets/judge.npz]
+    edgediff digits train-judge [--out digits/assets/judge.npz]
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgediff.runtime import judge as rt_judge
+from edgediff.digits import judge as rt_judge
 from edgediff.runtime.images import save_npz, to_uint8
 
-from . import digits
+from . import data as digits
 
 HIDDEN = (256, 64)      # the last hidden layer's activations are the FD features
 
@@ -81,19 +80,10 @@ def export_weights(net: nn.Sequential, data: digits.Digits) -> dict[str, np.ndar
     return weights
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=rt_judge.JUDGE_PATH)
-    parser.add_argument("--epochs", type=int, default=150)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def train_and_save(out: str | Path = rt_judge.JUDGE_PATH, epochs: int = 150, seed: int = 0):
+    """Train the judge, write its npz atomically; return the held-out JudgeResult."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     data = digits.load()
-    weights = export_weights(train_judge(data, args.epochs, args.seed), data)
-    save_npz(args.out, **weights)
-    result = rt_judge.judge(weights["held_images"], weights["held_labels"], weights)
-    print(f"wrote {args.out}; held-out accuracy {100 * result.accuracy:.2f}%, FD {result.fd:.3f}")
-
-
-if __name__ == "__main__":
-    main()
+    weights = export_weights(train_judge(data, epochs, seed), data)
+    save_npz(out, **weights)
+    return rt_judge.judge(weights["held_images"], weights["held_labels"], weights)

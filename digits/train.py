@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from edgediff.export.models import get_family
 from edgediff.runtime.bundle import check_replaceable, public_mode, replace_dir
 
-from . import digits
+from . import data as digits
 from .objectives import objective_for
 
 

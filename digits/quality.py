@@ -6,12 +6,11 @@ The same ``runtime.pipeline.generate`` loop that runs bundles drives a torch mod
 trains, without an ONNX export. Beside the project's judge, an outside check: an RBF
 SVM (scikit-learn) trained on the original 8×8 digits classifies 2×2-pooled samples.
 
-    python -m edgediff.export.training.quality check export/assets/digits/dit --guidance 3
-    python -m edgediff.export.training.quality table --per-class 100 --long-per-class 20
+    edgediff digits check digits/assets/dit --guidance 3
+    edgediff digits quality-table --per-class 100 --long-per-class 20
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgediff.runtime import judge as rt_judge
+from edgediff.digits import judge as rt_judge
 from edgediff.runtime.pipeline import DEFAULT_SAMPLER
 from edgediff.runtime.schedules import Schedule
 
-from . import digits
+from . import data as digits
 
 # The 1000-step reference sampler per schedule kind: ancestral DDPM, or DDM's stochastic one.
 LONG_SAMPLER = {"discrete": ("ddpm", {}), "ddm_constant": ("ddm", {"stochastic": True})}
@@ -120,32 +119,10 @@ def table(families, per_class: int, long_per_class: int, guidance: float | None,
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    check = sub.add_parser("check", help="judge a training output directory through PyTorch")
-    check.add_argument("path")
-    check.add_argument("--sampler", default=None)
-    check.add_argument("--steps", type=int, default=20)
-    check.add_argument("--per-class", type=int, default=100)
-    tab = sub.add_parser("table", help="the quality table of the shipped weights, on ONNX Runtime")
-    tab.add_argument("--families", default=",".join(digits.DIGITS_CONFIGS))
-    tab.add_argument("--per-class", type=int, default=100)
-    tab.add_argument("--long-per-class", type=int, default=20)
-    tab.add_argument("--cache", type=Path, default=Path("build"))
-    for p in (check, tab):
-        p.add_argument("--guidance", type=float, default=None)
-    args = parser.parse_args(argv)
-    if args.cmd == "table":
-        print("\n".join(table(args.families.split(","), args.per_class, args.long_per_class, args.guidance,
-                              args.cache)))
-        return
-    _, _, module, spec = load_trained(args.path)
+def check(path: str | Path, per_class: int, sampler: str | None, steps: int, guidance: float | None):
+    """Judge a training output directory through PyTorch (no ONNX export)."""
+    _, _, module, spec = load_trained(path)
     manifest = manifest_of(spec)
-    result, _ = rt_judge.judge_backend(TorchBackend(module, manifest), manifest, args.per_class,
-                                       sampler=args.sampler, steps=args.steps, guidance=args.guidance)
-    print(result.summary())
-
-
-if __name__ == "__main__":
-    main()
+    result, _ = rt_judge.judge_backend(TorchBackend(module, manifest), manifest, per_class,
+                                       sampler=sampler, steps=steps, guidance=guidance)
+    return result

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgediff.runtime import judge as J
+from edgediff.digits import judge as J
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def weights():
 
 
 def test_judge_runs_without_torch():
-    code = ("import sys; from edgediff.runtime import judge as J; w = J.load_judge(); "
+    code = ("import sys; from edgediff.digits import judge as J; w = J.load_judge(); "
             "r = J.judge(w['held_images'], w['held_labels']); "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'sklearn', 'scipy'))]; "
             "print(bad); sys.exit(1 if bad or r.accuracy < 0.97 else 0)")

@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgediff.runtime import judge as rt_judge
+from edgediff.digits import judge as rt_judge
 from edgediff.runtime.bundle import BundleError, read_bundle, sha256_file
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "digits"
+ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_FAMILY = "dit"       # clean samples, the fastest export and sampling of the four
 
 
