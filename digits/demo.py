@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgediff.digits import judge as rt_judge
-from edgediff.runtime.bundle import BundleError, read_bundle, sha256_file
+from edgediff.runtime.bundle import BundleError, read_bundle
+from edgediff.runtime.files import sha256_file
+from edgediff.runtime.errors import InvalidInput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_FAMILY = "dit"       # clean samples, the fastest export and sampling of the four
@@ -23,7 +25,7 @@ def shipped(family: str) -> Path:
     path = ASSETS / family
     if not (path / "model.safetensors").is_file():
         have = sorted(p.parent.name for p in ASSETS.glob("*/model.safetensors"))
-        raise ValueError(f"no shipped digits weights for {family!r}; available: {', '.join(have) or 'none'}")
+        raise InvalidInput(f"no shipped digits weights for {family!r}; available: {', '.join(have) or 'none'}")
     return path
 
 

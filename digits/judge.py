@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from edgediff.runtime.errors import InvalidInput
 
 JUDGE_PATH = Path(__file__).parent / "assets" / "judge.npz"
 SIZE = 16
@@ -58,11 +59,11 @@ def as_images(images: np.ndarray) -> np.ndarray:
     elif x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     if x.ndim != 3 or x.shape[1:] != (SIZE, SIZE):
-        raise ValueError(f"the digits judge takes one-channel {SIZE}×{SIZE} images, got shape {np.shape(images)}")
+        raise InvalidInput(f"the digits judge takes one-channel {SIZE}×{SIZE} images, got shape {np.shape(images)}")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 127.5 - 1.0
     elif not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"images must be uint8 or floating, got {x.dtype}")
+        raise InvalidInput(f"images must be uint8 or floating, got {x.dtype}")
     return np.clip(x.astype(np.float32), -1.0, 1.0).reshape(len(x), SIZE * SIZE)
 
 
@@ -116,9 +117,9 @@ def judge(images: np.ndarray, labels: np.ndarray, weights: dict | None = None) -
     x = as_images(images)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if labels.shape[0] != x.shape[0]:
-        raise ValueError(f"{x.shape[0]} images but {labels.shape[0]} labels")
+        raise InvalidInput(f"{x.shape[0]} images but {labels.shape[0]} labels")
     if x.shape[0] < 2:
-        raise ValueError("the judge needs at least 2 images (the FD needs a covariance)")
+        raise InvalidInput("the judge needs at least 2 images (the FD needs a covariance)")
     feats, logits = forward(weights, x)
     hit = logits.argmax(axis=1) == labels
     per_class = tuple(float(hit[labels == k].mean()) if np.any(labels == k) else float("nan")
@@ -156,7 +157,7 @@ def judge_backend(backend, manifest: dict, per_class: int = 100, *, sampler: str
     from edgediff.runtime.pipeline import generate
 
     if not manifest.get("num_classes"):
-        raise ValueError("the digits judge needs a class-conditional model")
+        raise InvalidInput("the digits judge needs a class-conditional model")
     labels = class_order_labels(per_class, manifest["num_classes"])
     guidance = default_guidance(manifest) if guidance is None else guidance
     gen = generate(backend, manifest, len(labels), sampler=sampler, steps=steps, batch=batch,
@@ -169,13 +170,13 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         archive = np.load(path)
     except (OSError, ValueError, EOFError):    # empty, truncated, pickled or not numpy at all
-        raise ValueError(f"{path} is not a samples archive (an .npz from `edgediff generate --npz`)") from None
+        raise InvalidInput(f"{path} is not a samples archive (an .npz from `edgediff generate --npz`)") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is a single .npy array, not a samples archive (an .npz with images and labels)")
+        raise InvalidInput(f"{path} is a single .npy array, not a samples archive (an .npz with images and labels)")
     with archive as data:
         missing = [k for k in ("images", "labels") if k not in data.files]
         if missing:
-            raise ValueError(f"{path} lacks {', '.join(missing)} (expected an `edgediff generate --npz` archive)")
+            raise InvalidInput(f"{path} lacks {', '.join(missing)} (expected an `edgediff generate --npz` archive)")
         return data["images"], data["labels"]
 
 

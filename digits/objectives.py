@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from edgediff.runtime.schedules import Schedule
+from edgediff.runtime.errors import InvalidInput
 
 
 class DiscreteSchedule:
@@ -134,4 +135,4 @@ def objective_for(family: str, spec) -> callable:
         return hybrid_loss(sched) if "v" in spec.outputs else epsilon_loss(sched)   # v: DiT's learned sigma
     if family == "ddm":
         return ddm_loss(eps=float(spec.schedule.get("eps", 1e-4)))
-    raise ValueError(f"no training objective for family {family!r}")
+    raise InvalidInput(f"no training objective for family {family!r}")

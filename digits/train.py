@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgediff.export.models import get_family
-from edgediff.runtime.bundle import check_replaceable, public_mode, replace_dir
+from edgediff.runtime.files import check_replaceable, replace_dir, staged_dir
 
 from . import data as digits
 from .objectives import objective_for
+from edgediff.runtime.errors import InvalidInput
 
 
 TRAIN_RECORD = "train.json"     # marks a directory as a training output (safe to replace)
@@ -95,7 +94,7 @@ def build_model(family_name: str, config: dict, seed: int):
         _dit_init(family.official(module))
     spec = family.spec(config)
     if spec.null_label is None:
-        raise ValueError(f"the {family_name} digits config needs a null label for guidance")
+        raise InvalidInput(f"the {family_name} digits config needs a null label for guidance")
     return family, module.train(), spec
 
 
@@ -163,17 +162,13 @@ def save(out: str | Path, family, module: nn.Module, config: dict, record: dict)
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    public_mode(tmp, directory=True)
-    try:
+    with staged_dir(out) as stage:
+        tmp = stage.path
         state = {k: v.detach().contiguous().clone() for k, v in family.official(module).state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         for name, obj in (("config.json", config), ("train.json", record)):
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         replace_dir(tmp, out, TRAIN_RECORD, "a digits training output")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -181,7 +176,7 @@ def train(family_name: str, out: str | Path | None, *, steps: int | None = None,
           threads: int | None = 2, config: dict | None = None, progress: bool = True, **overrides) -> TrainResult:
     """Train ``family_name`` on the digits with its digits config and write ``out``."""
     if family_name not in digits.DIGITS_CONFIGS:
-        raise ValueError(f"no digits config for family {family_name!r}; choose from {', '.join(digits.DIGITS_CONFIGS)}")
+        raise InvalidInput(f"no digits config for family {family_name!r}; choose from {', '.join(digits.DIGITS_CONFIGS)}")
     if out is not None:
         check_replaceable(Path(out), TRAIN_RECORD, "a digits training output")
     if threads:

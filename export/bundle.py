@@ -2,23 +2,22 @@
 from __future__ import annotations
 
 import datetime as _dt
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edgediff.runtime.bundle import (MANIFEST, check_replaceable, finalize_manifest, io_spec, public_mode,
-                                     replace_dir, sha256_file, write_json_atomic)
+from edgediff.runtime.bundle import MANIFEST, finalize_manifest, io_spec
+from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, staged_dir, write_json_atomic
 from edgediff.runtime.parity import ParityResult
 
 from .models import get_family
 from .models.common import load_strict, read_checkpoint
 from .onnx_export import export_onnx, validate
+from edgediff.runtime.errors import EdgediffError
 
 
-class ParityError(RuntimeError):
+class ParityError(EdgediffError, RuntimeError):
     """The exported graph does not reproduce PyTorch within the family's tolerance."""
 
 
@@ -72,10 +71,8 @@ def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: s
     family, module = build_reference(family_name, config, checkpoint)
     spec = family.spec(config)
     n_params = sum(p.numel() for p in module.parameters())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    public_mode(tmp, directory=True)
-    try:
+    with staged_dir(out) as stage:
+        tmp = stage.path
         log(f"exporting {family.name} ({n_params / 1e6:.1f}M parameters) to ONNX opset {opset} ...")
         export_onnx(module, spec, tmp / "model.onnx", opset=opset, max_batch=max_batch)
         log("validating ONNX Runtime against PyTorch ...")
@@ -85,11 +82,7 @@ def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: s
         manifest["parity"] = {"fp32": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}}
         manifest = finalize_manifest(tmp, manifest)
         if not parity.passed:
-            failed = out.with_name(out.name + ".failed")
-            shutil.rmtree(failed, ignore_errors=True)
-            tmp.rename(failed)
+            failed = stage.keep_failed()
             raise ParityError(f"{parity.summary()}; the bundle was left at {failed} for inspection")
         replace_dir(tmp, out, MANIFEST, "a bundle")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, manifest, parity, n_params)

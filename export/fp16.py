@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,14 @@ import numpy as np
 import onnx
 
 from edgediff.runtime.backends.ort import OrtBackend
-from edgediff.runtime.bundle import finalize_manifest, io_spec, public_mode, read_bundle, sha256_file, write_json_atomic
+from edgediff.runtime.bundle import finalize_manifest, io_spec, read_bundle
+from edgediff.runtime.files import sha256_file, staged_dir, write_json_atomic
 from edgediff.runtime.parity import ParityResult
 from edgediff.runtime.schedules import Schedule
 
 from .models.family import ModelSpec
 from .onnx_export import EXTERNAL_DATA_BYTES, torch_outputs
+from edgediff.runtime.errors import EdgediffError
 
 GATE_REL_L2 = 5e-3
 DATA_MAX = 512.0   # ModelOpt's default: above it an FP16 ulp is ≥ 0.5 (too coarse for sin/cos args)
@@ -42,7 +43,7 @@ FP16_FILE = "model_fp16.onnx"
 Reference = Callable[[dict], dict]
 
 
-class FP16Error(RuntimeError):
+class FP16Error(EdgediffError, RuntimeError):
     """FP16 conversion is unavailable or cannot meet the gate."""
 
 
@@ -362,9 +363,8 @@ def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calib
     spec = get_family(bundle["family"]).spec(bundle["config"])
     reference, ref_name = _reference(bundle, spec, checkpoint)
     path = Path(bundle_dir)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.fp16-"))
-    public_mode(tmp, directory=True)
-    try:
+    with staged_dir(path, "fp16") as stage:
+        tmp = stage.path
         log("converting to mixed FP16/FP32 with ModelOpt AutoCast and checking against FP32 ...")
         try:
             parity, record = convert_fp16(bundle.model_path("fp32"), tmp / FP16_FILE, spec, reference, ref_name,
@@ -372,13 +372,9 @@ def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calib
         except FP16Error as exc:
             if not (tmp / FP16_FILE).exists():
                 raise
-            failed = path.with_name(path.name + ".fp16.failed")
-            shutil.rmtree(failed, ignore_errors=True)
-            tmp.rename(failed)
+            failed = stage.keep_failed(".fp16.failed")
             raise FP16Error(f"{exc}; the last FP16 model tried is in {failed}") from None
         _install_fp16(bundle, tmp, parity, record)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return parity
 
 

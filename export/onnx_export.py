@@ -14,13 +14,14 @@ from edgediff.runtime.bundle import io_spec
 from edgediff.runtime.parity import ParityResult
 
 from .models.family import ModelSpec
+from edgediff.runtime.errors import EdgediffError
 
 # Protobuf cannot hold more than 2 GiB; above ~1.8 GiB of weights the initializers go to a
 # side file (model.onnx.data) so the graph stays loadable.
 EXTERNAL_DATA_BYTES = int(1.8 * 2**30)
 
 
-class ExportError(RuntimeError):
+class ExportError(EdgediffError, RuntimeError):
     """The exporter could not produce a valid ONNX graph."""
 
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgediff.runtime.backends.trt import device_info, import_tensorrt
-from edgediff.runtime.bundle import read_bundle, sha256_file, write_atomic, write_json_atomic
+from edgediff.runtime.bundle import read_bundle
+from edgediff.runtime.files import sha256_file, write_atomic, write_json_atomic
 from edgediff.runtime.engines import (ENGINE_DIR, PRECISIONS, BatchProfile, EngineError, EngineKey, batch_profile,
                                       check_engine, make_sidecar, model_digest, sidecar_path, timing_cache_name)
+from edgediff.runtime.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,11 @@ class BuildOptions:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise InvalidInput(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.workspace_gib is not None and self.workspace_gib <= 0:
-            raise ValueError("--workspace must be positive (GiB)")
+            raise InvalidInput("--workspace must be positive (GiB)")
         if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
-            raise ValueError("--optimization-level must be in 0..5")
+            raise InvalidInput("--optimization-level must be in 0..5")
 
 
 def engine_profile(manifest: dict, opts: BuildOptions) -> BatchProfile:
@@ -46,7 +48,7 @@ def engine_profile(manifest: dict, opts: BuildOptions) -> BatchProfile:
     profile = batch_profile(opts.min_batch, opts.opt_batch, opts.max_batch, guidance)
     limit = manifest.get("max_batch")
     if limit is not None and profile.max > limit:
-        raise ValueError(f"the profile's max batch {profile.max} (guidance doubles it) exceeds the "
+        raise InvalidInput(f"the profile's max batch {profile.max} (guidance doubles it) exceeds the "
                          f"bundle's exported max_batch {limit}")
     return profile
 
@@ -57,7 +59,7 @@ def profile_shapes(inputs: dict[str, dict], profile: BatchProfile) -> dict[str, 
     for name, decl in inputs.items():
         dims = decl["shape"]
         if any(not isinstance(d, int) for d in dims[1:]) or isinstance(dims[0], int):
-            raise ValueError(f"input {name!r} must have a symbolic batch axis and static others, got {dims}")
+            raise InvalidInput(f"input {name!r} must have a symbolic batch axis and static others, got {dims}")
         shapes[name] = tuple((b, *dims[1:]) for b in (profile.min, profile.opt, profile.max))
     return shapes
 
@@ -102,7 +104,7 @@ def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), lo
     bundle = read_bundle(bundle_dir)
     if opts.precision not in bundle["models"]:
         how = "edgediff add-precision" if opts.precision == "fp16" else "INT8 calibration"
-        raise ValueError(f"bundle {bundle.path} has no {opts.precision} model (has: {', '.join(bundle['models'])}); "
+        raise InvalidInput(f"bundle {bundle.path} has no {opts.precision} model (has: {', '.join(bundle['models'])}); "
                          f"add it with {how} first")
     onnx_path = bundle.model_path(opts.precision)
     profile = engine_profile(bundle.manifest, opts)

@@ -16,7 +16,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .bundle import sha256_file
+from .files import sha256_file
+from .errors import EdgediffError, InvalidInput
 
 ENGINE_DIR = "engines"
 SIDECAR_SUFFIX = ".json"
@@ -24,7 +25,7 @@ SIDECAR_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-class EngineError(RuntimeError):
+class EngineError(EdgediffError, RuntimeError):
     """No engine, or one that must not run here; the message says what to do."""
 
 
@@ -38,7 +39,7 @@ class BatchProfile:
 
     def __post_init__(self):
         if not 1 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"batch profile needs 1 ≤ min ≤ opt ≤ max, got {self.min}/{self.opt}/{self.max}")
+            raise InvalidInput(f"batch profile needs 1 ≤ min ≤ opt ≤ max, got {self.min}/{self.opt}/{self.max}")
 
     def covers(self, batch: int) -> bool:
         return self.min <= batch <= self.max
@@ -57,7 +58,7 @@ def batch_profile(min_batch: int = 1, opt_batch: int = 8, max_batch: int | None 
     """
     max_batch = opt_batch if max_batch is None else max_batch
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ValueError("need 1 ≤ --min-batch ≤ --opt-batch ≤ --max-batch, "
+        raise InvalidInput("need 1 ≤ --min-batch ≤ --opt-batch ≤ --max-batch, "
                          f"got {min_batch}/{opt_batch}/{max_batch}")
     k = 2 if guidance else 1
     return BatchProfile(min_batch, k * opt_batch, k * max_batch)
@@ -75,12 +76,12 @@ class EngineKey:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def name(self) -> str:
         if self.profile is None:
-            raise ValueError("an engine name needs a batch profile")
+            raise InvalidInput("an engine name needs a batch profile")
         sm = "sm" + self.compute_capability.replace(".", "")
         return f"{self.precision}_{sm}_trt{self.tensorrt_version}_{self.profile.tag()}_{self.onnx_sha256[:12]}.engine"
 
@@ -93,7 +94,7 @@ def sidecar_path(engine: str | Path) -> Path:
 def make_sidecar(key: EngineKey, engine_sha256: str, onnx_file: str, **extra) -> dict:
     """The sidecar written next to an engine; ``extra`` holds informative fields (GPU name...)."""
     if key.profile is None:
-        raise ValueError("a sidecar needs the engine's batch profile")
+        raise InvalidInput("a sidecar needs the engine's batch profile")
     return {"sidecar_version": SIDECAR_VERSION, "precision": key.precision,
             "compute_capability": key.compute_capability, "tensorrt_version": key.tensorrt_version,
             "profile": asdict(key.profile), "onnx_file": onnx_file, "onnx_sha256": key.onnx_sha256,
@@ -185,16 +186,16 @@ def timing_cache_name(compute_capability: str, tensorrt_version: str) -> str:
     return f"timing_sm{compute_capability.replace('.', '')}_trt{tensorrt_version}.cache"
 
 
-def model_digest(manifest: dict, precision: str) -> str:
+def model_digest(manifest, precision: str) -> str:
     """sha256 identifying a bundle's ONNX model of ``precision``, external data included.
 
     Taken from the manifest's file hashes, which ``read_bundle`` verified against the disk.
     """
     import hashlib
 
-    models = manifest["models"]
+    models = manifest.models
     if precision not in models:
         raise EngineError(f"the bundle has no {precision} model (has: {', '.join(models)})")
-    files, rel = manifest["files"], models[precision]
+    files, rel = manifest.files, models[precision]
     data = files.get(rel + ".data")
     return files[rel] if data is None else hashlib.sha256(f"{files[rel]}:{data}".encode()).hexdigest()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import write_atomic
+from .files import write_atomic
+from .errors import InvalidInput
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:
@@ -55,7 +56,7 @@ def save_outputs(manifest: dict, samples: np.ndarray, labels, png=None, npz=None
     latent = manifest.get("space") == "latent"
     if png:
         if latent:
-            raise ValueError("this is a latent-space model: decode the latents (--npz) with its VAE; no PNG grid")
+            raise InvalidInput("this is a latent-space model: decode the latents (--npz) with its VAE; no PNG grid")
         classes = manifest.get("num_classes")
         nrow = min(classes, len(samples)) if labels is not None and classes and classes <= 16 else None
         save_png(png, grid(to_uint8(samples), nrow=nrow), upscale=max(1, 128 // samples.shape[-1]))

@@ -12,6 +12,7 @@ import numpy as np
 
 from .samplers import SAMPLERS, init_noise_sigma, sample
 from .schedules import Schedule
+from .errors import InvalidInput
 
 # Outputs that are predictions linear in the model's guess, hence guided; others (DiT's
 # variance interpolation `v`) are taken from the conditional half.
@@ -29,7 +30,7 @@ class GuidedDenoiser:
         if self.conditional and labels is None:
             labels = np.full(1, self.null if self.null is not None else 0, dtype=np.int64)
         if guidance != 1.0 and (not self.conditional or self.null is None):
-            raise ValueError("guidance needs a class-conditional model with a null label")
+            raise InvalidInput("guidance needs a class-conditional model with a null label")
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.guidance = float(guidance)
 
@@ -86,11 +87,11 @@ def resolve_labels(manifest: dict, n: int, classes: list[int] | None) -> np.ndar
     """Labels for ``n`` samples: the given classes cycled, or every class in turn."""
     if "y" not in manifest["inputs"]:
         if classes:
-            raise ValueError("this bundle's model is unconditional: drop --class/--classes")
+            raise InvalidInput("this bundle's model is unconditional: drop --class/--classes")
         return None
     k = manifest["num_classes"]
     classes = list(classes) if classes else list(range(k))
     bad = [c for c in classes if not 0 <= c < k]
     if bad:
-        raise ValueError(f"class label(s) {bad} out of range: the model has classes 0..{k - 1}")
+        raise InvalidInput(f"class label(s) {bad} out of range: the model has classes 0..{k - 1}")
     return np.resize(np.asarray(classes, dtype=np.int64), n)

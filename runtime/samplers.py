@@ -28,6 +28,7 @@ import numpy as np
 from .schedules import Schedule, spaced_timesteps
 from .solvers import (call, eps_of, noise_source, outputs, report, sample_dpm_solver,
                       sample_dpmpp_2m, sample_euler, sample_heun, sigma_grid)
+from .errors import InvalidInput
 
 __all__ = ["SAMPLERS", "SAMPLER_SCHEDULES", "INIT_NOISE_SIGMA_TABLE", "sample", "init_noise_sigma",
            "sample_ddpm", "sample_ddim", "sample_ddm", "sample_euler_maruyama",
@@ -71,7 +72,7 @@ def sample_ddpm(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     """
     schedule.require("discrete")
     if variance not in ("fixed_small", "fixed_large", "learned_range"):
-        raise ValueError("variance must be fixed_small, fixed_large or learned_range, "
+        raise InvalidInput("variance must be fixed_small, fixed_large or learned_range, "
                          f"got {variance!r}")
     ts = spaced_timesteps(schedule.num_train_timesteps, steps, timestep_spacing, steps_offset)
     ac = schedule.alphas_cumprod
@@ -153,7 +154,7 @@ def sample_ddm(denoise, x, schedule: Schedule, steps: int, noise=None, *, stocha
     """
     schedule.require("ddm_constant")
     if steps < 2:
-        raise ValueError("ddm needs steps >= 2 (the official grid divides by steps - 1)")
+        raise InvalidInput("ddm needs steps >= 2 (the official grid divides by steps - 1)")
     grid = schedule.t_max + np.arange(steps) / (steps - 1) * (schedule.t_min - schedule.t_max)
     grid = np.append(grid, 0.0)
     draw = noise_source(noise, x.dtype)
@@ -223,7 +224,7 @@ _PARAMS = {name: frozenset(inspect.signature(fn).parameters) for name, fn in SAM
 def _options(name, schedule: Schedule, options):
     """Schedule-config defaults the sampler accepts, overridden by explicit options."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
+        raise InvalidInput(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
     merged = {k: v for k, v in schedule.sampler_defaults.items() if k in _PARAMS[name]}
     merged.update(options)
     return merged

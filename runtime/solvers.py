@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .schedules import Schedule, spaced_timesteps
+from .errors import InvalidInput
 
 __all__ = ["sample_dpmpp_2m", "sample_euler", "sample_heun", "sample_dpm_solver",
            "noise_source", "outputs", "eps_of", "sigma_grid"]
@@ -33,7 +34,7 @@ def noise_source(noise, dtype):
     dtype = np.dtype(dtype)
     if noise is None:
         def missing(i, shape):
-            raise ValueError("this sampler is stochastic: pass noise=np.random.Generator or "
+            raise InvalidInput("this sampler is stochastic: pass noise=np.random.Generator or "
                              "a callable noise(i, shape)")
         return missing
     if isinstance(noise, np.random.Generator):
@@ -44,7 +45,7 @@ def noise_source(noise, dtype):
         def from_callable(i, shape):
             z = np.asarray(noise(i, shape), dtype=dtype)
             if z.shape != tuple(shape):
-                raise ValueError(f"noise({i}, {tuple(shape)}) returned shape {z.shape}")
+                raise InvalidInput(f"noise({i}, {tuple(shape)}) returned shape {z.shape}")
             return z
         return from_callable
     raise TypeError("noise must be None, a numpy Generator or a callable noise(i, shape)")
@@ -69,7 +70,7 @@ def outputs(out, x, names):
         return [np.asarray(out[n]) for n in names]
     if isinstance(out, (tuple, list)):
         if len(out) < len(names):
-            raise ValueError(f"denoiser returned {len(out)} outputs, need {names}")
+            raise InvalidInput(f"denoiser returned {len(out)} outputs, need {names}")
         return [np.asarray(o) for o in out[:len(names)]]
     out = np.asarray(out)
     c = x.shape[1]
@@ -79,7 +80,7 @@ def outputs(out, x, names):
         parts = [out[:, k * c:(k + 1) * c] for k in range(out.shape[1] // c)]
         if len(parts) >= len(names):  # learned-sigma eps|v: eps-only samplers keep eps
             return parts[:len(names)]
-    raise ValueError(f"denoiser output of shape {out.shape} does not give {names} for x {x.shape}")
+    raise InvalidInput(f"denoiser output of shape {out.shape} does not give {names} for x {x.shape}")
 
 
 def eps_of(out, x):
@@ -104,7 +105,7 @@ def _final_sigma(schedule: Schedule, final_sigmas_type: str) -> float:
         return 0.0
     if final_sigmas_type == "sigma_min":
         return float(schedule.sigmas[0])
-    raise ValueError(f"final_sigmas_type must be zero or sigma_min, got {final_sigmas_type!r}")
+    raise InvalidInput(f"final_sigmas_type must be zero or sigma_min, got {final_sigmas_type!r}")
 
 
 # --- DPM-Solver++(2M) ------------------------------------------------------------------
@@ -120,7 +121,7 @@ def sample_dpmpp_2m(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     """
     schedule.require("discrete")
     if solver_order not in (1, 2) or solver_type not in ("midpoint", "heun"):
-        raise ValueError("dpmpp_2m supports solver_order 1|2 and solver_type midpoint|heun")
+        raise InvalidInput("dpmpp_2m supports solver_order 1|2 and solver_type midpoint|heun")
     ts = spaced_timesteps(schedule.num_train_timesteps, steps, timestep_spacing, steps_offset,
                           extended=True)
     n = len(ts)
@@ -220,7 +221,7 @@ def _fast_orders(steps: int, order: int):
         return [3] * (k - len(tail)) + tail
     if order == 2:
         return [2] * (steps // 2) + [1] * (steps % 2)
-    raise ValueError("dpm_solver order must be 2 or 3 for the fast methods")
+    raise InvalidInput("dpm_solver order must be 2 or 3 for the fast methods")
 
 
 def _time_grid(schedule, skip_type, t_start, t_end, n):
@@ -229,7 +230,7 @@ def _time_grid(schedule, skip_type, t_start, t_end, n):
         return schedule.inverse_lambda(lam)
     if skip_type == "time_uniform":
         return np.linspace(t_start, t_end, n + 1)
-    raise ValueError(f"skip_type must be logSNR or time_uniform, got {skip_type!r}")
+    raise InvalidInput(f"skip_type must be logSNR or time_uniform, got {skip_type!r}")
 
 
 def _dpm_plan(schedule, steps, method, order, skip_type, t_start, t_end):
@@ -250,7 +251,7 @@ def _dpm_plan(schedule, steps, method, order, skip_type, t_start, t_end):
     elif method == "singlestep":
         orders = [order] * (steps // order)
     else:
-        raise ValueError(f"dpm_solver method must be fast, fast_grid or singlestep, got {method!r}")
+        raise InvalidInput(f"dpm_solver method must be fast, fast_grid or singlestep, got {method!r}")
     grid = _time_grid(schedule, skip_type, t_start, t_end, len(orders))
     plan = []
     for i, k in enumerate(orders):
@@ -297,7 +298,7 @@ def sample_dpm_solver(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     skip_type = skip_type or ("logSNR" if method == "fast" else "time_uniform")
     t_end = schedule.t_min if t_end is None else t_end
     if algorithm not in ("dpmsolver", "dpmsolver++"):
-        raise ValueError(f"algorithm must be dpmsolver or dpmsolver++, got {algorithm!r}")
+        raise InvalidInput(f"algorithm must be dpmsolver or dpmsolver++, got {algorithm!r}")
     data_pred = algorithm == "dpmsolver++"
     plan = _dpm_plan(schedule, steps, method, order, skip_type, t_start, t_end)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendError, validate_feed
+from .base import Backend, BackendError, RunOptions
 
 # Execution providers in order of preference, when the installed onnxruntime has them.
 _PREFERRED = {"cpu": ["CPUExecutionProvider"],
@@ -31,38 +31,40 @@ def _session(path: Path, device: str, threads: int | None):
         raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
-class OrtBackend:
-    """``infer(feed) -> outputs`` over an ONNX file, validated against declared inputs."""
+class OrtBackend(Backend):
+    """ONNX Runtime over an ONNX file: one session, reused for every call."""
 
     name = "ort"
 
     def __init__(self, model_path: str | Path, inputs: dict[str, dict], outputs: list[str],
-                 device: str = "cpu", threads: int | None = None):
+                 device: str = "cpu", threads: int | None = None, graph_outputs: dict | None = None):
+        super().__init__(inputs, outputs, graph_outputs)
         if device not in _PREFERRED:
             raise BackendError(f"unknown ORT device {device!r}; choose from {', '.join(_PREFERRED)}")
-        self.inputs = inputs
-        self.outputs = list(outputs)
         self.device = device
         self.session = _session(Path(model_path), device, threads)
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        validate_feed(feed, self.inputs)
+    @classmethod
+    def from_bundle(cls, bundle, precision: str, options: RunOptions) -> "OrtBackend":
+        m = bundle.manifest
+        return cls(bundle.model_path(precision), m.inputs, m.output_names, device=options.device,
+                   threads=options.threads, graph_outputs=m.graph_outputs)
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.device == "cpu":
-            return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+            return self.session.run(self.graph_names, feed)
         return self._infer_bound(feed)
 
-    def _infer_bound(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_bound(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """GPU providers: bind inputs once per call and let outputs live on the device until
         one copy back, instead of ORT's per-output staging through pinned host memory."""
         binding = self.session.io_binding()
         for name, arr in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(arr))
-        for name in self.outputs:
+        for name in self.graph_names:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
-        return dict(zip(self.outputs, binding.copy_outputs_to_cpu()))
+        return binding.copy_outputs_to_cpu()
 
-
-def from_bundle(bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> OrtBackend:
-    return OrtBackend(bundle.model_path(precision), bundle.manifest["inputs"], bundle.output_names,
-                      device=device, threads=threads)
+    def close(self) -> None:
+        self.session = None

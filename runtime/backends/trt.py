@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..engines import EngineError, EngineKey, model_digest, select_engine
-from .base import BackendError, validate_feed
+from .base import Backend, BackendError, RunOptions
 
 MIN_TENSORRT = (10, 12)
 MISSING_TENSORRT = ("TensorRT is not installed: pip install 'edgediff[gpu]' (TensorRT ≥ 10.12 and "
@@ -64,15 +64,16 @@ def device_info(device: int = 0) -> dict:
     return {"compute_capability": f"{props.major}.{props.minor}", "name": name.rstrip("\x00")}
 
 
-class TrtBackend:
-    """``infer(feed) -> outputs`` over a deserialised engine; one execution context."""
+class TrtBackend(Backend):
+    """A deserialised TensorRT engine with one execution context."""
 
     name = "trt"
 
     def __init__(self, engine_path, sidecar: dict, inputs: dict[str, dict], outputs: list[str],
-                 device: int = 0, cuda_graph: bool = False):
+                 device: int = 0, cuda_graph: bool = False, graph_outputs: dict | None = None):
+        super().__init__(inputs, outputs, graph_outputs)
         trt = import_tensorrt()
-        self.rt, self.inputs, self.outputs = cudart(), inputs, list(outputs)
+        self.rt = cudart()
         self.min_batch, self.max_batch = sidecar["profile"]["min"], sidecar["profile"]["max"]
         self.buffers, self.graphs, self.batch = {}, ({} if cuda_graph else None), None
         cuda_call(self.rt.cudaSetDevice(device))
@@ -95,7 +96,7 @@ class TrtBackend:
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
             tensors[name] = (dtype, tuple(self.engine.get_tensor_shape(name))[1:], is_input)
-        want_in, want_out = set(self.inputs), set(self.outputs)
+        want_in, want_out = set(self.inputs), set(self.graph_names)
         got_in = {n for n, (_, _, is_in) in tensors.items() if is_in}
         if got_in != want_in or set(tensors) - got_in != want_out:
             raise BackendError(f"engine I/O {sorted(tensors)} does not match the bundle's "
@@ -150,8 +151,23 @@ class TrtBackend:
         finally:
             cuda_call(rt.cudaGraphDestroy(graph))
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = validate_feed(feed, self.inputs)
+    @classmethod
+    def from_bundle(cls, bundle, precision: str, options: RunOptions) -> "TrtBackend":
+        """The engine of ``precision`` built for this GPU and TensorRT whose profile covers
+        ``options.max_batch`` (the engine batch: 2× the sample batch under guidance)."""
+        trt = import_tensorrt()
+        info = device_info(options.gpu)
+        want = EngineKey(precision, info["compute_capability"], trt.__version__,
+                         model_digest(bundle.manifest, precision))
+        try:
+            path, sidecar = select_engine(bundle.path, want, options.max_batch)
+        except EngineError as exc:
+            raise BackendError(str(exc)) from None
+        m = bundle.manifest
+        return cls(path, sidecar, m.inputs, m.output_names, options.gpu, options.cuda_graph, m.graph_outputs)
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batch = feed["x"].shape[0]
         self._set_batch(batch)
         rt, h2d = self.rt, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         staged = {n: np.ascontiguousarray(feed[n]) for n in self.inputs}   # alive until synchronised
@@ -159,13 +175,13 @@ class TrtBackend:
             cuda_call(rt.cudaMemcpyAsync(self.buffers[name], arr.ctypes.data, arr.nbytes, h2d, self.stream))
         self._enqueue(batch)
         out, d2h = {}, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name in self.outputs:
+        for name in self.graph_names:
             dtype, row, _ = self.tensors[name]
             out[name] = np.empty((batch, *row), dtype=dtype)
             cuda_call(rt.cudaMemcpyAsync(out[name].ctypes.data, self.buffers[name], out[name].nbytes, d2h,
                                          self.stream))
         cuda_call(rt.cudaStreamSynchronize(self.stream))
-        return {n: (a if a.dtype == np.float32 else a.astype(np.float32)) for n, a in out.items()}
+        return [a if a.dtype == np.float32 else a.astype(np.float32) for a in out.values()]
 
     def close(self) -> None:
         """Free graphs, buffers and the stream (also on garbage collection)."""
@@ -185,18 +201,3 @@ class TrtBackend:
             self.close()
         except Exception:          # interpreter shutdown: CUDA may already be gone
             pass
-
-
-def from_bundle(bundle, precision: str = "fp16", device: int = 0, cuda_graph: bool = False,
-                batch: int | None = None) -> TrtBackend:
-    """The backend for ``bundle``'s engine of ``precision`` on this GPU; ``batch`` is the
-    largest engine batch the caller will feed (2× the sample batch under guidance)."""
-    trt = import_tensorrt()
-    info = device_info(device)
-    want = EngineKey(precision, info["compute_capability"], trt.__version__,
-                     model_digest(bundle.manifest, precision))
-    try:
-        path, sidecar = select_engine(bundle.path, want, batch)
-    except EngineError as exc:
-        raise BackendError(str(exc)) from None
-    return TrtBackend(path, sidecar, bundle.manifest["inputs"], bundle.output_names, device, cuda_graph)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from edgediff.runtime.bundle import sha256_file, write_json_atomic
+from edgediff.runtime.files import sha256_file, write_json_atomic
 from edgediff.runtime.engines import (BatchProfile, EngineError, EngineKey, batch_profile, incompatibility,
                                       make_sidecar, model_digest, read_sidecar, select_engine, sidecar_path,
                                       timing_cache_name)

@@ -12,7 +12,8 @@ import pytest
 
 from edgediff.runtime.backends import trt as trt_backend
 from edgediff.runtime.backends.base import BackendError
-from edgediff.runtime.bundle import Bundle, sha256_file, write_json_atomic
+from edgediff.runtime.bundle import Bundle
+from edgediff.runtime.files import sha256_file, write_json_atomic
 from edgediff.runtime.engines import BatchProfile, EngineKey, make_sidecar, sidecar_path
 
 OK = (0,)

@@ -1,0 +1,204 @@
+"""The typed ``bundle.json``: one :class:`Manifest`, read and validated once by the bundle
+reader, written by the exporter. Defaults live here and nowhere else; code outside this
+module reads attributes, never raw ``manifest["..."]`` keys.
+
+Schema 2 adds ``sampling`` (the model's recommended sampler, steps and guidance) and names
+DiT's variance-interpolation output ``var`` (schema 1 called it ``v``, easily mistaken for
+v-prediction); schema-1 bundles are read with that output renamed on the fly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidInput
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
+DTYPES = ("float32", "float16", "int64", "int32")
+SPACES = ("pixel", "latent")
+LEGACY_OUTPUTS = {1: {"v": "var"}}          # schema -> {name in the graph: name in edgediff}
+
+
+class ManifestError(InvalidInput):
+    """A bundle.json that is malformed."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Recommended sampling defaults, used when the user gives none."""
+
+    sampler: str | None = None          # None: the schedule kind's usual sampler
+    steps: int = 20
+    guidance: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Sampling":
+        d = _mapping(d or {}, "sampling")
+        _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "sampling")
+        out = cls(**d)
+        if out.sampler is not None and not isinstance(out.sampler, str):
+            raise ManifestError(f"sampling.sampler must be a string, got {out.sampler!r}")
+        _positive_int(out.steps, "sampling.steps")
+        _finite(out.guidance, "sampling.guidance")
+        return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything ``bundle.json`` says about a bundle."""
+
+    family: str
+    config: dict
+    inputs: dict                        # name -> {"dtype", "shape"} (batch symbolic)
+    outputs: dict                       # name -> {"dtype", "shape"}, names as edgediff uses them
+    prediction: str
+    time: dict
+    schedule: dict
+    sample_shape: tuple
+    models: dict                        # precision -> relative ONNX path
+    files: dict = field(default_factory=dict)   # relative path -> sha256
+    num_classes: int | None = None
+    null_label: int | None = None
+    space: str = "pixel"
+    extra: dict = field(default_factory=dict)
+    sampling: Sampling = field(default_factory=Sampling)
+    max_batch: int | None = None
+    opset: int | None = None
+    source: dict = field(default_factory=dict)
+    tools: dict = field(default_factory=dict)
+    created: str | None = None
+    parity: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    graph_outputs: dict = field(default_factory=dict)   # edgediff name -> graph name where they differ
+
+    @property
+    def conditional(self) -> bool:
+        return "y" in self.inputs
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.outputs)
+
+    @property
+    def source_sha256(self) -> str | None:
+        return self.source.get("sha256")
+
+    def option(self, key: str, default=None):
+        """A family-specific fact from ``extra`` (variance, clip_sample, cfg_scale ...)."""
+        return self.extra.get(key, default)
+
+    def replace(self, **changes) -> "Manifest":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("graph_outputs")
+        d["sample_shape"] = list(self.sample_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "bundle.json") -> "Manifest":
+        try:
+            return cls._parse(_mapping(d, "the manifest"))
+        except ManifestError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+
+    @classmethod
+    def _parse(cls, d: dict) -> "Manifest":
+        known = {f.name for f in dataclasses.fields(cls)} - {"graph_outputs"}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ManifestError(f"lacks required key(s): {', '.join(missing)}")
+        version = d.get("schema_version", SCHEMA_VERSION)
+        if version not in READABLE_SCHEMAS:
+            raise ManifestError(f"has schema version {version!r}; this edgediff reads {READABLE_SCHEMAS}")
+        kw = {k: v for k, v in d.items() if k in known}
+        for key in ("config", "inputs", "outputs", "time", "schedule", "models", "files", "extra",
+                    "source", "tools", "parity", "precision"):
+            if key in kw:
+                kw[key] = _mapping(kw[key] if kw[key] is not None else {}, key)
+        kw["sampling"] = Sampling.from_dict(d.get("sampling"))
+        kw["sample_shape"] = _shape(d["sample_shape"])
+        _check_io(kw["inputs"], "inputs")
+        _check_io(kw["outputs"], "outputs")
+        kw["outputs"], kw["graph_outputs"] = _rename_legacy(kw["outputs"], version)
+        _check_labels(kw.get("num_classes"), kw.get("null_label"), "y" in kw["inputs"])
+        if kw.get("space", "pixel") not in SPACES:
+            raise ManifestError(f"space must be one of {SPACES}, got {kw['space']!r}")
+        for rel in (*kw["models"].values(), *kw.get("files", {})):
+            _relative(rel)
+        return cls(**kw)
+
+
+# --- validation helpers --------------------------------------------------------------------
+def _mapping(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ManifestError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _no_unknown(d: dict, known: set, what: str) -> None:
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ManifestError(f"{what} has unknown key(s): {', '.join(unknown)}")
+
+
+def _positive_int(value, what: str, limit: int = 1 << 20) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise ManifestError(f"{what} must be an integer in 1..{limit}, got {value!r}")
+    return value
+
+
+def _finite(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ManifestError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _shape(value) -> tuple:
+    if not isinstance(value, list) or len(value) != 3:
+        raise ManifestError(f"sample_shape must be a list [C, H, W], got {value!r}")
+    shape = tuple(_positive_int(v, "sample_shape entries", 1 << 14) for v in value)
+    if shape[0] * shape[1] * shape[2] > 1 << 26:
+        raise ManifestError(f"sample_shape {list(shape)} is implausibly large")
+    return shape
+
+
+def _check_io(io: dict, what: str) -> None:
+    for name, decl in io.items():
+        if not isinstance(decl, dict) or decl.get("dtype") not in DTYPES or not isinstance(decl.get("shape"), list):
+            raise ManifestError(f"bad {what} declaration for {name!r}: {decl!r}")
+
+
+def _rename_legacy(outputs: dict, version: int) -> tuple[dict, dict]:
+    renames = {old: new for old, new in LEGACY_OUTPUTS.get(version, {}).items() if old in outputs}
+    return ({renames.get(k, k): v for k, v in outputs.items()},
+            {new: old for old, new in renames.items()})
+
+
+def _check_labels(num_classes, null_label, conditional: bool) -> None:
+    if not conditional:
+        return
+    k = _positive_int(num_classes, "num_classes")
+    if null_label is not None and (isinstance(null_label, bool) or not isinstance(null_label, int)
+                                   or not 0 <= null_label <= k):
+        raise ManifestError(f"null_label must be an integer in 0..{k}, got {null_label!r}")
+
+
+def _relative(rel) -> None:
+    """Every path the manifest names stays inside the bundle."""
+    from pathlib import PurePosixPath
+
+    p = PurePosixPath(rel) if isinstance(rel, str) else None
+    if p is None or p.is_absolute() or ".." in p.parts or "\\" in rel or not rel:
+        raise ManifestError(f"path {rel!r} must be relative and inside the bundle")
