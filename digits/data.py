@@ -76,6 +76,13 @@ def load(fraction: float = HELD_OUT, seed: int = SPLIT_SEED) -> Digits:
 # Official constructor keyword arguments of each family at 16×16, one channel, ten classes
 # plus the null label (index 10) for classifier-free guidance. Sized to train on 2 CPU
 # cores in under ten minutes and to stay under 5 MB of FP32 weights.
+# Recommended sampling recorded in each digits bundle (what `edgediff generate` and the judge
+# use when given none): the settings the README's quality table measured best.
+DIGITS_SAMPLING: dict[str, dict] = {
+    "ddpm": {"guidance": 2.0}, "uvit": {"guidance": 2.0}, "dit": {"guidance": 2.0},
+    "ddm": {"guidance": 1.25, "steps": 20},
+}
+
 DIGITS_CONFIGS: dict[str, dict] = {
     # diffusers UNet2DModel: the last class embedding row is the null label; attention at 4×4.
     "ddpm": {

@@ -14,6 +14,9 @@ from pathlib import Path
 from edgediff.digits import judge as rt_judge
 from edgediff.runtime.bundle import BundleError, read_bundle
 from edgediff.runtime.files import sha256_file
+from edgediff.runtime.manifest import Sampling
+
+from .data import DIGITS_SAMPLING
 from edgediff.runtime.errors import InvalidInput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -36,12 +39,13 @@ def ensure_bundle(family: str, out: str | Path, log=print) -> Path:
     src, out = shipped(family), Path(out)
     weights = src / "model.safetensors"
     try:
-        if read_bundle(out).manifest["source"]["sha256"] == sha256_file(weights):
+        m = read_bundle(out).manifest
+        if m.source_sha256 == sha256_file(weights) and m.sampling == Sampling(**DIGITS_SAMPLING[family]):
             return out
     except (BundleError, FileNotFoundError, KeyError, OSError):
         pass                    # missing, partial or foreign: export afresh
     config = json.loads((src / "config.json").read_text())
-    export_bundle(family, config, out, checkpoint=weights, log=log)
+    export_bundle(family, config, out, checkpoint=weights, sampling=DIGITS_SAMPLING[family], log=log)
     return out
 
 
@@ -54,8 +58,9 @@ class DemoResult:
 
 
 def run_demo(family: str = DEFAULT_FAMILY, cache: str | Path = "build", png: str | Path = "demo.png",
-             steps: int = 20, guidance: float | None = None, seed: int = 0, log=print) -> DemoResult:
-    """Export (if needed), sample ten of each class with the default sampler, write the grid."""
+             steps: int | None = None, guidance: float | None = None, seed: int = 0, log=print) -> DemoResult:
+    """Export (if needed), sample ten of each class with the bundle's recommended sampling
+    (or the given steps/guidance), write the grid."""
     from edgediff.runtime.backends import load_backend
     from edgediff.runtime.images import save_outputs
 
@@ -64,6 +69,6 @@ def run_demo(family: str = DEFAULT_FAMILY, cache: str | Path = "build", png: str
     backend = load_backend(bundle, "ort", "fp32")
     result, samples = rt_judge.judge_backend(backend, bundle.manifest, per_class=10, steps=steps,
                                              guidance=guidance, seed=seed, batch=100)
-    labels = rt_judge.class_order_labels(10, bundle.manifest["num_classes"])
+    labels = rt_judge.class_order_labels(10, bundle.manifest.num_classes)
     save_outputs(bundle.manifest, samples, labels, png=png)
     return DemoResult(bundle.path, Path(png), result, time.perf_counter() - start)

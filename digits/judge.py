@@ -130,36 +130,21 @@ def judge(images: np.ndarray, labels: np.ndarray, weights: dict | None = None) -
 
 
 # --- judging a bundle or an archive of samples ---------------------------------------------
-DEFAULT_GUIDANCE = 2.0      # classifier-free guidance w the digits models are judged at
-# DDM's official deterministic sampler clamps x0 to [-1, 1] but steps on with the unclamped
-# c; guidance that extrapolates x0 past the clamp then drifts (w = 2 ruins the digits), so
-# the decoupled model is guided gently.
-DDM_CLIPPED_GUIDANCE = 1.25
-
-
-def default_guidance(manifest: dict) -> float:
-    schedule = manifest.get("schedule", {})
-    if schedule.get("type") == "ddm_constant" and schedule.get("clip_sample", True):
-        return DDM_CLIPPED_GUIDANCE
-    return DEFAULT_GUIDANCE
-
-
 def class_order_labels(per_class: int, classes: int = 10) -> np.ndarray:
     """0,0,...,1,1,...: ``per_class`` of each class in class order (one grid row per class)."""
     return np.repeat(np.arange(classes, dtype=np.int64), per_class)
 
 
-def judge_backend(backend, manifest: dict, per_class: int = 100, *, sampler: str | None = None,
-                  steps: int = 20, guidance: float | None = None, seed: int = 0, batch: int = 250,
+def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | None = None,
+                  steps: int | None = None, guidance: float | None = None, seed: int = 0, batch: int = 250,
                   **options):
     """Generate ``per_class`` samples of every class and judge them: (JudgeResult, samples).
-    ``options`` go to the sampler (e.g. ``stochastic=True`` for ``ddm``)."""
+    Unset sampler/steps/guidance: the bundle's recommended ones. ``options`` go to the sampler."""
     from edgediff.runtime.pipeline import generate
 
-    if not manifest.get("num_classes"):
+    if not manifest.conditional:
         raise InvalidInput("the digits judge needs a class-conditional model")
-    labels = class_order_labels(per_class, manifest["num_classes"])
-    guidance = default_guidance(manifest) if guidance is None else guidance
+    labels = class_order_labels(per_class, manifest.num_classes)
     gen = generate(backend, manifest, len(labels), sampler=sampler, steps=steps, batch=batch,
                    labels=labels, guidance=guidance, seed=seed, **options)
     return judge(gen.samples, labels), gen.samples
@@ -180,11 +165,11 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return data["images"], data["labels"]
 
 
-def evaluate(source: str | Path, *, per_class: int = 100, sampler: str | None = None, steps: int = 20,
+def evaluate(source: str | Path, *, per_class: int = 100, sampler: str | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, backend: str = "ort",
              precision: str = "fp32") -> JudgeResult:
-    """Judge a samples archive (.npz), or a bundle's samples generated here (guidance None:
-    :func:`default_guidance`)."""
+    """Judge a samples archive (.npz), or a bundle's samples generated here (unset sampling
+    choices: the bundle's recommended ones)."""
     source = Path(source)
     if source.is_file():
         return judge(*read_samples(source))

@@ -132,7 +132,7 @@ def objective_for(family: str, spec) -> callable:
     """The loss a family trains with, given its ModelSpec (for the schedule)."""
     if family in ("ddpm", "uvit", "dit"):
         sched = DiscreteSchedule(spec.schedule)
-        return hybrid_loss(sched) if "v" in spec.outputs else epsilon_loss(sched)   # v: DiT's learned sigma
+        return hybrid_loss(sched) if "var" in spec.outputs else epsilon_loss(sched)   # var: DiT's learned sigma
     if family == "ddm":
         return ddm_loss(eps=float(spec.schedule.get("eps", 1e-4)))
     raise InvalidInput(f"no training objective for family {family!r}")

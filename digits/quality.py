@@ -16,41 +16,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from edgediff.digits import judge as rt_judge
-from edgediff.runtime.pipeline import DEFAULT_SAMPLER
+from edgediff.export.reference import TorchBackend, build_reference, manifest_for
+from edgediff.runtime.manifest import Sampling
+from edgediff.runtime.samplers import DEFAULT_SAMPLER
 from edgediff.runtime.schedules import Schedule
 
 from . import data as digits
 
-# The 1000-step reference sampler per schedule kind: ancestral DDPM, or DDM's stochastic one.
-LONG_SAMPLER = {"discrete": ("ddpm", {}), "ddm_constant": ("ddm", {"stochastic": True})}
-
-
-class TorchBackend:
-    """``infer(feed) -> {name: array}`` over an export-view module, named by a manifest."""
-
-    def __init__(self, module: torch.nn.Module, manifest: dict):
-        self.module = module.eval()
-        self.inputs, self.outputs = list(manifest["inputs"]), list(manifest["outputs"])
-
-    @torch.inference_mode()
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.inputs))
-        return {n: o.numpy() for n, o in zip(self.outputs, outs)}
-
-
-def manifest_of(spec) -> dict:
-    """The fields of bundle.json that ``pipeline.generate`` reads, from a ModelSpec."""
-    return {"inputs": list(spec.inputs), "outputs": list(spec.outputs), "schedule": spec.schedule,
-            "sample_shape": list(spec.sample_shape), "num_classes": spec.num_classes,
-            "null_label": spec.null_label, "space": spec.space, "extra": spec.extra}
+# The 1000-step reference sampler per schedule kind: ancestral DDPM, or DDM's own (stochastic).
+LONG_SAMPLER = {"discrete": "ddpm", "ddm_constant": "ddm"}
 
 
 def load_trained(path: str | Path):
     """(family name, config, export-view module, spec) from a training output directory."""
-    from edgediff.export.bundle import build_reference
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
@@ -97,19 +77,18 @@ def table(families, per_class: int, long_per_class: int, guidance: float | None,
     for fam in families:
         bundle = read_bundle(ensure_bundle(fam, cache / f"digits-{fam}", log=lambda m: None))
         backend = load_backend(bundle, "ort", "fp32")
-        kind = Schedule.from_config(bundle.manifest["schedule"]).kind
+        kind = Schedule.from_config(bundle.manifest.schedule).kind
         default = DEFAULT_SAMPLER[kind]
-        long_name, long_opts = LONG_SAMPLER[kind]
-        w = rt_judge.default_guidance(bundle.manifest) if guidance is None else guidance
-        runs = [(default, 20, 1.0, per_class, {}), (default, 20, w, per_class, {}),
-                (default, 20, w, long_per_class, {}), (long_name, 1000, w, long_per_class, long_opts)]
-        for sampler, steps, w, n, opts in runs:
+        long_name = LONG_SAMPLER[kind]
+        w = bundle.manifest.sampling.guidance if guidance is None else guidance
+        runs = [(default, 20, 1.0, per_class), (default, 20, w, per_class),
+                (default, 20, w, long_per_class), (long_name, 1000, w, long_per_class)]
+        for sampler, steps, w, n in runs:
             start = time.perf_counter()
             labels = rt_judge.class_order_labels(n)
             result, samples = rt_judge.judge_backend(backend, bundle.manifest, n, sampler=sampler, steps=steps,
-                                                     guidance=w, batch=200, **opts)
-            label = sampler + (" (stochastic)" if opts.get("stochastic") else "")
-            rows.append(_row(fam, label, steps, w, result, outside.accuracy(samples, labels),
+                                                     guidance=w, batch=200)
+            rows.append(_row(fam, sampler, steps, w, result, outside.accuracy(samples, labels),
                              time.perf_counter() - start))
             print(rows[-1], flush=True)
     held = rt_judge.load_judge()
@@ -119,10 +98,15 @@ def table(families, per_class: int, long_per_class: int, guidance: float | None,
     return rows
 
 
-def check(path: str | Path, per_class: int, sampler: str | None, steps: int, guidance: float | None):
+def trained_manifest(family_name: str, config: dict, spec):
+    """The in-memory manifest of a digits model, with the digits' recommended sampling."""
+    return manifest_for(family_name, spec, config, Sampling(**digits.DIGITS_SAMPLING.get(family_name, {})))
+
+
+def check(path: str | Path, per_class: int, sampler: str | None, steps: int | None, guidance: float | None):
     """Judge a training output directory through PyTorch (no ONNX export)."""
-    _, _, module, spec = load_trained(path)
-    manifest = manifest_of(spec)
-    result, _ = rt_judge.judge_backend(TorchBackend(module, manifest), manifest, per_class,
+    family_name, config, module, spec = load_trained(path)
+    manifest = trained_manifest(family_name, config, spec)
+    result, _ = rt_judge.judge_backend(TorchBackend.from_spec(module, spec), manifest, per_class,
                                        sampler=sampler, steps=steps, guidance=guidance)
     return result

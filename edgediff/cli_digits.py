@@ -11,7 +11,7 @@ import json
 import click
 
 from edgediff.digits.data import DIGITS_CONFIGS
-from edgediff.digits.judge import DDM_CLIPPED_GUIDANCE, DEFAULT_GUIDANCE, JUDGE_PATH
+from edgediff.digits.judge import JUDGE_PATH
 from edgediff.runtime.samplers import SAMPLERS
 
 FAMILY_NAMES = tuple(DIGITS_CONFIGS)
@@ -23,8 +23,7 @@ FAMILY_NAMES = tuple(DIGITS_CONFIGS)
 @click.option("--out", default="demo.png", show_default=True, type=click.Path(dir_okay=False), help="PNG grid.")
 @click.option("--cache", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Where the exported bundle is kept (build/digits-FAMILY).")
-@click.option("--guidance", type=float, help=f"Guidance scale w (default: {DEFAULT_GUIDANCE:g}; "
-              f"{DDM_CLIPPED_GUIDANCE:g} for ddm).")
+@click.option("--guidance", type=float, help="Guidance scale w (default: the bundle's recommended one).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the only noise source.")
 def demo(family, out, cache, guidance, seed):
     """Export the embedded digits model, draw ten of each class on ONNX Runtime, judge them."""
@@ -40,10 +39,9 @@ def demo(family, out, cache, guidance, seed):
 @click.command()
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the schedule's usual one).")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampler steps.")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2), help="Samples per class.")
-@click.option("--guidance", type=float, help=f"Guidance scale w (default: {DEFAULT_GUIDANCE:g}; "
-              f"{DDM_CLIPPED_GUIDANCE:g} for ddm).")
+@click.option("--guidance", type=float, help="Guidance scale w (default: the bundle's recommended one).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the only noise source.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
@@ -79,7 +77,7 @@ def train_digits(family, out, steps, seed, threads):
 @digits.command("check")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the schedule's usual one).")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampler steps.")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the model's recommended).")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2), help="Samples per class.")
 @click.option("--guidance", type=float, help="Guidance scale w (default: the model's recommended one).")
 def check(path, sampler, steps, per_class, guidance):

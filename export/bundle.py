@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from edgediff.runtime.bundle import MANIFEST, finalize_manifest, io_spec
+from edgediff.runtime.bundle import MANIFEST, finalize_manifest
+from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, staged_dir, write_json_atomic
+from edgediff.runtime.manifest import Manifest, Sampling
 from edgediff.runtime.parity import ParityResult
 
-from .models import get_family
-from .models.common import load_strict, read_checkpoint
 from .onnx_export import export_onnx, validate
-from edgediff.runtime.errors import EdgediffError
+from .reference import build_reference, manifest_for
 
 
 class ParityError(EdgediffError, RuntimeError):
@@ -24,7 +24,7 @@ class ParityError(EdgediffError, RuntimeError):
 @dataclass
 class ExportResult:
     path: Path
-    manifest: dict
+    manifest: Manifest
     parity: ParityResult
     num_params: int
 
@@ -39,33 +39,34 @@ def tool_versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def build_reference(family_name: str, config: dict, checkpoint: str | Path | None = None):
-    """The PyTorch export view of a family, with the checkpoint loaded strictly if given."""
-    family = get_family(family_name)
-    module = family.build(config)
-    if checkpoint is not None:
-        load_strict(family.official(module), read_checkpoint(checkpoint), label=family.name)
-    return family, module.eval()
+def recommended_sampling(family_name: str, spec, overrides: dict | None = None) -> Sampling:
+    """What ``generate`` uses when the user names no sampler, steps or guidance: the
+    official recipes' guidance (DiT's sample.py cfg-scale 4; U-ViT's ``cfg_scale`` s, which
+    guides as ε_c + s·(ε_c − ε_u), i.e. w = 1 + s here; DDM's 10 sampling steps), with the
+    runtime's fast default sampler for the schedule."""
+    guided = spec.null_label is not None
+    base = {"dit": {"guidance": 4.0 if guided else 1.0},
+            "uvit": {"guidance": 1.0 + spec.extra.get("cfg_scale", 0.0) if guided else 1.0},
+            "ddm": {"steps": 10}}.get(family_name, {})
+    return Sampling(**{**base, **(overrides or {})})
 
 
-def _manifest(family, config, spec, checkpoint, opset, max_batch) -> dict:
-    inputs, outputs = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
-    return {
-        "family": family.name, "config": config, "inputs": inputs, "outputs": outputs,
-        "prediction": spec.prediction, "time": spec.time, "schedule": spec.schedule,
-        "sample_shape": list(spec.sample_shape), "num_classes": spec.num_classes,
-        "null_label": spec.null_label, "space": spec.space, "extra": spec.extra,
-        "max_batch": max_batch, "opset": opset, "models": {"fp32": "model.onnx"},
-        "source": {"checkpoint": Path(checkpoint).name if checkpoint else None,
-                   "sha256": sha256_file(checkpoint) if checkpoint else None},
-        "tools": tool_versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+def _manifest(family, config, spec, checkpoint, opset, max_batch, sampling) -> Manifest:
+    return manifest_for(
+        family.name, spec, config, recommended_sampling(family.name, spec, sampling),
+        max_batch=max_batch, opset=opset,
+        source={"checkpoint": Path(checkpoint).name if checkpoint else None,
+                "sha256": sha256_file(checkpoint) if checkpoint else None},
+        tools=tool_versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: str | Path | None = None,
-                  opset: int = 21, max_batch: int | None = None, log=print) -> ExportResult:
-    """Export ``family`` at ``config`` to a validated bundle directory at ``out``."""
+                  opset: int = 21, max_batch: int | None = None, sampling: dict | None = None,
+                  log=print) -> ExportResult:
+    """Export ``family`` at ``config`` to a validated bundle directory at ``out``;
+    ``sampling`` overrides the recommended sampling defaults recorded in the bundle."""
     out = Path(out)
     check_replaceable(out, MANIFEST, "a bundle")
     family, module = build_reference(family_name, config, checkpoint)
@@ -78,8 +79,8 @@ def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: s
         log("validating ONNX Runtime against PyTorch ...")
         parity = validate(module, spec, tmp / "model.onnx", family.tolerance)
         write_json_atomic(tmp / "parity.json", {"fp32": parity.to_dict()})
-        manifest = _manifest(family, config, spec, checkpoint, opset, max_batch)
-        manifest["parity"] = {"fp32": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}}
+        manifest = _manifest(family, config, spec, checkpoint, opset, max_batch, sampling).replace(
+            parity={"fp32": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}})
         manifest = finalize_manifest(tmp, manifest)
         if not parity.passed:
             failed = stage.keep_failed()

@@ -26,12 +26,12 @@ import onnx
 from edgediff.runtime.backends.ort import OrtBackend
 from edgediff.runtime.bundle import finalize_manifest, io_spec, read_bundle
 from edgediff.runtime.files import sha256_file, staged_dir, write_json_atomic
+from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.parity import ParityResult
-from edgediff.runtime.schedules import Schedule
 
 from .models.family import ModelSpec
-from .onnx_export import EXTERNAL_DATA_BYTES, torch_outputs
-from edgediff.runtime.errors import EdgediffError
+from .onnx_export import EXTERNAL_DATA_BYTES
+from .reference import build_reference, calibration_feed, schedule_points, torch_outputs, trajectory_feed
 
 GATE_REL_L2 = 5e-3
 DATA_MAX = 512.0   # ModelOpt's default: above it an FP16 ulp is ≥ 0.5 (too coarse for sin/cos args)
@@ -48,42 +48,6 @@ class FP16Error(EdgediffError, RuntimeError):
 
 
 # --- calibration and gate inputs ---------------------------------------------------------
-
-def schedule_points(spec: ModelSpec, n: int) -> list[tuple[float, float, float]]:
-    """``n`` (model t, signal coeff, noise coeff) triples along the sampler's schedule,
-    from the model's smallest to its largest t: x_t = signal·x0 + noise·ε."""
-    sched = Schedule.from_config(spec.schedule)
-    u = np.linspace(sched.t_min, sched.t_max, n)
-    if sched.kind == "ddm_constant":
-        signal, noise = 1.0 - u, np.sqrt(u)                 # x_t = x0 − x0·t + √t·ε
-    else:
-        signal, noise = sched.alpha_sigma(u)
-    t = np.clip(sched.continuous_model_time(u), spec.time["min"], spec.time["max"])
-    t[0], t[-1] = spec.time["min"], spec.time["max"]        # the exact ends the model accepts
-    return [(float(a), float(b), float(c)) for a, b, c in zip(t, signal, noise)]
-
-
-def trajectory_feed(spec: ModelSpec, point, batch: int, labels: str, rng: np.random.Generator) -> dict:
-    """A feed at one schedule point; x0 is data-like (pixels in [-1, 1], unit-variance latents)."""
-    t, signal, noise = point
-    shape = (batch, *spec.sample_shape)
-    x0 = rng.standard_normal(shape) if spec.space == "latent" else rng.uniform(-1.0, 1.0, shape)
-    feed = {"x": (signal * x0 + noise * rng.standard_normal(shape)).astype(np.float32),
-            "t": np.full(batch, t, dtype=np.float32)}
-    if spec.conditional:
-        null = labels == "null" and spec.null_label is not None
-        feed["y"] = (np.full(batch, spec.null_label) if null
-                     else rng.integers(0, spec.num_classes, batch)).astype(np.int64)
-    return feed
-
-
-def calibration_feed(spec: ModelSpec, rows: int = 12, seed: int = 0) -> dict:
-    """One batch, one row per schedule point, labels alternating class / null."""
-    rng = np.random.default_rng(seed)
-    kinds = ("class", "null")
-    parts = [trajectory_feed(spec, p, 1, kinds[i % 2], rng) for i, p in enumerate(schedule_points(spec, rows))]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
 
 def measure(reference: Reference, ref_name: str, spec: ModelSpec, path: Path, points: int = 7,
             seed: int = 1) -> ParityResult:
@@ -339,18 +303,17 @@ def convert_fp16(fp32_path: Path, out_path: Path, spec: ModelSpec, reference: Re
 def _reference(bundle, spec: ModelSpec, checkpoint) -> tuple[Reference, str]:
     """PyTorch FP32 with the bundle's source weights; for a bundle exported without a
     checkpoint (random weights that cannot be re-created) the rung-1-validated FP32 ONNX."""
-    source = bundle.manifest.get("source", {})
+    source = bundle.manifest.source
     if source.get("sha256") is None:
-        backend = OrtBackend(bundle.model_path("fp32"), bundle.manifest["inputs"], bundle.output_names)
+        backend = OrtBackend(bundle.model_path("fp32"), bundle.manifest.inputs, bundle.output_names,
+                             graph_outputs=bundle.manifest.graph_outputs)
         return backend.infer, "onnx-fp32 (rung-1 validated; bundle has no source checkpoint)"
     if checkpoint is None:
         raise FP16Error(f"{bundle.path} was exported from {source.get('checkpoint')}: pass that checkpoint "
                         "so the FP16 gate compares against PyTorch with the same weights")
     if sha256_file(checkpoint) != source["sha256"]:
         raise FP16Error(f"{checkpoint} is not the checkpoint {bundle.path} was exported from (sha256 differs)")
-    from .bundle import build_reference
-
-    _, module = build_reference(bundle["family"], bundle["config"], checkpoint)
+    _, module = build_reference(bundle.manifest.family, bundle.manifest.config, checkpoint)
     return (lambda feed: torch_outputs(module, spec, feed)), "pytorch-fp32"
 
 
@@ -360,7 +323,7 @@ def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calib
     from .models import get_family
 
     bundle = read_bundle(bundle_dir)
-    spec = get_family(bundle["family"]).spec(bundle["config"])
+    spec = get_family(bundle.manifest.family).spec(bundle.manifest.config)
     reference, ref_name = _reference(bundle, spec, checkpoint)
     path = Path(bundle_dir)
     with staged_dir(path, "fp16") as stage:
@@ -386,9 +349,7 @@ def _install_fp16(bundle, tmp: Path, parity: ParityResult, record: dict) -> None
     parity_path = bundle.path / "parity.json"
     results = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
     write_json_atomic(parity_path, {**results, "fp16": parity.to_dict()})
-    manifest = dict(bundle.manifest)
-    manifest["models"] = {**manifest["models"], "fp16": FP16_FILE}
-    manifest["precision"] = {**manifest.get("precision", {}), "fp16": record}
-    manifest["parity"] = {**manifest.get("parity", {}),
-                          "fp16": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}}
-    finalize_manifest(bundle.path, manifest)
+    m = bundle.manifest
+    finalize_manifest(bundle.path, m.replace(
+        models={**m.models, "fp16": FP16_FILE}, precision={**m.precision, "fp16": record},
+        parity={**m.parity, "fp16": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}}))

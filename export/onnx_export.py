@@ -11,10 +11,11 @@ import torch
 
 from edgediff.runtime.backends.ort import OrtBackend
 from edgediff.runtime.bundle import io_spec
+from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.parity import ParityResult
 
 from .models.family import ModelSpec
-from edgediff.runtime.errors import EdgediffError
+from .reference import example_feed, torch_outputs
 
 # Protobuf cannot hold more than 2 GiB; above ~1.8 GiB of weights the initializers go to a
 # side file (model.onnx.data) so the graph stays loadable.
@@ -23,24 +24,6 @@ EXTERNAL_DATA_BYTES = int(1.8 * 2**30)
 
 class ExportError(EdgediffError, RuntimeError):
     """The exporter could not produce a valid ONNX graph."""
-
-
-def example_feed(spec: ModelSpec, batch: int, t: float, labels: str, rng: np.random.Generator) -> dict:
-    """Inputs in the DESIGN.md contract; ``labels`` is 'class' (random classes) or 'null'."""
-    feed = {"x": rng.standard_normal((batch, *spec.sample_shape)).astype(np.float32),
-            "t": np.full((batch,), t, dtype=np.float32)}
-    if spec.conditional:
-        if labels == "null" and spec.null_label is not None:
-            feed["y"] = np.full((batch,), spec.null_label, dtype=np.int64)
-        else:
-            feed["y"] = rng.integers(0, spec.num_classes, size=batch).astype(np.int64)
-    return feed
-
-
-def torch_outputs(module: torch.nn.Module, spec: ModelSpec, feed: dict) -> dict[str, np.ndarray]:
-    with torch.inference_mode():
-        outs = module(*(torch.from_numpy(feed[n]) for n in spec.inputs))
-    return {n: o.float().numpy() for n, o in zip(spec.outputs, outs)}
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

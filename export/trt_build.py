@@ -42,11 +42,11 @@ class BuildOptions:
             raise InvalidInput("--optimization-level must be in 0..5")
 
 
-def engine_profile(manifest: dict, opts: BuildOptions) -> BatchProfile:
+def engine_profile(manifest, opts: BuildOptions) -> BatchProfile:
     """The engine batch profile: guidance doubles it; the bundle's max_batch bounds it."""
-    guidance = manifest.get("null_label") is not None if opts.guidance is None else opts.guidance
+    guidance = manifest.null_label is not None if opts.guidance is None else opts.guidance
     profile = batch_profile(opts.min_batch, opts.opt_batch, opts.max_batch, guidance)
-    limit = manifest.get("max_batch")
+    limit = manifest.max_batch
     if limit is not None and profile.max > limit:
         raise InvalidInput(f"the profile's max batch {profile.max} (guidance doubles it) exceeds the "
                          f"bundle's exported max_batch {limit}")
@@ -102,9 +102,9 @@ def _write_atomic(path: Path, data) -> None:
 def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), log=print) -> Path:
     """Build (or reuse) the engine for ``opts``; return its path under ``engines/``."""
     bundle = read_bundle(bundle_dir)
-    if opts.precision not in bundle["models"]:
+    if opts.precision not in bundle.manifest.models:
         how = "edgediff add-precision" if opts.precision == "fp16" else "INT8 calibration"
-        raise InvalidInput(f"bundle {bundle.path} has no {opts.precision} model (has: {', '.join(bundle['models'])}); "
+        raise InvalidInput(f"bundle {bundle.path} has no {opts.precision} model (has: {', '.join(bundle.manifest.models)}); "
                          f"add it with {how} first")
     onnx_path = bundle.model_path(opts.precision)
     profile = engine_profile(bundle.manifest, opts)
@@ -122,7 +122,7 @@ def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), lo
                   if opts.timing_cache is None else Path(opts.timing_cache) if opts.timing_cache else None)
     log(f"building a strongly typed {opts.precision} engine for {gpu['name']} (sm {key.compute_capability}, "
         f"TensorRT {key.tensorrt_version}), engine batch {profile.min}..{profile.opt}..{profile.max} ...")
-    engine = _build(trt, onnx_path, profile_shapes(bundle.manifest["inputs"], profile), opts, cache_path)
+    engine = _build(trt, onnx_path, profile_shapes(bundle.manifest.inputs, profile), opts, cache_path)
     _write_atomic(path, engine)
     side = make_sidecar(key, sha256_file(path), onnx_path.name, gpu_name=gpu["name"],
                         built=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

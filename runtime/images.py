@@ -50,14 +50,14 @@ def save_npz(path: str | Path, **arrays) -> None:
     _atomic(Path(path), write)
 
 
-def save_outputs(manifest: dict, samples: np.ndarray, labels, png=None, npz=None) -> list[str]:
+def save_outputs(manifest, samples: np.ndarray, labels, png=None, npz=None) -> list[str]:
     """Write the grid and/or archive; latent models get float32 ``latents`` and no picture."""
     lines = []
-    latent = manifest.get("space") == "latent"
+    latent = manifest.space == "latent"
     if png:
         if latent:
             raise InvalidInput("this is a latent-space model: decode the latents (--npz) with its VAE; no PNG grid")
-        classes = manifest.get("num_classes")
+        classes = manifest.num_classes
         nrow = min(classes, len(samples)) if labels is not None and classes and classes <= 16 else None
         save_png(png, grid(to_uint8(samples), nrow=nrow), upscale=max(1, 128 // samples.shape[-1]))
         lines.append(f"wrote {png}")

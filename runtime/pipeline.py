@@ -1,32 +1,44 @@
-"""The generation loop: a bundle's backend under a NumPy sampler, with guidance.
+"""The generation loop and the embedded API: a bundle's backend under a NumPy sampler.
+
+    from edgediff import Pipeline
+    with Pipeline.from_bundle("build/digits-dit") as pipe:
+        out = pipe(n=8, classes=[3], seed=0)          # the bundle's recommended sampling
+    out.images                                         # (8, H, W, C) uint8
 
 Classifier-free guidance is done here, never in the graph: the conditional and null-label
-halves go through the backend in one batched call and ε = ε_u + w·(ε_c − ε_u).
+halves go through the backend in one batched call and ε = ε_u + w·(ε_c − ε_u). Noise is
+per sample (:mod:`.noise`): results never depend on the batch size.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
 
-from .samplers import SAMPLERS, init_noise_sigma, sample
-from .schedules import Schedule
 from .errors import InvalidInput
+from .images import to_uint8
+from .manifest import Manifest
+from .noise import SampleNoise
+from .samplers import DEFAULT_SAMPLER, get_sampler, init_noise_sigma, model_calls, sample
+from .schedules import Schedule
 
 # Outputs that are predictions linear in the model's guess, hence guided; others (DiT's
-# variance interpolation `v`) are taken from the conditional half.
+# variance interpolation `var`) are taken from the conditional half.
 GUIDED_OUTPUTS = ("eps", "c")
-DEFAULT_SAMPLER = {"discrete": "dpmpp_2m", "vp_continuous": "dpm_solver", "ddm_constant": "ddm"}
+
+
+def engine_batch(batch: int, guidance: float) -> int:
+    """The batch the backend sees: guidance runs the conditional and null halves together."""
+    return batch * (2 if guidance != 1.0 else 1)
 
 
 class GuidedDenoiser:
     """``denoise(x, t) -> dict`` over a backend, with labels and optional guidance."""
 
-    def __init__(self, backend, manifest: dict, labels: np.ndarray | None = None, guidance: float = 1.0):
+    def __init__(self, backend, manifest: Manifest, labels: np.ndarray | None = None, guidance: float = 1.0):
         self.backend = backend
-        self.conditional = "y" in manifest["inputs"]
-        self.null = manifest.get("null_label")
+        self.conditional = manifest.conditional
+        self.null = manifest.null_label
         if self.conditional and labels is None:
             labels = np.full(1, self.null if self.null is not None else 0, dtype=np.int64)
         if guidance != 1.0 and (not self.conditional or self.null is None):
@@ -52,46 +64,134 @@ class GuidedDenoiser:
 class Generation:
     samples: np.ndarray            # (N, C, H, W) float32 in the model's data space
     labels: np.ndarray | None      # (N,) int64
+    latent: bool = False
+
+    @property
+    def images(self) -> np.ndarray | None:
+        """(N, H, W, C) uint8 for pixel-space models; None for latents (decode them first)."""
+        return None if self.latent else to_uint8(self.samples)
 
 
-def sampler_options(manifest: dict, sampler: str) -> dict:
-    """Per-bundle sampler defaults: DiT's learned variance for ddpm, no clipping of latents."""
-    params = inspect.signature(SAMPLERS[sampler]).parameters
-    extra = manifest.get("extra", {})
-    wanted = {"variance": extra.get("variance"),
-              "clip_sample": extra.get("clip_sample", manifest.get("space") == "pixel")}
-    return {k: v for k, v in wanted.items() if k in params and v is not None}
+@dataclass(frozen=True)
+class Settings:
+    """Sampling settings after the bundle's recommended defaults filled the gaps."""
+
+    sampler: str
+    steps: int
+    guidance: float
+    options: dict
 
 
-def generate(backend, manifest: dict, n: int, *, sampler: str | None = None, steps: int = 20,
-             batch: int = 16, labels: np.ndarray | None = None, guidance: float = 1.0, seed: int = 0,
-             progress=None, **options) -> Generation:
-    """Sample ``n`` images batch by batch; the same seed gives the same samples."""
-    schedule = Schedule.from_config(manifest["schedule"])
-    sampler = sampler or DEFAULT_SAMPLER[schedule.kind]
-    opts = {**sampler_options(manifest, sampler), **options}
-    scale = init_noise_sigma(sampler, schedule, steps, **opts)
-    rng = np.random.default_rng(seed)
-    shape = tuple(manifest["sample_shape"])
+def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int | None = None,
+                     guidance: float | None = None, **options) -> Settings:
+    """User choices, else the bundle's recommended ones, else the schedule kind's usual."""
+    schedule = Schedule.from_config(manifest.schedule)
+    rec = manifest.sampling
+    name = sampler or rec.sampler or DEFAULT_SAMPLER[schedule.kind]
+    record = get_sampler(name, schedule)
+    wanted = {"variance": manifest.option("variance"),
+              "clip_sample": manifest.option("clip_sample", manifest.space == "pixel")}
+    opts = {k: v for k, v in wanted.items() if k in record.params and v is not None}
+    w = rec.guidance if guidance is None else float(guidance)
+    if not np.isfinite(w):
+        raise InvalidInput(f"guidance must be a finite number, got {w}")
+    if w != 1.0 and manifest.null_label is None:
+        w = 1.0 if guidance is None else w          # a recommended w never applies without a null label
+    return Settings(name, int(steps or rec.steps), w, {**opts, **options})
+
+
+def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None, steps: int | None = None,
+             batch: int = 16, labels: np.ndarray | None = None, guidance: float | None = None, seed: int = 0,
+             first: int = 0, progress=None, **options) -> Generation:
+    """Sample ``n`` images (sample indices ``first .. first+n-1``) batch by batch.
+    ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options)."""
+    s = resolve_settings(manifest, sampler, steps, guidance, **options)
+    schedule = Schedule.from_config(manifest.schedule)
+    scale = init_noise_sigma(s.sampler, schedule, s.steps, **s.options)
     chunks = []
     for start in range(0, n, batch):
         size = min(batch, n - start)
         batch_labels = None if labels is None else labels[start:start + size]
-        denoise = GuidedDenoiser(backend, manifest, batch_labels, guidance)
-        x_T = (scale * rng.standard_normal((size, *shape))).astype(np.float32)
-        chunks.append(sample(sampler, denoise, x_T, schedule, steps, noise=rng, callback=progress, **opts))
-    return Generation(np.concatenate(chunks), labels)
+        denoise = GuidedDenoiser(backend, manifest, batch_labels, s.guidance)
+        if progress is not None:
+            denoise = _Counting(denoise, progress)
+        noise = SampleNoise(seed, range(first + start, first + start + size))
+        x_T = noise.initial(manifest.sample_shape, scale)
+        chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **s.options))
+    return Generation(np.concatenate(chunks), labels, manifest.space == "latent")
 
 
-def resolve_labels(manifest: dict, n: int, classes: list[int] | None) -> np.ndarray | None:
+class _Counting:
+    def __init__(self, denoise, progress):
+        self.denoise, self.progress = denoise, progress
+
+    def __call__(self, x, t):
+        out = self.denoise(x, t)
+        self.progress(1)
+        return out
+
+
+def total_model_calls(manifest: Manifest, n: int, batch: int, **choices) -> int:
+    """Denoiser calls ``generate`` makes for these choices (a progress bar's total)."""
+    s = resolve_settings(manifest, **choices)
+    calls = model_calls(s.sampler, Schedule.from_config(manifest.schedule), s.steps, **s.options)
+    return -(-n // batch) * calls
+
+
+def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None) -> np.ndarray | None:
     """Labels for ``n`` samples: the given classes cycled, or every class in turn."""
-    if "y" not in manifest["inputs"]:
+    if not manifest.conditional:
         if classes:
             raise InvalidInput("this bundle's model is unconditional: drop --class/--classes")
         return None
-    k = manifest["num_classes"]
+    k = manifest.num_classes
     classes = list(classes) if classes else list(range(k))
     bad = [c for c in classes if not 0 <= c < k]
     if bad:
         raise InvalidInput(f"class label(s) {bad} out of range: the model has classes 0..{k - 1}")
     return np.resize(np.asarray(classes, dtype=np.int64), n)
+
+
+class Pipeline:
+    """A bundle ready to generate: ``Pipeline.from_bundle(path)(n=8, classes=[3])``.
+
+    Torch-free; a context manager that closes its backend."""
+
+    def __init__(self, bundle, backend):
+        self.bundle, self.backend = bundle, backend
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @classmethod
+    def from_bundle(cls, path, backend: str = "ort", precision: str = "fp32", device: str = "cpu",
+                    threads: int | None = None, gpu: int = 0, max_batch: int = 16, verify: bool = True):
+        """Open the bundle at ``path`` (hashes verified) on ``backend``; ``max_batch`` is the
+        largest sample batch you will ask for (TensorRT picks its engine by it)."""
+        from .backends import load_backend
+        from .bundle import read_bundle
+
+        bundle = read_bundle(path, verify=verify)
+        guided = 2.0 if bundle.manifest.null_label is not None else 1.0
+        engine = load_backend(bundle, backend, precision, device=device, threads=threads, gpu=gpu,
+                              max_batch=engine_batch(max_batch, guided))
+        return cls(bundle, engine)
+
+    def __call__(self, n: int = 1, *, classes: list[int] | None = None, guidance: float | None = None,
+                 steps: int | None = None, sampler: str | None = None, seed: int = 0, batch: int = 16,
+                 first: int = 0, progress=None, **options) -> Generation:
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise InvalidInput(f"n must be a positive integer, got {n!r}")
+        labels = resolve_labels(self.manifest, n, classes)
+        return generate(self.backend, self.manifest, n, sampler=sampler, steps=steps, batch=batch,
+                        labels=labels, guidance=guidance, seed=seed, first=first, progress=progress, **options)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

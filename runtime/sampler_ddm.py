@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidInput
 from .schedules import Schedule
 from .solvers import call, noise_source, outputs, report
 
@@ -40,7 +41,7 @@ def ddm_plan(steps: int, order: int = 1, denoise_last: bool = True, eps: float =
     """
     n = int(steps)
     if n < 1:
-        raise ValueError(f"ddm needs steps >= 1, got {steps}")
+        raise InvalidInput(f"ddm needs steps >= 1, got {steps}")
     if order == 1:
         full = t_start / n
         h = [full] * n
@@ -50,10 +51,10 @@ def ddm_plan(steps: int, order: int = 1, denoise_last: bool = True, eps: float =
         if n % 2:
             h.append(t_start - n // 2 * full)
     else:
-        raise ValueError(f"ddm order must be 1 or 2, got {order}")
+        raise InvalidInput(f"ddm order must be 1 or 2, got {order}")
     if denoise_last:
         if not 0 < eps < h[-1]:
-            raise ValueError(f"eps={eps} must lie in (0, {h[-1]}) (the last step's size)")
+            raise InvalidInput(f"eps={eps} must lie in (0, {h[-1]}) (the last step's size)")
         h = h[:-1] + [h[-1] - eps, eps]
     h = np.asarray(h, dtype=np.float64)
     k = len(h)
@@ -117,7 +118,7 @@ def sample_ddm(denoise, x, schedule: Schedule, steps: int, noise=None, *, order=
     """
     schedule.require("ddm_constant")
     if softsign and (clip_sample or order != 1):
-        raise ValueError("softsign is LatentDiffusion.sample_fn's option: needs "
+        raise InvalidInput("softsign is LatentDiffusion.sample_fn's option: needs "
                          "clip_sample=False and order=1")
     eps = schedule.t_min if eps is None else float(eps)
     h, t, s, sigma, correct = ddm_plan(steps, order, denoise_last, eps, schedule.t_max)

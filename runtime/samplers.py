@@ -7,7 +7,7 @@
 
 ``denoise(x, t)`` takes NumPy arrays (``t``: float32 [B] in the model's time convention:
 integer steps for discrete schedules, ``999·t`` for U-ViT's VP SDE, ``t`` for DDM) and
-returns ``eps`` as an ndarray, or a dict of named outputs: ``{"eps", "v"}`` for DiT's
+returns ``eps`` as an ndarray, or a dict of named outputs: ``{"eps", "var"}`` for DiT's
 learned sigma (``ddpm`` with ``variance="learned_range"``), ``{"c", "eps"}`` for the
 decoupled model (``ddm``); tuples are read in that order. Guidance belongs in
 ``denoise``; samplers only call it.
@@ -16,41 +16,29 @@ Randomness enters only through ``noise``: a ``np.random.Generator`` (drawn in st
 at the steps that add noise) or a callable ``noise(i, shape)`` giving step ``i``'s noise,
 so a trajectory can be replayed against a reference. ``callback(info)`` is called after
 every sampler step with ``{"i", "total", "t", "x", "denoised"}`` (k-diffusion style).
-The caller draws and scales ``x_T``; :func:`init_noise_sigma` gives the scale:
+The caller draws and scales ``x_T``; :func:`init_noise_sigma` gives the scale. Every
+sampler is a :class:`Sampler` record in ``SAMPLERS`` (function, schedule kinds, whether it
+draws noise, how x_T is scaled, how many model calls it makes); adding a sampler is one
+function plus one record. :func:`sampler_table` renders the records for the README.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .schedules import Schedule, spaced_timesteps
+from .sampler_ddm import ddm_model_calls, sample_ddm
 from .solvers import (call, eps_of, noise_source, outputs, report, sample_dpm_solver,
                       sample_dpmpp_2m, sample_euler, sample_heun, sigma_grid)
 from .errors import InvalidInput
 
-__all__ = ["SAMPLERS", "SAMPLER_SCHEDULES", "INIT_NOISE_SIGMA_TABLE", "sample", "init_noise_sigma",
-           "sample_ddpm", "sample_ddim", "sample_ddm", "sample_euler_maruyama",
-           "sample_dpmpp_2m", "sample_euler", "sample_heun", "sample_dpm_solver"]
-
-INIT_NOISE_SIGMA_TABLE = """\
-| sampler | schedule | x_T (z ~ N(0, I)) | the model is called with | matches |
-|---|---|---|---|---|
-| `ddpm` | discrete | `z` | `x_t`, integer step `t` | diffusers DDPMScheduler; DiT p_sample_loop (learned_range) |
-| `ddim` | discrete | `z` | `x_t`, integer step `t` | diffusers DDIMScheduler |
-| `dpmpp_2m` | discrete | `z` | `x_t`, integer step `t` | diffusers DPMSolverMultistepScheduler |
-| `euler` | discrete | `sigma_max·z` (linspace, trailing) or `sqrt(sigma_max²+1)·z` (leading) | `x/sqrt(sigma²+1)`, float step `t` | diffusers EulerDiscreteScheduler |
-| `heun` | discrete | as `euler` | `x/sqrt(sigma²+1)`, float step `t` | diffusers HeunDiscreteScheduler |
-| `dpm_solver` | vp_continuous, discrete | `z` | `x_t`, `999·t` (VP SDE) or `t·N - 1 + offset` | U-ViT eval.py / eval_ldm_discrete.py |
-| `euler_maruyama` | vp_continuous | `z` | `x_t`, `999·t` | U-ViT sde.euler_maruyama (CIFAR-10 config) |
-| `ddm` | ddm_constant | `z` (x_1 = x0 + c + eps with c = -x0) | `x_t`, `t` in (0, 1] | DDM ddm_const.py sample_fn_d / sample_fn_s |
-
-`sigma_max` is the VE sigma `sqrt((1 - abar)/abar)` at the first sampling timestep.
-"""
-if __doc__:  # absent under python -OO
-    __doc__ += "\n" + INIT_NOISE_SIGMA_TABLE
-
+__all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "Sampler", "sample", "init_noise_sigma", "model_calls",
+           "sampler_table", "get_sampler", "sample_ddpm", "sample_ddim", "sample_ddm",
+           "sample_euler_maruyama", "sample_dpmpp_2m", "sample_euler", "sample_heun", "sample_dpm_solver"]
 
 def _clip(x0, clip_sample, clip_sample_range):
     return np.clip(x0, -clip_sample_range, clip_sample_range) if clip_sample else x0
@@ -66,7 +54,7 @@ def sample_ddpm(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     with betas recomputed from alphas_cumprod (Nichol & Dhariwal 2021 respacing, as DiT's
     respace.py), noise is added while t > 0. ``variance``: "fixed_small" (posterior
     variance), "fixed_large" (beta_t) or "learned_range" (Nichol & Dhariwal 2021 Eq. 15:
-    log var = frac·log beta_t + (1 - frac)·log posterior var, frac = (v + 1)/2, with ``v``
+    log var = frac·log beta_t + (1 - frac)·log posterior var, frac = (var + 1)/2, with ``var``
     the denoiser's second output; DiT's p_mean_variance). DiT samples with
     ``clip_sample=False`` and linspace spacing (its space_timesteps). x_T ~ N(0, I).
     """
@@ -86,7 +74,7 @@ def sample_ddpm(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     std = np.sqrt(beta if variance == "fixed_large" else post_var)
     log_beta, log_post = np.log(beta), np.log(post_var)
     draw = noise_source(noise, x.dtype)
-    names = ("eps", "v") if variance == "learned_range" else ("eps",)
+    names = ("eps", "var") if variance == "learned_range" else ("eps",)
     for i, t in enumerate(ts):
         out = outputs(call(denoise, x, schedule.model_time(t)), x, names)
         x0 = float(c_x0[0][i]) * x - float(c_x0[1][i]) * out[0]
@@ -139,40 +127,6 @@ def sample_ddim(denoise, x, schedule: Schedule, steps: int, noise=None, *, eta=0
     return x
 
 
-# --- decoupled diffusion (arXiv 2306.13720) -------------------------------------------
-def sample_ddm(denoise, x, schedule: Schedule, steps: int, noise=None, *, stochastic=False,
-               clip_sample=True, clip_sample_range=1.0, callback=None):
-    """Decoupled diffusion sampler (Huang et al. 2023, arXiv 2306.13720, Sec. 3).
-
-    x_t = x0 + c·t + sqrt(t)·eps; the denoiser returns {"c", "eps"} at t. Grid as the
-    official ddm_const.py: t_k = t_max + k/(steps-1)·(t_min - t_max), k < steps, then 0
-    (t_max = sigma_max = 1, t_min = sigma_min² = 1e-4). x0 = x_t - c·t - sqrt(t)·eps
-    (clipped to ±1 by default, as the pixel-space model). Deterministic (official
-    default, sample_fn_d): x_next = x0 + c·t_next + sqrt(t_next)·eps. Stochastic
-    (sample_fn_s): c = -x0, s = t - t_next, x_next = x_t - c·s - (s/sqrt(t))·eps
-    + sqrt(s·t_next/t)·z. x_T ~ N(0, I); the model gets t in (0, 1].
-    """
-    schedule.require("ddm_constant")
-    if steps < 2:
-        raise InvalidInput("ddm needs steps >= 2 (the official grid divides by steps - 1)")
-    grid = schedule.t_max + np.arange(steps) / (steps - 1) * (schedule.t_min - schedule.t_max)
-    grid = np.append(grid, 0.0)
-    draw = noise_source(noise, x.dtype)
-    for i in range(steps):
-        t, t_next = grid[i], grid[i + 1]
-        c, eps = outputs(call(denoise, x, schedule.model_time(t)), x, ("c", "eps"))
-        x0 = _clip(x - float(t) * c - float(np.sqrt(t)) * eps, clip_sample, clip_sample_range)
-        if not stochastic:
-            x = x0 + float(t_next) * c + float(np.sqrt(t_next)) * eps
-        else:
-            s = t - t_next
-            x = x + float(s) * x0 - float(s / np.sqrt(t)) * eps  # c = -x0
-            if t_next > 0:
-                x = x + float(np.sqrt(s * t_next / t)) * draw(i, x.shape)
-        report(callback, i, steps, schedule.model_time(t), x, x0)
-    return x
-
-
 # --- Euler-Maruyama on the VP SDE (U-ViT CIFAR-10) -------------------------------------
 def sample_euler_maruyama(denoise, x, schedule: Schedule, steps: int, noise=None, *, ode=False,
                           eps=1e-3, callback=None):
@@ -203,29 +157,92 @@ def sample_euler_maruyama(denoise, x, schedule: Schedule, steps: int, noise=None
 
 
 # --- registry ------------------------------------------------------------------------------
-SAMPLERS = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "euler": sample_euler,
-    "heun": sample_heun,
-    "dpm_solver": sample_dpm_solver,
-    "euler_maruyama": sample_euler_maruyama,
-    "ddm": sample_ddm,
-}
-SAMPLER_SCHEDULES = {
-    "ddpm": ("discrete",), "ddim": ("discrete",), "dpmpp_2m": ("discrete",),
-    "euler": ("discrete",), "heun": ("discrete",), "dpm_solver": ("discrete", "vp_continuous"),
-    "euler_maruyama": ("vp_continuous",), "ddm": ("ddm_constant",),
-}
-_PARAMS = {name: frozenset(inspect.signature(fn).parameters) for name, fn in SAMPLERS.items()}
+def _unit_sigma(schedule: Schedule, steps: int, opts: dict) -> float:
+    return 1.0
 
 
-def _options(name, schedule: Schedule, options):
-    """Schedule-config defaults the sampler accepts, overridden by explicit options."""
+def _karras_like_sigma(schedule: Schedule, steps: int, opts: dict) -> float:
+    """diffusers' rule for Euler/Heun: the largest VE sigma of the grid for linspace/trailing
+    spacing, sqrt(sigma_max² + 1) for leading."""
+    spacing = opts.get("timestep_spacing", "linspace")
+    _, sig = sigma_grid(schedule, int(steps), spacing, opts.get("steps_offset", 0))
+    sigma_max = float(np.float32(sig.max()))
+    return sigma_max if spacing in ("linspace", "trailing") else float(np.sqrt(sigma_max**2 + 1.0))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler: its function and the facts the pipeline, the CLI and the docs need."""
+
+    name: str
+    fn: Callable
+    schedules: tuple[str, ...]                       # schedule kinds it can drive
+    stochastic: bool                                 # draws noise during sampling
+    x_T: str                                         # how x_T is scaled (docs)
+    model_input: str                                 # what the model is called with (docs)
+    matches: str                                     # the reference it reproduces (docs)
+    model_calls: Callable[[int, dict], int] = lambda steps, opts: steps
+    init_sigma: Callable[[Schedule, int, dict], float] = _unit_sigma
+
+    @property
+    def params(self) -> frozenset:
+        return frozenset(inspect.signature(self.fn).parameters)
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("ddpm", sample_ddpm, ("discrete",), True, "`z`", "`x_t`, integer step `t`",
+            "diffusers DDPMScheduler; DiT p_sample_loop (learned_range)"),
+    Sampler("ddim", sample_ddim, ("discrete",), False, "`z`", "`x_t`, integer step `t`",
+            "diffusers DDIMScheduler (eta > 0 draws noise)"),
+    Sampler("dpmpp_2m", sample_dpmpp_2m, ("discrete",), False, "`z`", "`x_t`, integer step `t`",
+            "diffusers DPMSolverMultistepScheduler"),
+    Sampler("euler", sample_euler, ("discrete",), False,
+            "`sigma_max·z` (linspace, trailing) or `sqrt(sigma_max²+1)·z` (leading)",
+            "`x/sqrt(sigma²+1)`, float step `t`", "diffusers EulerDiscreteScheduler",
+            init_sigma=_karras_like_sigma),
+    Sampler("heun", sample_heun, ("discrete",), False, "as `euler`", "`x/sqrt(sigma²+1)`, float step `t`",
+            "diffusers HeunDiscreteScheduler", model_calls=lambda steps, opts: 2 * steps - 1,
+            init_sigma=_karras_like_sigma),
+    Sampler("dpm_solver", sample_dpm_solver, ("vp_continuous", "discrete"), False, "`z`",
+            "`x_t`, `999·t` (VP SDE) or `t·N - 1 + offset`", "U-ViT eval.py / eval_ldm_discrete.py"),
+    Sampler("euler_maruyama", sample_euler_maruyama, ("vp_continuous",), True, "`z`", "`x_t`, `999·t`",
+            "U-ViT sde.euler_maruyama (CIFAR-10 config)"),
+    Sampler("ddm", sample_ddm, ("ddm_constant",), True, "`z` (x_1 = x0 + c + eps with c = -x0)",
+            "`x_t`, `t` in (0, 1]", "DDM-Public ddm_const.py sample_fn / sample_fn_2order / LatentDiffusion",
+            model_calls=lambda steps, opts: ddm_model_calls(steps, opts.get("order", 1),
+                                                            opts.get("denoise_last", True))),
+)}
+# The usual sampler of each schedule kind (what `generate` uses when neither the user nor the
+# bundle names one).
+DEFAULT_SAMPLER = {"discrete": "dpmpp_2m", "vp_continuous": "dpm_solver", "ddm_constant": "ddm"}
+
+
+def sampler_table() -> str:
+    """The Markdown table of samplers (the README carries it; a test keeps them equal)."""
+    rows = ["| sampler | schedule | stochastic | x_T (z ~ N(0, I)) | the model is called with | matches |",
+            "|---|---|---|---|---|---|"]
+    for s in SAMPLERS.values():
+        rows.append(f"| `{s.name}` | {', '.join(s.schedules)} | {'yes' if s.stochastic else 'no'} | "
+                    f"{s.x_T} | {s.model_input} | {s.matches} |")
+    return "\n".join(rows) + "\n"
+
+
+def get_sampler(name: str, schedule: Schedule | None = None) -> Sampler:
+    """The record of sampler ``name``; with ``schedule``, check that it can drive it."""
     if name not in SAMPLERS:
-        raise InvalidInput(f"unknown sampler {name!r}; choose from {sorted(SAMPLERS)}")
-    merged = {k: v for k, v in schedule.sampler_defaults.items() if k in _PARAMS[name]}
+        raise InvalidInput(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    record = SAMPLERS[name]
+    if schedule is not None and schedule.kind not in record.schedules:
+        usable = [n for n, s in SAMPLERS.items() if schedule.kind in s.schedules]
+        raise InvalidInput(f"sampler {name!r} cannot drive this bundle's {schedule.kind} schedule; "
+                           f"use one of {', '.join(usable)}")
+    return record
+
+
+def sampler_options(name: str, schedule: Schedule, options: dict) -> dict:
+    """Schedule-config defaults the sampler accepts, overridden by explicit options."""
+    params = get_sampler(name).params
+    merged = {k: v for k, v in schedule.sampler_defaults.items() if k in params}
     merged.update(options)
     return merged
 
@@ -241,20 +258,16 @@ def sample(name: str, denoise, x_T, schedule: Schedule, steps: int, noise=None, 
     x = np.asarray(x_T)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"x_T must be a floating array, got {x.dtype}")
-    merged = _options(name, schedule, options)
-    return SAMPLERS[name](denoise, x, schedule, int(steps), noise, callback=callback, **merged)
+    record = get_sampler(name)
+    merged = sampler_options(name, schedule, options)
+    return record.fn(denoise, x, schedule, int(steps), noise, callback=callback, **merged)
 
 
 def init_noise_sigma(name: str, schedule: Schedule, steps: int, **options) -> float:
-    """Scale for x_T = scale·N(0, I), the convention ``sample(name, ...)`` expects.
+    """Scale for x_T = scale·N(0, I), the convention ``sample(name, ...)`` expects."""
+    return get_sampler(name).init_sigma(schedule, steps, sampler_options(name, schedule, options))
 
-    1 for every VP-space sampler; for ``euler``/``heun`` diffusers' rule: the largest VE
-    sigma of the grid for linspace/trailing spacing, sqrt(sigma_max² + 1) for leading.
-    """
-    merged = _options(name, schedule, options)
-    if name not in ("euler", "heun"):
-        return 1.0
-    spacing = merged.get("timestep_spacing", "linspace")
-    _, sig = sigma_grid(schedule, int(steps), spacing, merged.get("steps_offset", 0))
-    sigma_max = float(np.float32(sig.max()))
-    return sigma_max if spacing in ("linspace", "trailing") else float(np.sqrt(sigma_max**2 + 1.0))
+
+def model_calls(name: str, schedule: Schedule, steps: int, **options) -> int:
+    """How many times ``sample(name, ...)`` calls the denoiser (progress bars)."""
+    return get_sampler(name).model_calls(int(steps), sampler_options(name, schedule, options))

@@ -5,7 +5,7 @@ options..., callback=None) -> x0`` in the k-diffusion style: all schedule maths
 (float64) is precomputed once per call, the loop only does array arithmetic in the
 caller's dtype. ``denoise(x, t)`` gets ``t`` as a float32 vector [B] in the model's own
 time convention and returns the noise prediction: an ndarray (``eps``), a dict of named
-outputs (``{"eps": ..., "v": ...}``), or a tuple in the documented order.
+outputs (``{"eps": ..., "var": ...}``), or a tuple in the documented order.
 
 The solvers here are deterministic (``noise`` is accepted and unused):
 ``dpmpp_2m`` (diffusers DPMSolverMultistepScheduler), ``euler`` (EulerDiscreteScheduler),

@@ -163,7 +163,7 @@ class DiT(nn.Module):
 
 
 class DiTExport(nn.Module):
-    """Export view: named outputs ``eps`` and, with learned sigma, ``v`` (DESIGN.md contract)."""
+    """Export view: named outputs ``eps`` and, with learned sigma, ``var`` (the variance interpolation value, docs/architecture.md)."""
 
     def __init__(self, model: DiT):
         super().__init__()
@@ -202,7 +202,7 @@ def spec(config: dict) -> ModelSpec:
     latent = c == 4                                              # SD-VAE latents, as in the paper
     return ModelSpec(
         sample_shape=(c, size, size),
-        outputs=("eps", "v") if cfg["learn_sigma"] else ("eps",),
+        outputs=("eps", "var") if cfg["learn_sigma"] else ("eps",),
         prediction="epsilon",
         time={"convention": "discrete", "min": 0, "max": 999},
         # create_diffusion(): "linear" betas 1e-4..0.02 over 1000 steps.
