@@ -1,42 +1,51 @@
 """Noise schedules for the NumPy samplers (no torch here: this runs on edge boxes).
 
-A :class:`Schedule` is built from the diffusers-style keys a bundle records
-(``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``) and holds,
-in float64, everything the samplers need: betas, alphas_cumprod, the
-variance-exploding sigmas ``sqrt((1 - abar) / abar)``, the half log-SNR
-``lambda = log(alpha_t / sigma_t)`` (DPM-Solver's lambda), and the map from a
-sampler's native time to the model's ``t`` input.
+A schedule is built from the diffusers-style keys a bundle records
+(``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``; ``type`` picks
+a continuous kind) by :meth:`Schedule.from_config`, which looks the kind up in
+:data:`SCHEDULE_KINDS` and returns an instance of that kind's class. Every kind holds, in
+float64, its forward process ``x_t = signal·x0 + noise·eps`` (:meth:`Schedule.marginal`
+at continuous time ``t`` in ``[t_min, t_max]``) and the map from a sampler's native time
+to the model's ``t`` input (:meth:`Schedule.model_time`,
+:meth:`Schedule.continuous_model_time`). The variance-preserving kinds (:class:`VPSchedule`)
+add DPM-Solver's view: ``log alpha_t``, ``(alpha_t, sigma_t)``, the half log-SNR
+``lambda = log(alpha_t / sigma_t)`` and its inverse. The discrete kind also holds betas,
+alphas_cumprod, the variance-exploding sigmas ``sqrt((1 - abar) / abar)`` and lambdas per
+step. A method a kind lacks raises the same ValueError as :meth:`Schedule.require`.
 
-Three kinds:
+Three kinds (adding one is one subclass plus one line in ``SCHEDULE_KINDS``):
 
-``discrete`` (default)
+``discrete`` (default) — :class:`DiscreteSchedule`
     DDPM-style integer steps ``0..N-1`` (DDPM U-Net, DiT; U-ViT latent models with
     ``model_time_offset: 1`` because they were trained on ``n = 1..N``). The
     continuous view used by DPM-Solver follows Lu et al. 2022 (NoiseScheduleVP
     'discrete'): knots ``t_n = (n+1)/N`` with ``log alpha`` = 0.5·cumsum(log(1-beta)),
     interpolated piecewise-linearly; continuous ``t`` maps to step ``t·N - 1``.
-``vp_continuous``
+``vp_continuous`` — :class:`VPContinuousSchedule`
     The score-SDE VP SDE (Song et al. 2021) with linear ``beta(t) = beta_min + t(beta_max
     - beta_min)``, ``t`` in ``[eps, 1]``; ``log alpha_t = -t²(b1-b0)/4 - t·b0/2``. The
     U-ViT pixel models (CIFAR-10 etc.) use beta_min 0.1, beta_max 20 and are called
     with ``t·999`` (``model_time_scale``).
-``ddm_constant``
+``ddm_constant`` — :class:`DDMConstantSchedule`
     The decoupled model of arXiv 2306.13720: ``x_t = x0 + c·t + sqrt(t)·eps`` with
-    ``c = -x0``, ``t`` in ``(0, 1]``; the model gets ``t`` itself. The official
-    sampler steps from ``sigma_max`` to ``sigma_min²`` and then to 0.
+    ``c = -x0``, i.e. signal ``1 - t`` and noise ``sqrt(t)``, ``t`` in ``(0, 1]``; the model
+    gets ``t`` itself. The official sampler steps from ``sigma_max`` to ``sigma_min²``
+    and then to 0.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Schedule", "spaced_timesteps", "SCHEDULE_KINDS", "BETA_SCHEDULES"]
+__all__ = ["Schedule", "VPSchedule", "DiscreteSchedule", "VPContinuousSchedule",
+           "DDMConstantSchedule", "spaced_timesteps", "SCHEDULE_KINDS", "BETA_SCHEDULES"]
 
-SCHEDULE_KINDS = ("discrete", "vp_continuous", "ddm_constant")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+DEFAULT_KIND = "discrete"  # a config without ``type``
 
 # diffusers scheduler keys that become per-sampler defaults (config key -> option name).
 _SAMPLER_KEYS = {
@@ -65,11 +74,6 @@ _PINNED_KEYS = {
     "interpolation_type": "linear",
     "timestep_type": "discrete",
     "algorithm_type": "dpmsolver++",
-}
-_SCHEDULE_KEYS = {
-    "type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
-    "model_time_offset", "beta_min", "beta_max", "model_time_scale", "eps", "sigma_min",
-    "sigma_max",
 }
 
 
@@ -114,50 +118,39 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leadi
     return ts.astype(np.float32 if continuous else np.int64).copy()
 
 
-class Schedule:
+def _kind_only(name: str, doc: str):
+    """A base-class method for what only some kinds can do: the same error as ``require``."""
+    def method(self, *args, **kwargs):
+        base = getattr(Schedule, name)
+        self.require(*(k for k, c in SCHEDULE_KINDS.items() if getattr(c, name) is not base))
+        raise NotImplementedError(f"{type(self).__name__} does not implement {name}")
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    return method
+
+
+class Schedule(ABC):
     """A noise schedule in float64; build it with :meth:`from_config`.
 
-    Attributes (discrete kind): ``betas``, ``alphas_cumprod``, ``sigmas`` (VE sigma per
-    step), ``lambdas`` (half log-SNR per step). Continuous kinds: ``t_min``/``t_max``.
-    ``sampler_defaults`` holds diffusers options found in the config (clip_sample,
-    timestep_spacing, ...), applied by ``sample()`` unless overridden.
-    ``ignored_keys`` lists config keys that had no effect.
+    Each kind is a subclass registered in :data:`SCHEDULE_KINDS`. Common attributes:
+    ``kind``, ``t_min``/``t_max`` (the continuous time range), ``config`` (see
+    :meth:`to_config`), ``sampler_defaults`` (diffusers options found in the config:
+    clip_sample, timestep_spacing, ..., applied by ``sample()`` unless overridden),
+    ``ignored_keys`` (config keys that had no effect) and ``num_train_timesteps``
+    (``None`` for the continuous kinds).
     """
 
-    def __init__(self, kind: str = "discrete", *, betas=None, beta_min: float = 0.1,
-                 beta_max: float = 20.0, t_min: float | None = None, t_max: float = 1.0,
-                 model_time_offset: float = 0.0, model_time_scale: float = 999.0,
+    kind: str | None = None                # the registry key; set by each kind
+    config_keys: frozenset[str] = frozenset()  # the kind's own config keys (besides ``type``)
+    num_train_timesteps: int | None = None
+
+    def __init__(self, *, t_min: float, t_max: float,
                  sampler_defaults: Mapping[str, Any] | None = None,
                  config: Mapping[str, Any] | None = None, ignored_keys=()):
-        if kind not in SCHEDULE_KINDS:
-            raise ValueError(f"schedule type {kind!r} is not one of {SCHEDULE_KINDS}")
-        self.kind = kind
+        self.t_min, self.t_max = float(t_min), float(t_max)
         self.sampler_defaults = dict(sampler_defaults or {})
-        self.config = dict(config or {})
         self.ignored_keys = tuple(ignored_keys)
-        self.model_time_offset = float(model_time_offset)
-        self.model_time_scale = float(model_time_scale)
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-        self.t_max = float(t_max)
-        self.betas = self.alphas_cumprod = self.sigmas = self.lambdas = None
-        if kind == "discrete":
-            self._init_discrete(np.asarray(betas, dtype=np.float64))
-            self.t_min = 1.0 / self.num_train_timesteps if t_min is None else float(t_min)
-        else:
-            self.num_train_timesteps = None
-            self.t_min = 1e-4 if t_min is None else float(t_min)
-
-    def _init_discrete(self, betas: np.ndarray) -> None:
-        if betas.ndim != 1 or betas.size < 2 or np.any(betas <= 0) or np.any(betas >= 1):
-            raise ValueError("betas must be a 1-D array with values in (0, 1)")
-        self.betas = betas
-        self.num_train_timesteps = betas.size
-        self.alphas_cumprod = np.cumprod(1.0 - betas)
-        self.sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
-        self.lambdas = -np.log(self.sigmas)  # log(alpha/sigma) = -log(VE sigma)
-        # DPM-Solver's continuous view: knots (n+1)/N carrying log alpha_n.
-        self._t_knots = np.arange(1, betas.size + 1, dtype=np.float64) / betas.size
-        self._log_alpha_knots = 0.5 * np.cumsum(np.log1p(-betas))
+        self.config = dict(config) if config is not None else self._describe()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Schedule":
@@ -166,13 +159,20 @@ class Schedule:
         discrete: num_train_timesteps, beta_schedule, beta_start, beta_end (or
         trained_betas), model_time_offset (0; 1 for U-ViT's n = 1..N).
         vp_continuous: beta_min (0.1), beta_max (20), model_time_scale (999), eps (1e-4).
-        ddm_constant: sigma_min (0.01, so the last grid time is 1e-4), sigma_max (1).
+        ddm_constant: sigma_min (0.01, so the last grid time is 1e-4), sigma_max (1);
+        eps (the training range, recorded only).
         Recognised diffusers sampler options (clip_sample, timestep_spacing, steps_offset,
         variance_type, ...) become ``sampler_defaults``; options our maths cannot honour
         (prediction_type other than epsilon, karras sigmas, thresholding...) raise.
+        Called on a kind's class, ``type`` defaults to that kind and must be it.
         """
         cfg = dict(config)
-        kind = cfg.get("type", "discrete")
+        kind = cfg.get("type", cls.kind or DEFAULT_KIND)
+        kind_cls = SCHEDULE_KINDS.get(kind) if isinstance(kind, str) else None
+        if kind_cls is None:
+            raise ValueError(f"schedule type {kind!r} is not one of {tuple(SCHEDULE_KINDS)}")
+        if not issubclass(kind_cls, cls):
+            raise ValueError(f"{cls.__name__}.from_config got a {kind} schedule config")
         defaults, ignored = {}, []
         for key, value in cfg.items():
             if key in _SAMPLER_KEYS:
@@ -181,70 +181,68 @@ class Schedule:
                 if value != _PINNED_KEYS[key]:
                     raise ValueError(f"{key}={value!r} is not supported "
                                      f"(only {_PINNED_KEYS[key]!r})")
-            elif key not in _SCHEDULE_KEYS:
+            elif key != "type" and key not in kind_cls.config_keys:
                 ignored.append(key)
-        common = dict(sampler_defaults=defaults, config=cfg, ignored_keys=ignored)
-        if kind == "discrete":
-            if cfg.get("trained_betas") is not None:
-                betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
-            else:
-                betas = _betas(cfg.get("beta_schedule", "linear"),
-                               int(cfg.get("num_train_timesteps", 1000)),
-                               float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02)))
-            return cls("discrete", betas=betas,
-                       model_time_offset=cfg.get("model_time_offset", 0), **common)
-        if kind == "vp_continuous":
-            return cls(kind, beta_min=cfg.get("beta_min", 0.1), beta_max=cfg.get("beta_max", 20.0),
-                       t_min=cfg.get("eps", 1e-4),
-                       model_time_scale=cfg.get("model_time_scale", 999.0), **common)
-        if kind == "ddm_constant":
-            return cls(kind, t_min=float(cfg.get("sigma_min", 0.01)) ** 2,
-                       t_max=cfg.get("sigma_max", 1.0), **common)
-        raise ValueError(f"schedule type {kind!r} is not one of {SCHEDULE_KINDS}")
+        return kind_cls.from_kind_config(cfg, sampler_defaults=defaults, config=cfg,
+                                         ignored_keys=ignored)
 
-    def __repr__(self) -> str:
-        if self.kind == "discrete":
-            return (f"Schedule(discrete, N={self.num_train_timesteps}, "
-                    f"offset={self.model_time_offset:g})")
-        return f"Schedule({self.kind}, t in [{self.t_min:g}, {self.t_max:g}])"
+    @classmethod
+    @abstractmethod
+    def from_kind_config(cls, cfg: Mapping[str, Any], **common) -> "Schedule":
+        """This kind from its own config keys (today's defaults); ``common`` goes to __init__."""
+
+    def _describe(self) -> dict:
+        """A config that rebuilds this schedule (for one constructed directly)."""
+        return {"type": self.kind}
+
+    def to_config(self) -> dict:
+        """The config this schedule was built from (what a bundle should record)."""
+        return dict(self.config)
 
     def require(self, *kinds: str) -> None:
         """Raise a clear error when a sampler meets a schedule kind it cannot drive."""
         if self.kind not in kinds:
             raise ValueError(f"this sampler needs a {' or '.join(kinds)} schedule, got {self.kind}")
 
-    # --- time maps -----------------------------------------------------------------
-    def model_time(self, t):
-        """Sampler-native time -> the model's ``t`` input (float64).
+    # --- forward process and time maps (every kind) ------------------------------------
+    @abstractmethod
+    def marginal(self, t):
+        """(signal, noise) in float64 with x_t = signal·x0 + noise·eps, t in [t_min, t_max]."""
 
-        discrete: step index (maybe fractional) + model_time_offset; vp_continuous:
-        ``t * model_time_scale``; ddm_constant: ``t`` unchanged.
-        """
-        t = np.asarray(t, dtype=np.float64)
-        if self.kind == "discrete":
-            return t + self.model_time_offset
-        if self.kind == "vp_continuous":
-            return t * self.model_time_scale
-        return t
+    @abstractmethod
+    def model_time(self, t):
+        """Sampler-native time -> the model's ``t`` input (float64)."""
 
     def continuous_model_time(self, t):
-        """Continuous time in (0, 1] -> model input (discrete: step ``t·N - 1``)."""
-        t = np.asarray(t, dtype=np.float64)
-        if self.kind == "discrete":
-            return self.model_time(t * self.num_train_timesteps - 1.0)
-        return self.model_time(t)
+        """Continuous time in [t_min, t_max] -> model input."""
+        return self.model_time(np.asarray(t, dtype=np.float64))
 
-    # --- continuous-time VP view (DPM-Solver, Euler-Maruyama) --------------------
+    # --- continuous-time VP view: VPSchedule kinds only ----------------------------------
+    log_alpha = _kind_only("log_alpha", "log alpha_t of a continuous time t (VP kinds only).")
+    alpha_sigma = _kind_only("alpha_sigma", "(alpha_t, sigma_t) with alpha² + sigma² = 1 "
+                                            "(VP kinds only).")
+    marginal_lambda = _kind_only("marginal_lambda", "Half log-SNR lambda_t (VP kinds only).")
+    inverse_lambda = _kind_only("inverse_lambda", "Inverse of marginal_lambda (VP kinds only).")
+    beta_t = _kind_only("beta_t", "Instantaneous beta(t) of the VP SDE (vp_continuous only).")
+
+
+class VPSchedule(Schedule):
+    """Variance-preserving kinds: alpha_t² + sigma_t² = 1, given by ``log_alpha``."""
+
+    @abstractmethod
     def log_alpha(self, t):
-        """log alpha_t of a continuous time t (VP kinds only)."""
-        t = np.asarray(t, dtype=np.float64)
-        if self.kind == "vp_continuous":
-            return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-        self.require("discrete", "vp_continuous")
-        return np.interp(t, self._t_knots, self._log_alpha_knots)
+        """log alpha_t of a continuous time t."""
+
+    @abstractmethod
+    def _time_of_log_alpha(self, log_alpha):
+        """The continuous time whose log alpha is ``log_alpha`` (float64 array)."""
+
+    def marginal(self, t):
+        """(alpha_t, sigma_t): x_t = alpha_t·x0 + sigma_t·eps."""
+        return self.alpha_sigma(t)
 
     def alpha_sigma(self, t):
-        """(alpha_t, sigma_t) with alpha_t² + sigma_t² = 1 (VP kinds)."""
+        """(alpha_t, sigma_t) with alpha_t² + sigma_t² = 1."""
         la = self.log_alpha(t)
         return np.exp(la), np.sqrt(-np.expm1(2.0 * la))
 
@@ -256,20 +254,152 @@ class Schedule:
     def inverse_lambda(self, lam):
         """Continuous time whose half log-SNR is ``lam`` (inverse of marginal_lambda)."""
         lam = np.asarray(lam, dtype=np.float64)
-        log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lam)
-        if self.kind == "vp_continuous":
-            # Solve -(b1-b0)t²/4 - b0 t/2 = log_alpha for t >= 0 (stable root form).
-            b0, db = self.beta_min, self.beta_max - self.beta_min
-            tmp = -4.0 * db * log_alpha
-            return tmp / (np.sqrt(b0**2 + tmp) + b0) / db
-        self.require("discrete", "vp_continuous")
+        return self._time_of_log_alpha(-0.5 * np.logaddexp(0.0, -2.0 * lam))
+
+
+class DiscreteSchedule(VPSchedule):
+    """DDPM-style integer steps from ``betas``: attributes ``betas``, ``alphas_cumprod``,
+    ``sigmas`` (VE sigma per step), ``lambdas`` (half log-SNR per step),
+    ``num_train_timesteps`` and ``model_time_offset``; continuous t in [1/N, 1]."""
+
+    kind = "discrete"
+    config_keys = frozenset({"num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                             "trained_betas", "model_time_offset"})
+
+    def __init__(self, betas, *, model_time_offset: float = 0.0, t_min: float | None = None,
+                 t_max: float = 1.0, **common):
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.size < 2 or np.any(betas <= 0) or np.any(betas >= 1):
+            raise ValueError("betas must be a 1-D array with values in (0, 1)")
+        self.betas = betas
+        self.num_train_timesteps = betas.size
+        self.model_time_offset = float(model_time_offset)
+        self.alphas_cumprod = np.cumprod(1.0 - betas)
+        self.sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        self.lambdas = -np.log(self.sigmas)  # log(alpha/sigma) = -log(VE sigma)
+        # DPM-Solver's continuous view: knots (n+1)/N carrying log alpha_n.
+        self._t_knots = np.arange(1, betas.size + 1, dtype=np.float64) / betas.size
+        self._log_alpha_knots = 0.5 * np.cumsum(np.log1p(-betas))
+        super().__init__(t_min=1.0 / betas.size if t_min is None else t_min, t_max=t_max,
+                         **common)
+
+    @classmethod
+    def from_kind_config(cls, cfg, **common):
+        if cfg.get("trained_betas") is not None:
+            betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
+        else:
+            betas = _betas(cfg.get("beta_schedule", "linear"),
+                           int(cfg.get("num_train_timesteps", 1000)),
+                           float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02)))
+        return cls(betas, model_time_offset=cfg.get("model_time_offset", 0), **common)
+
+    def _describe(self):
+        return {"type": self.kind, "trained_betas": self.betas.tolist(),
+                "model_time_offset": self.model_time_offset}
+
+    def __repr__(self):
+        return (f"DiscreteSchedule(N={self.num_train_timesteps}, "
+                f"offset={self.model_time_offset:g})")
+
+    def model_time(self, t):
+        """Step index (maybe fractional) + model_time_offset."""
+        return np.asarray(t, dtype=np.float64) + self.model_time_offset
+
+    def continuous_model_time(self, t):
+        """Continuous time in (0, 1] -> model input of step ``t·N - 1``."""
+        t = np.asarray(t, dtype=np.float64)
+        return self.model_time(t * self.num_train_timesteps - 1.0)
+
+    def log_alpha(self, t):
+        """log alpha_t, piecewise linear between the knots (n+1)/N."""
+        return np.interp(np.asarray(t, dtype=np.float64), self._t_knots, self._log_alpha_knots)
+
+    def _time_of_log_alpha(self, log_alpha):
         return np.interp(log_alpha, self._log_alpha_knots[::-1], self._t_knots[::-1])
 
+
+class VPContinuousSchedule(VPSchedule):
+    """The score-SDE VP SDE with linear beta(t) from ``beta_min`` to ``beta_max``; the
+    model gets ``t·model_time_scale``."""
+
+    kind = "vp_continuous"
+    config_keys = frozenset({"beta_min", "beta_max", "model_time_scale", "eps"})
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, *,
+                 model_time_scale: float = 999.0, t_min: float = 1e-4, t_max: float = 1.0,
+                 **common):
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.model_time_scale = float(model_time_scale)
+        super().__init__(t_min=t_min, t_max=t_max, **common)
+
+    @classmethod
+    def from_kind_config(cls, cfg, **common):
+        return cls(cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0),
+                   t_min=cfg.get("eps", 1e-4),
+                   model_time_scale=cfg.get("model_time_scale", 999.0), **common)
+
+    def _describe(self):
+        return {"type": self.kind, "beta_min": self.beta_min, "beta_max": self.beta_max,
+                "model_time_scale": self.model_time_scale, "eps": self.t_min}
+
+    def __repr__(self):
+        return (f"VPContinuousSchedule(beta {self.beta_min:g}..{self.beta_max:g}, "
+                f"t in [{self.t_min:g}, {self.t_max:g}], scale={self.model_time_scale:g})")
+
+    def model_time(self, t):
+        """``t * model_time_scale``."""
+        return np.asarray(t, dtype=np.float64) * self.model_time_scale
+
+    def log_alpha(self, t):
+        """log alpha_t = -1/2 ∫_0^t beta(u) du."""
+        t = np.asarray(t, dtype=np.float64)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def _time_of_log_alpha(self, log_alpha):
+        # Solve -(b1-b0)t²/4 - b0 t/2 = log_alpha for t >= 0 (stable root form).
+        b0, db = self.beta_min, self.beta_max - self.beta_min
+        tmp = -4.0 * db * log_alpha
+        return tmp / (np.sqrt(b0**2 + tmp) + b0) / db
+
     def beta_t(self, t):
-        """Instantaneous beta(t) of the VP SDE (vp_continuous only)."""
-        self.require("vp_continuous")
+        """Instantaneous beta(t) of the VP SDE."""
         return self.beta_min + np.asarray(t, dtype=np.float64) * (self.beta_max - self.beta_min)
 
-    def to_config(self) -> dict:
-        """The config this schedule was built from (what a bundle should record)."""
-        return dict(self.config)
+
+class DDMConstantSchedule(Schedule):
+    """The decoupled model's constant-c process: x_t = (1 - t)·x0 + sqrt(t)·eps, t in
+    [sigma_min², sigma_max]; the model gets ``t`` itself."""
+
+    kind = "ddm_constant"
+    config_keys = frozenset({"sigma_min", "sigma_max", "eps"})
+
+    def __init__(self, *, t_min: float = 1e-4, t_max: float = 1.0, **common):
+        super().__init__(t_min=t_min, t_max=t_max, **common)
+
+    @classmethod
+    def from_kind_config(cls, cfg, **common):
+        return cls(t_min=float(cfg.get("sigma_min", 0.01)) ** 2,
+                   t_max=cfg.get("sigma_max", 1.0), **common)
+
+    def _describe(self):
+        return {"type": self.kind, "sigma_min": math.sqrt(self.t_min), "sigma_max": self.t_max}
+
+    def __repr__(self):
+        return f"DDMConstantSchedule(t in [{self.t_min:g}, {self.t_max:g}])"
+
+    def marginal(self, t):
+        """(1 - t, sqrt(t)): x_t = x0 + c·t + sqrt(t)·eps with c = -x0."""
+        t = np.asarray(t, dtype=np.float64)
+        return 1.0 - t, np.sqrt(t)
+
+    def model_time(self, t):
+        """``t`` unchanged."""
+        return np.asarray(t, dtype=np.float64)
+
+
+# Schedule kinds by config ``type``: adding a kind is one Schedule subclass and one line here.
+SCHEDULE_KINDS: dict[str, type[Schedule]] = {
+    "discrete": DiscreteSchedule,
+    "vp_continuous": VPContinuousSchedule,
+    "ddm_constant": DDMConstantSchedule,
+}

@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from edgediff.runtime.schedules import Schedule, spaced_timesteps
+from edgediff.runtime.schedules import (SCHEDULE_KINDS, DDMConstantSchedule, DiscreteSchedule,
+                                        Schedule, VPContinuousSchedule, VPSchedule,
+                                        spaced_timesteps)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -104,6 +106,153 @@ def test_trained_betas():
     s = Schedule.from_config({"trained_betas": betas.tolist()})
     assert s.num_train_timesteps == 10
     np.testing.assert_array_equal(s.betas, betas)
+
+
+KIND_CONFIGS = {"discrete": LINEAR, "vp_continuous": {"type": "vp_continuous"},
+                "ddm_constant": {"type": "ddm_constant"}}
+
+
+def test_registry_lists_exactly_the_kinds():
+    assert SCHEDULE_KINDS == {"discrete": DiscreteSchedule, "vp_continuous": VPContinuousSchedule,
+                              "ddm_constant": DDMConstantSchedule}
+    for kind, cls in SCHEDULE_KINDS.items():
+        assert cls.kind == kind and issubclass(cls, Schedule)
+    assert issubclass(DiscreteSchedule, VPSchedule) and issubclass(VPContinuousSchedule, VPSchedule)
+    assert not issubclass(DDMConstantSchedule, VPSchedule)
+    with pytest.raises(TypeError):  # the base and the VP base are abstract
+        Schedule(t_min=0.1, t_max=1.0)
+    with pytest.raises(TypeError):
+        VPSchedule(t_min=0.1, t_max=1.0)
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULE_KINDS))
+def test_from_config_dispatches_through_the_registry(kind):
+    s = Schedule.from_config(KIND_CONFIGS[kind])
+    assert type(s) is SCHEDULE_KINDS[kind] and s.kind == kind
+    # on a kind's class, ``type`` defaults to that kind; any other kind is refused
+    assert type(SCHEDULE_KINDS[kind].from_config({})) is SCHEDULE_KINDS[kind]
+    other = next(k for k in SCHEDULE_KINDS if k != kind)
+    with pytest.raises(ValueError, match=f"got a {other} schedule config"):
+        SCHEDULE_KINDS[kind].from_config({"type": other})
+    if kind != "ddm_constant":
+        assert type(VPSchedule.from_config(KIND_CONFIGS[kind])) is SCHEDULE_KINDS[kind]
+
+
+def test_from_config_errors_and_default_kind():
+    assert type(Schedule.from_config({})) is DiscreteSchedule
+    for bad in ("edm", None, ["discrete"]):
+        with pytest.raises(ValueError, match="is not one of .'discrete', 'vp_continuous', "
+                                             "'ddm_constant'.") as info:
+            Schedule.from_config({"type": bad})
+        assert repr(bad) in str(info.value)
+    with pytest.raises(ValueError, match="got a ddm_constant schedule config"):
+        VPSchedule.from_config({"type": "ddm_constant"})
+    with pytest.raises(ValueError, match="prediction_type"):
+        Schedule.from_config({"type": "ddm_constant", "prediction_type": "sample"})
+
+
+def test_each_kind_reads_only_its_own_keys():
+    # a key of another kind has no effect here, so it is reported as ignored
+    s = Schedule.from_config({**LINEAR, "sigma_max": 0.5, "beta_max": 10})
+    assert set(s.ignored_keys) == {"sigma_max", "beta_max"} and s.t_max == 1.0
+    s = Schedule.from_config({"type": "vp_continuous", "eps": 1e-3, "model_time_offset": 1})
+    assert s.ignored_keys == ("model_time_offset",) and s.t_min == 1e-3
+    s = Schedule.from_config({"type": "ddm_constant", "eps": 1e-4, "sigma_min": 0.02,
+                              "sigma_max": 0.5, "clip_sample": True})
+    assert s.ignored_keys == () and s.sampler_defaults == {"clip_sample": True}
+    assert (s.t_min, s.t_max) == (pytest.approx(4e-4), 0.5)
+
+
+def test_marginal_matches_each_kinds_forward_process():
+    s = Schedule.from_config(LINEAR)
+    knots = np.arange(1, 1001) / 1000  # continuous t of step n is (n+1)/N
+    signal, noise = s.marginal(knots)
+    assert signal.dtype == np.float64 and noise.dtype == np.float64
+    np.testing.assert_allclose(signal, np.sqrt(s.alphas_cumprod), rtol=1e-12)
+    np.testing.assert_allclose(noise, np.sqrt(1 - s.alphas_cumprod), rtol=1e-12)
+    for kind in ("discrete", "vp_continuous"):
+        s = Schedule.from_config(KIND_CONFIGS[kind])
+        t = np.linspace(s.t_min, s.t_max, 41)
+        signal, noise = s.marginal(t)
+        np.testing.assert_allclose(signal**2 + noise**2, 1.0, rtol=1e-12)
+        np.testing.assert_array_equal(signal, s.alpha_sigma(t)[0])
+        np.testing.assert_array_equal(noise, s.alpha_sigma(t)[1])
+    s = Schedule.from_config({"type": "vp_continuous"})
+    np.testing.assert_allclose(s.marginal(0.5)[0], np.exp(-0.25 * 0.25 * 19.9 - 0.25 * 0.1),
+                               rtol=1e-14)
+    s = Schedule.from_config({"type": "ddm_constant"})
+    t = np.linspace(s.t_min, s.t_max, 41)
+    signal, noise = s.marginal(t)  # x_t = x0 - x0·t + sqrt(t)·eps
+    assert signal.dtype == np.float64 and noise.dtype == np.float64
+    np.testing.assert_array_equal(signal, 1.0 - t)
+    np.testing.assert_array_equal(noise, np.sqrt(t))
+    assert s.marginal(1.0) == (0.0, 1.0)
+
+
+def test_model_time_maps_per_kind():
+    s = Schedule.from_config({**LINEAR, "model_time_offset": 1})
+    assert s.model_time(5).dtype == np.float64 and s.model_time(5) == 6.0
+    assert s.continuous_model_time(0.5) == 500.0
+    s = Schedule.from_config({"type": "vp_continuous", "model_time_scale": 1000})
+    assert s.model_time(0.5) == s.continuous_model_time(0.5) == 500.0
+    s = Schedule.from_config({"type": "ddm_constant"})
+    assert s.model_time(0.25) == s.continuous_model_time(0.25) == 0.25
+    assert s.model_time([0.5]).dtype == np.float64
+
+
+def test_kind_only_methods_raise_requires_error():
+    ddm = Schedule.from_config({"type": "ddm_constant"})
+    for name in ("log_alpha", "alpha_sigma", "marginal_lambda", "inverse_lambda"):
+        with pytest.raises(ValueError, match="needs a discrete or vp_continuous schedule, "
+                                             "got ddm_constant"):
+            getattr(ddm, name)(0.5)
+    for s in (ddm, Schedule.from_config(LINEAR)):
+        with pytest.raises(ValueError, match=f"needs a vp_continuous schedule, got {s.kind}"):
+            s.beta_t(0.5)
+    with pytest.raises(ValueError, match="needs a discrete schedule, got ddm_constant"):
+        ddm.require("discrete")
+    ddm.require("discrete", "ddm_constant")
+    assert ddm.num_train_timesteps is None and not hasattr(ddm, "alphas_cumprod")
+
+
+def test_direct_construction_and_config_round_trip():
+    betas = np.linspace(1e-4, 0.02, 50)
+    built = [DiscreteSchedule(betas, model_time_offset=1), VPContinuousSchedule(0.2, 15.0),
+             DDMConstantSchedule(t_min=4e-4, t_max=0.5)]
+    for s in built:
+        again = Schedule.from_config(s.to_config())
+        assert type(again) is type(s) and repr(again) == repr(s) and again.ignored_keys == ()
+        t = np.linspace(s.t_min, s.t_max, 9)
+        np.testing.assert_allclose(again.marginal(t), s.marginal(t), rtol=1e-15)
+        np.testing.assert_array_equal(again.continuous_model_time(t), s.continuous_model_time(t))
+    assert repr(built[0]) == "DiscreteSchedule(N=50, offset=1)"
+    assert repr(built[2]) == "DDMConstantSchedule(t in [0.0004, 0.5])"
+    with pytest.raises(ValueError, match="betas"):
+        DiscreteSchedule([0.5])
+
+
+def test_a_new_kind_is_one_class_and_one_registry_line(monkeypatch):
+    class FlowSchedule(Schedule):  # rectified flow: x_t = (1 - t)·x0 + t·eps
+        kind = "flow"
+        config_keys = frozenset({"shift"})
+
+        @classmethod
+        def from_kind_config(cls, cfg, **common):
+            return cls(t_min=0.0, t_max=1.0, **common)
+
+        def marginal(self, t):
+            t = np.asarray(t, dtype=np.float64)
+            return 1.0 - t, t
+
+        def model_time(self, t):
+            return np.asarray(t, dtype=np.float64) * 1000
+
+    monkeypatch.setitem(SCHEDULE_KINDS, "flow", FlowSchedule)
+    s = Schedule.from_config({"type": "flow", "shift": 3, "beta_min": 0.1})
+    assert type(s) is FlowSchedule and s.ignored_keys == ("beta_min",)
+    assert s.continuous_model_time(0.5) == 500.0 and s.marginal(0.25) == (0.75, 0.25)
+    with pytest.raises(ValueError, match="needs a discrete or vp_continuous schedule, got flow"):
+        s.alpha_sigma(0.5)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
