@@ -17,8 +17,7 @@ from edgediff.export.models import FAMILIES
 from edgediff.runtime.backends import BACKENDS
 from edgediff.runtime.samplers import SAMPLERS
 
-# Errors that are the user's input, not our bug: print one line, exit non-zero.
-_USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, RuntimeError, OSError)
+from edgediff.runtime.errors import EdgediffError, missing_extra
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,22 +71,17 @@ def _parse_classes(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint="--classes") from None
 
 
-def _backend_options(backend: str, device: str, threads: int | None, batch: int, guidance: float) -> dict:
-    if backend == "trt":  # pick the engine whose profile covers the (guidance-doubled) batch
-        return {"batch": batch * (2 if guidance != 1.0 else 1)}
-    return {"device": device, "threads": threads}
-
-
 @cli.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the schedule's usual one).")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000), help="Sampler steps.")
-@click.option("-n", "num", default=64, show_default=True, type=click.IntRange(1), help="Number of samples.")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(1), help="Samples per backend batch.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)),
+              help="Sampler (default: the bundle's recommended one, else the schedule's usual one).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
+@click.option("-n", "num", default=64, show_default=True, type=click.IntRange(1, 1_000_000), help="Number of samples.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 4096), help="Samples per backend batch.")
 @click.option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes).")
 @click.option("--class", "one_class", type=int, help="A single class label for every sample.")
-@click.option("--guidance", default=1.0, show_default=True, type=float, help="Classifier-free guidance scale w.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the only noise source.")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale w (default: the bundle's recommended).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(list(BACKENDS)), help="Backend.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
@@ -98,29 +92,32 @@ def _backend_options(backend: str, device: str, threads: int | None, batch: int,
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, seed, backend, precision, device,
              threads, out, npz):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
-    from edgediff.runtime import pipeline, read_bundle
-    from edgediff.runtime.backends import load_backend
     from edgediff.runtime.images import save_outputs
+    from edgediff.runtime.pipeline import Pipeline, total_model_calls
 
     if not (out or npz):
         raise click.UsageError("give --out grid.png and/or --npz samples.npz")
-    b = read_bundle(bundle)
     wanted = [one_class] if one_class is not None else _parse_classes(classes)
-    labels = pipeline.resolve_labels(b.manifest, num, wanted)
-    engine = load_backend(b, backend, precision, **_backend_options(backend, device, threads, batch, guidance))
     start = time.perf_counter()
-    with tqdm(total=-(-num // batch) * steps, desc="sampling", unit="step", disable=None) as bar:
-        result = pipeline.generate(engine, b.manifest, num, sampler=sampler, steps=steps, batch=batch,
-                                   labels=labels, guidance=guidance, seed=seed, progress=lambda info: bar.update())
-    for line in save_outputs(b.manifest, result.samples, result.labels, png=out, npz=npz):
-        click.echo(line)
+    with Pipeline.from_bundle(bundle, backend, precision, device=device, threads=threads, max_batch=batch) as pipe:
+        choice = dict(sampler=sampler, steps=steps, guidance=guidance)
+        total = total_model_calls(pipe.manifest, num, min(batch, num), **choice)
+        with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:
+            result = pipe(num, classes=wanted, seed=seed, batch=batch, progress=bar.update, **choice)
+        for line in save_outputs(pipe.manifest, result.samples, result.labels, png=out, npz=npz):
+            click.echo(line)
     click.echo(f"{num} samples in {time.perf_counter() - start:.1f} s")
 
 
 @cli.command()
 def families():
     """List model families and their named configurations."""
-    for name, family in FAMILIES.items():
+    for name in FAMILIES:
+        try:
+            family = FAMILIES[name]
+        except ImportError as exc:            # a torch-free (runtime-only) install
+            click.echo(f"{name}: the export side is not installed ({missing_extra(exc) or exc})")
+            continue
         click.echo(f"{name}: {family.description}")
         click.echo("  sizes: " + ", ".join(family.configs))
 
@@ -129,17 +126,30 @@ for _command in (*PRECISION_COMMANDS, *DIGITS_COMMANDS):
     cli.add_command(_command)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
 def main(argv=None):
+    """Run the CLI: user errors (EdgediffError, a missing optional dependency, click's usage
+    errors) become one line and a non-zero exit; anything else is a bug and keeps its traceback."""
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except _USER_ERRORS as exc:
-        click.echo(f"error: {exc}", err=True)
+    except EdgediffError as exc:
+        click.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    except ImportError as exc:
+        extra = missing_extra(exc)
+        if extra is None:
+            raise
+        click.echo(f"error: {extra}", err=True)
         sys.exit(1)
     sys.exit(0)
 

@@ -84,10 +84,7 @@ def schedule_points(spec: ModelSpec, n: int) -> list[tuple[float, float, float]]
     from the model's smallest to its largest t: x_t = signal·x0 + noise·ε."""
     sched = Schedule.from_config(spec.schedule)
     u = np.linspace(sched.t_min, sched.t_max, n)
-    if sched.kind == "ddm_constant":
-        signal, noise = 1.0 - u, np.sqrt(u)                 # x_t = x0 − x0·t + √t·ε
-    else:
-        signal, noise = sched.alpha_sigma(u)
+    signal, noise = sched.marginal(u)
     t = np.clip(sched.continuous_model_time(u), spec.time["min"], spec.time["max"])
     t[0], t[-1] = spec.time["min"], spec.time["max"]        # the exact ends the model accepts
     return [(float(a), float(b), float(c)) for a, b, c in zip(t, signal, noise)]

@@ -31,9 +31,9 @@ def test_outside_classifier_rejects_noise(outside):
 @pytest.mark.parametrize("family", ["ddpm", "uvit", "dit", "ddm"])
 def test_shipped_weights_through_torch_draw_the_requested_digits(family, outside, one_thread):
     """The loop that runs bundles, driven by the PyTorch module: 5 per class, 10 steps."""
-    _, _, module, spec = quality.load_trained(shipped(family))
-    manifest = quality.manifest_of(spec)
-    backend = quality.TorchBackend(module, manifest)
+    name, config, module, spec = quality.load_trained(shipped(family))
+    manifest = quality.trained_manifest(name, config, spec)
+    backend = quality.TorchBackend.from_spec(module, spec)
     result, samples = rt_judge.judge_backend(backend, manifest, per_class=5, steps=10, batch=50)
     labels = rt_judge.class_order_labels(5)
     assert result.n == 50 and result.accuracy >= 0.9

@@ -108,14 +108,14 @@ def test_demo_exports_once_and_judges_its_grid(tmp_path):
     result = run_demo(cache=tmp_path, png=tmp_path / "demo.png", log=lambda m: None)
     assert result.png.is_file() and result.judge.n == 100
     assert result.judge.accuracy >= 0.95
-    created = read_bundle(result.bundle).manifest["created"]
+    created = read_bundle(result.bundle).manifest.created
     ensure_bundle(DEFAULT_FAMILY, result.bundle, log=lambda m: None)
-    assert read_bundle(result.bundle).manifest["created"] == created          # fresh: kept
+    assert read_bundle(result.bundle).manifest.created == created          # fresh: kept
     manifest = json.loads((result.bundle / "bundle.json").read_text())
     manifest["source"]["sha256"] = "0" * 64                                  # weights changed since
     (result.bundle / "bundle.json").write_text(json.dumps(manifest))
     ensure_bundle(DEFAULT_FAMILY, result.bundle, log=lambda m: None)
-    assert read_bundle(result.bundle).manifest["source"]["sha256"] != "0" * 64
+    assert read_bundle(result.bundle).manifest.source["sha256"] != "0" * 64
 
 
 def test_train_refuses_a_foreign_out_directory_before_training(tmp_path, capsys):

@@ -54,7 +54,7 @@ def test_learned_sigma_splits_eps_and_v():
     eps, v = view(x, t, y)
     full = view.model(x, t, y)
     assert torch.equal(torch.cat([eps, v], 1), full)
-    assert dit.spec(dit.CONFIGS["tiny"]).outputs == ("eps", "v")
+    assert dit.spec(dit.CONFIGS["tiny"]).outputs == ("eps", "var")
     assert dit.spec(dit.CONFIGS["tiny"]).null_label == 10
 
 

@@ -29,7 +29,7 @@ def test_fixture_exports_with_parity(name, tmp_path):
     spec = family.spec(family.configs[family.fixture])
     assert bundle.input_names == list(spec.inputs)
     assert bundle.output_names == list(spec.outputs)
-    assert bundle["parity"]["fp32"]["passed"] is True
+    assert bundle.manifest.parity["fp32"]["passed"] is True
     # batch 1 and 3, both ends of t, labels and null labels (where a null label exists)
     labels = 2 if spec.null_label is not None else 1
     assert len(result.parity.cases) == 2 * 2 * labels

@@ -104,8 +104,8 @@ def test_add_fp16_to_a_bundle(tmp_path, fixture_bundle):
     parity = fp16.add_fp16(tmp_path / "b", checkpoint=tmp_path / "w.safetensors", log=lambda m: None)
     bundle = read_bundle(tmp_path / "b")                          # every hash verified, fp16 included
     assert parity.passed and parity.reference == "pytorch-fp32"
-    assert bundle["models"]["fp16"] == "model_fp16.onnx" and "model_fp16.onnx" in bundle["files"]
-    assert bundle["precision"]["fp16"]["fp32_islands"][0]["reason"]
+    assert bundle.manifest.models["fp16"] == "model_fp16.onnx" and "model_fp16.onnx" in bundle.manifest.files
+    assert bundle.manifest.precision["fp16"]["fp32_islands"][0]["reason"]
     assert json.loads((tmp_path / "b" / "parity.json").read_text())["fp16"]["passed"]
     feed = {"x": np.zeros((2, 1, 8, 8), np.float32), "t": np.array([0, 999], np.float32),
             "y": np.array([0, 10], np.int64)}

@@ -14,5 +14,5 @@ def test_dit_xl2_exports_with_external_data(tmp_path):
     assert result.parity.passed, result.parity.summary()
     assert result.num_params == 675_129_632
     bundle = read_bundle(tmp_path / "xl")
-    assert set(bundle["files"]) == {"model.onnx", "model.onnx.data", "parity.json"}
+    assert set(bundle.manifest.files) == {"model.onnx", "model.onnx.data", "parity.json"}
     assert (tmp_path / "xl" / "model.onnx").stat().st_size < 2**31

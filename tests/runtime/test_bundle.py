@@ -17,9 +17,9 @@ def bundle_dir(tmp_path_factory):
 
 def test_reads_valid_bundle(bundle_dir):
     b = read_bundle(bundle_dir)
-    assert b.input_names == ["x", "t", "y"] and b.output_names == ["eps", "v"]
+    assert b.input_names == ["x", "t", "y"] and b.output_names == ["eps", "var"]
     assert b.model_path().is_file()
-    assert set(b["files"]) == {"model.onnx", "parity.json"}
+    assert set(b.manifest.files) == {"model.onnx", "parity.json"}
     with pytest.raises(BundleError, match="no int8 model"):
         b.model_path("int8")
 

@@ -1,4 +1,5 @@
 """Engine naming, sidecars and the compatibility rules (no TensorRT, no GPU needed)."""
+from types import SimpleNamespace
 import json
 
 import pytest
@@ -100,9 +101,9 @@ def test_no_engines_yet(tmp_path):
 
 
 def test_model_digest_covers_external_data():
-    manifest = {"models": {"fp16": "m.onnx"}, "files": {"m.onnx": SHA}}
+    manifest = SimpleNamespace(models={"fp16": "m.onnx"}, files={"m.onnx": SHA})
     assert model_digest(manifest, "fp16") == SHA
-    with_data = {"models": {"fp16": "m.onnx"}, "files": {"m.onnx": SHA, "m.onnx.data": "cd" * 32}}
+    with_data = SimpleNamespace(models={"fp16": "m.onnx"}, files={"m.onnx": SHA, "m.onnx.data": "cd" * 32})
     assert model_digest(with_data, "fp16") not in (SHA, "cd" * 32)
     with pytest.raises(EngineError, match="no int8 model"):
         model_digest(manifest, "int8")

@@ -31,13 +31,13 @@ def test_guidance_is_one_batched_call(bundle, backend, rng):
             calls.append(feed["x"].shape[0])
             return backend.infer(feed)
 
-    x = rng.standard_normal((3, *bundle["sample_shape"])).astype(np.float32)
+    x = rng.standard_normal((3, *bundle.manifest.sample_shape)).astype(np.float32)
     labels = np.array([1, 2, 3])
     guided = GuidedDenoiser(Counting(), bundle.manifest, labels, guidance=4.0)(x, 500.0)["eps"]
     assert calls == [6]
     t = np.full(3, 500, np.float32)
     cond = backend.infer({"x": x, "t": t, "y": labels})["eps"]
-    uncond = backend.infer({"x": x, "t": t, "y": np.full(3, bundle["null_label"])})["eps"]
+    uncond = backend.infer({"x": x, "t": t, "y": np.full(3, bundle.manifest.null_label)})["eps"]
     np.testing.assert_allclose(guided, uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
     plain = GuidedDenoiser(Counting(), bundle.manifest, labels, guidance=1.0)(x, 500.0)["eps"]
     assert calls[-1] == 3
@@ -49,7 +49,7 @@ def test_same_seed_same_samples(bundle, backend):
     a = generate(backend, bundle.manifest, 5, steps=4, batch=2, labels=labels, guidance=2.0, seed=7)
     b = generate(backend, bundle.manifest, 5, steps=4, batch=2, labels=labels, guidance=2.0, seed=7)
     c = generate(backend, bundle.manifest, 5, steps=4, batch=2, labels=labels, guidance=2.0, seed=8)
-    assert a.samples.shape == (5, *bundle["sample_shape"])
+    assert a.samples.shape == (5, *bundle.manifest.sample_shape)
     assert np.array_equal(a.samples, b.samples) and not np.array_equal(a.samples, c.samples)
     assert labels.tolist() == [0, 1, 2, 3, 4]
 

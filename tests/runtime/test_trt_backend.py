@@ -12,7 +12,9 @@ import pytest
 
 from edgediff.runtime.backends import trt as trt_backend
 from edgediff.runtime.backends.base import BackendError
+from edgediff.runtime.backends import load_backend
 from edgediff.runtime.bundle import Bundle
+from edgediff.runtime.manifest import Manifest
 from edgediff.runtime.files import sha256_file, write_json_atomic
 from edgediff.runtime.engines import BatchProfile, EngineKey, make_sidecar, sidecar_path
 
@@ -122,10 +124,13 @@ def fakes(monkeypatch):
 
 
 def _bundle(tmp_path, cc="9.0", payload=b"ENGINE"):
-    manifest = {"models": {"fp16": "model_fp16.onnx"}, "files": {"model_fp16.onnx": "ab" * 32},
-                "inputs": {"x": {"dtype": "float32", "shape": ["batch", 1, 4, 4]},
-                           "t": {"dtype": "float32", "shape": ["batch"]}, "y": {"dtype": "int64", "shape": ["batch"]}},
-                "outputs": {"eps": {"dtype": "float32", "shape": ["batch", 1, 4, 4]}}}
+    manifest = Manifest(
+        family="dit", config={}, prediction="epsilon", time={}, schedule={}, sample_shape=(1, 4, 4),
+        num_classes=10, null_label=10,
+        models={"fp16": "model_fp16.onnx"}, files={"model_fp16.onnx": "ab" * 32},
+        inputs={"x": {"dtype": "float32", "shape": ["batch", 1, 4, 4]},
+                "t": {"dtype": "float32", "shape": ["batch"]}, "y": {"dtype": "int64", "shape": ["batch"]}},
+        outputs={"eps": {"dtype": "float32", "shape": ["batch", 1, 4, 4]}})
     key = EngineKey("fp16", cc, "10.12.0.36", "ab" * 32, BatchProfile(1, 4, 8))
     (tmp_path / "engines").mkdir()
     path = tmp_path / "engines" / key.name
@@ -145,7 +150,7 @@ def _expected(feed):
 
 @pytest.mark.parametrize("graph", [False, True])
 def test_infer_round_trips_through_device_buffers(tmp_path, fakes, rng, graph):
-    backend = trt_backend.from_bundle(_bundle(tmp_path), "fp16", cuda_graph=graph)
+    backend = load_backend(_bundle(tmp_path), "trt", "fp16", cuda_graph=graph)
     for b in (3, 3, 8, 1, 3):                                   # shape changes and repeats
         feed = _feed(b, rng)
         np.testing.assert_array_equal(backend.infer(feed)["eps"], _expected(feed))
@@ -157,24 +162,24 @@ def test_infer_round_trips_through_device_buffers(tmp_path, fakes, rng, graph):
 
 
 def test_batch_beyond_the_profile_is_refused(tmp_path, fakes, rng):
-    backend = trt_backend.from_bundle(_bundle(tmp_path), "fp16")
+    backend = load_backend(_bundle(tmp_path), "trt", "fp16")
     with pytest.raises(BackendError, match="outside the engine's profile 1..8"):
         backend.infer(_feed(9, rng))
 
 
 def test_engine_for_another_gpu_is_never_deserialised(tmp_path, fakes):
     with pytest.raises(BackendError, match="compute capability 8.6 GPU, this GPU is 9.0"):
-        trt_backend.from_bundle(_bundle(tmp_path, cc="8.6"), "fp16")
+        load_backend(_bundle(tmp_path, cc="8.6"), "trt", "fp16")
 
 
 def test_engine_whose_profile_is_too_small_is_refused(tmp_path, fakes):
     with pytest.raises(BackendError, match="does not cover batch 16"):
-        trt_backend.from_bundle(_bundle(tmp_path), "fp16", batch=16)
+        load_backend(_bundle(tmp_path), "trt", "fp16", max_batch=16)
 
 
 def test_undeserialisable_engine_is_a_clear_error(tmp_path, fakes):
     with pytest.raises(BackendError, match="could not deserialise"):
-        trt_backend.from_bundle(_bundle(tmp_path, payload=b"garbage"), "fp16")
+        load_backend(_bundle(tmp_path, payload=b"garbage"), "trt", "fp16")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
