@@ -1,0 +1,158 @@
+"""The generation contract: per-sample noise (batch-size independence), recommended sampling,
+the Pipeline API and the typed manifest."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgediff.export.bundle import export_bundle
+from edgediff.export.models import FAMILIES
+from edgediff.runtime import Pipeline, read_bundle
+from edgediff.runtime.backends import Backend
+from edgediff.runtime.bundle import BundleError
+from edgediff.runtime.manifest import Manifest
+from edgediff.runtime.pipeline import generate, resolve_labels
+from edgediff.runtime.samplers import SAMPLERS
+
+
+@pytest.fixture(scope="module")
+def ddpm_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "ddpm"
+    export_bundle("ddpm", FAMILIES["ddpm"].configs["tiny"], out, log=lambda m: None)
+    return read_bundle(out)
+
+
+class RowwiseBackend(Backend):
+    """A NumPy model whose row i depends only on row i of the feed (like a real network)."""
+
+    def infer_impl(self, feed):
+        x, t = feed["x"], feed["t"].reshape(-1, 1, 1, 1)
+        eps = np.tanh(0.5 * x + 0.001 * t).astype(np.float32)
+        return [(-0.5 * x).astype(np.float32), eps] if len(self.outputs) == 2 else [eps]
+
+
+def fake_manifest(schedule: dict, outputs=("eps",)) -> Manifest:
+    decl = {"dtype": "float32", "shape": ["batch", 1, 4, 4]}
+    return Manifest(family="test", config={}, prediction="epsilon", time={}, schedule=schedule,
+                    sample_shape=(1, 4, 4), models={"fp32": "model.onnx"},
+                    inputs={"x": decl, "t": {"dtype": "float32", "shape": ["batch"]}},
+                    outputs={n: decl for n in outputs})
+
+
+def _all_cases(ddpm_bundle):
+    from edgediff.runtime.backends import load_backend
+
+    real = (load_backend(ddpm_bundle, "ort"), ddpm_bundle.manifest)
+    vp = fake_manifest({"type": "vp_continuous"})
+    ddm = fake_manifest({"type": "ddm_constant"}, ("c", "eps"))
+    for name, record in SAMPLERS.items():
+        if "discrete" in record.schedules:
+            yield name, real
+        elif "vp_continuous" in record.schedules:
+            yield name, (RowwiseBackend(vp.inputs, vp.output_names), vp)
+        else:
+            yield name, (RowwiseBackend(ddm.inputs, ddm.output_names), ddm)
+
+
+def test_samples_do_not_depend_on_batch_size_or_n(ddpm_bundle):
+    """Sample i depends on (seed, i, options) only: --batch 4 vs 16, -n 16 vs first 16 of -n 32,
+    for every sampler, stochastic ones included."""
+    for name, (backend, manifest) in _all_cases(ddpm_bundle):
+        guidance = 2.0 if manifest.null_label is not None else 1.0
+        kw = dict(sampler=name, steps=4, guidance=guidance, seed=5)
+        run = lambda n, batch: generate(backend, manifest, n, batch=batch,  # noqa: E731
+                                        labels=resolve_labels(manifest, n, None), **kw).samples
+        a, b, c = run(16, 4), run(16, 16), run(32, 7)
+        assert np.array_equal(a, b), name
+        assert np.array_equal(a, c[:16]), name
+        assert not np.array_equal(a[0], a[1]), name
+
+
+def test_shards_reproduce_the_whole_run(ddpm_bundle):
+    with Pipeline.from_bundle(ddpm_bundle.path) as pipe:
+        whole = pipe(10, sampler="ddpm", steps=3, seed=2, classes=[4]).samples
+        tail = pipe(4, sampler="ddpm", steps=3, seed=2, classes=[4], first=6).samples
+    assert np.array_equal(whole[6:], tail)
+
+
+def test_recommended_sampling_is_recorded_and_used(ddpm_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(ddpm_bundle.path, copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    assert raw["sampling"] == {"sampler": None, "steps": 20, "guidance": 1.0}
+    raw["sampling"] = {"sampler": "ddim", "steps": 3, "guidance": 3.0}
+    (copy / "bundle.json").write_text(json.dumps(raw))
+    calls = []
+    with Pipeline.from_bundle(copy) as pipe:
+        real = pipe.backend.infer
+        pipe.backend.infer = lambda feed: calls.append(len(feed["x"])) or real(feed)
+        default = pipe(2, classes=[1], seed=0).samples
+        explicit = pipe(2, classes=[1], seed=0, sampler="ddim", steps=3, guidance=3.0).samples
+    assert calls == [4, 4, 4, 4, 4, 4]          # 3 steps, guided (2 samples doubled), twice
+    assert np.array_equal(default, explicit)
+
+
+def test_pipeline_output_and_lifecycle(ddpm_bundle):
+    pipe = Pipeline.from_bundle(ddpm_bundle.path)
+    with pipe:
+        out = pipe(n=3, classes=[3], steps=2, seed=0)
+    assert out.images.shape == (3, 8, 8, 1) and out.images.dtype == np.uint8
+    assert out.labels.tolist() == [3, 3, 3]
+    assert pipe.backend.session is None          # closed by the context manager
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        Pipeline(ddpm_bundle, None)(n=0)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"sample_shape": [1, 100000, 100000]}, "sample_shape entries"),
+    ({"sample_shape": [64, 4096, 4096]}, "implausibly large"),
+    ({"sample_shape": "8x8"}, "sample_shape"),
+    ({"inputs": ["x", "t"]}, "inputs must be a JSON object"),
+    ({"num_classes": "ten"}, "num_classes"),
+    ({"models": {"fp32": "../../etc/passwd"}}, "inside the bundle"),
+    ({"models": {"fp32": "/abs/model.onnx"}}, "inside the bundle"),
+    ({"sampling": {"guidance": "nan"}}, "sampling.guidance"),
+    ({"sampling": {"steps": 0}}, "sampling.steps"),
+    ({"schema_version": 99}, "schema version 99"),
+])
+def test_malformed_manifests_are_one_line_errors(ddpm_bundle, tmp_path, change, match):
+    copy = tmp_path / "b"
+    shutil.copytree(ddpm_bundle.path, copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    raw.update(change)
+    (copy / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=match) as err:
+        read_bundle(copy)
+    assert "\n" not in str(err.value)
+
+
+def test_unlisted_model_file_is_refused(ddpm_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(ddpm_bundle.path, copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    del raw["files"]["model.onnx"]
+    (copy / "bundle.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="not covered"):
+        read_bundle(copy)
+
+
+def test_schema_1_bundles_read_dit_v_as_var():
+    raw = fake_manifest({}, ("eps", "v")).to_dict()
+    raw["schema_version"] = 1
+    m = Manifest.from_dict(raw)
+    assert m.output_names == ["eps", "var"] and m.graph_outputs == {"var": "v"}
+    raw["schema_version"] = 2
+    assert Manifest.from_dict(raw).output_names == ["eps", "v"]
+
+
+def test_non_finite_model_output_is_an_error():
+    m = fake_manifest({})
+
+    class Broken(Backend):
+        def infer_impl(self, feed):
+            return [np.full_like(feed["x"], np.nan)]
+
+    with pytest.raises(Exception, match="non-finite"):
+        Broken(m.inputs, m.output_names).infer({"x": np.zeros((1, 1, 4, 4), np.float32),
+                                                "t": np.zeros(1, np.float32)})
