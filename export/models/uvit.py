@@ -192,7 +192,10 @@ class UViTDenoiser(nn.Module):
 SCHEMA = Schema("uvit", {
     "img_size": pos_int(224), "patch_size": pos_int(16), "in_chans": pos_int(3), "embed_dim": pos_int(768),
     "depth": pos_int(12), "num_heads": pos_int(12), "mlp_ratio": pos_float(4.0), "qkv_bias": boolean(False),
-    "qk_scale": pos_float(None, optional=True), "norm_layer": choice(nn.LayerNorm, nn.LayerNorm),
+    "qk_scale": pos_float(None, optional=True),
+    # a Python class, not JSON: only the default is implemented
+    "norm_layer": Field("any", nn.LayerNorm, choices=(nn.LayerNorm,),
+                        words="left out (only the default nn.LayerNorm is supported)"),
     "mlp_time_embed": boolean(False), "num_classes": Field("int", -1, lo=-1), "use_checkpoint": boolean(False),
     "conv": boolean(True), "skip": boolean(True),
     "timesteps": choice("continuous", "continuous", "discrete"), "cfg": boolean(False),

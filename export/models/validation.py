@@ -48,6 +48,7 @@ class Field:
     optional: bool = False                # null (None) accepted
     choices: tuple = ()                   # the only accepted values (checked instead of kind)
     nonempty: bool = False                # lists need at least one element
+    words: str = ""                       # overrides the generated description
 
     def accepts(self, v) -> bool:
         if self.choices:
@@ -76,22 +77,30 @@ class Field:
 
     def describe(self) -> str:
         """What the key must be, in words, for the error message."""
+        if self.words:
+            return self.words
         if self.choices:
             return "one of " + ", ".join(map(_show, self.choices))
-        many = "non-empty list" if self.nonempty else "list"
-        text = {"int": lambda: self._words("integer"), "number": lambda: self._words("number"),
-                "bool": lambda: "true or false (a JSON boolean)", "str": lambda: "a string",
-                "any": lambda: "anything", "strs": lambda: f"a {many} of strings",
-                "ints": lambda: f"a {many} of {self._words('integer', plural=True)}",
-                "size": lambda: f"{self._words('integer')} or a [height, width] pair of them"}[self.kind]()
+        many = "a non-empty list" if self.nonempty else "a list"
+        if self.kind in ("int", "number"):
+            text = self._words("integer" if self.kind == "int" else "number")
+        elif self.kind == "ints":
+            text = f"{many} of {self._words('integers', plural=True)}"
+        elif self.kind == "size":
+            text = f"{self._words('integer')} or a [height, width] pair of them"
+        else:
+            text = {"bool": "true or false (a JSON boolean)", "str": "a string", "strs": f"{many} of strings",
+                    "any": "anything"}[self.kind]
         return text + (" or null" if self.optional else "")
 
     def _words(self, noun: str, plural: bool = False) -> str:
         """e.g. 'a positive integer', 'non-negative integers', 'a finite number in [0, 1]'."""
+        integer = noun.startswith("integer")
+        positive = (self.lo == 0 and self.lo_open) or (integer and self.lo == 1 and not self.lo_open)
         adj, bounds = "", ""
-        if self.hi is None and (self.lo, self.lo_open) in ((0, True), (1, False)) and (noun == "integer" or self.lo == 0):
+        if self.hi is None and positive:
             adj = "positive"
-        elif self.hi is None and (self.lo, self.lo_open) == (0, False):
+        elif self.hi is None and self.lo == 0:
             adj = "non-negative"
         elif self.lo is not None and self.hi is not None:
             bounds = f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
@@ -99,9 +108,9 @@ class Field:
             bounds = f" {'>' if self.lo_open else '>='} {self.lo:g}"
         elif self.hi is not None:
             bounds = f" <= {self.hi:g}"
-        if noun == "number" and self.finite:
+        if not integer and self.finite:
             adj = f"{adj} finite".strip()
-        phrase = f"{adj} {noun}{'s' if plural else ''}".strip() + bounds
+        phrase = f"{adj} {noun}".strip() + bounds
         return phrase if plural else ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -150,7 +159,8 @@ class Schema:
         for key in given:
             field, value = self.fields[key], given[key]
             if not field.accepts(value):
-                self.fail(f"{key} must be {field.describe()}, got {_show(value)} ({type(value).__name__})")
+                kind = "" if value is None else f" ({type(value).__name__})"
+                self.fail(f"{key} must be {field.describe()}, got {_show(value)}{kind}")
         for check in self.rules:      # run only on well-typed values, so rules stay simple
             message = check(cfg)
             if message:
