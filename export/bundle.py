@@ -68,9 +68,11 @@ def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: s
     """Export ``family`` at ``config`` to a validated bundle directory at ``out``;
     ``sampling`` overrides the recommended sampling defaults recorded in the bundle."""
     out = Path(out)
+    # spec() validates the config (ConfigError) without torch: a bad config fails in
+    # milliseconds, before a module is built or any directory is created
+    spec = get_family(family_name).spec(config)
     check_replaceable(out, MANIFEST, "a bundle")
     family, module = build_reference(family_name, config, checkpoint)
-    spec = family.spec(config)
     n_params = sum(p.numel() for p in module.parameters())
     with staged_dir(out) as stage:
         tmp = stage.path

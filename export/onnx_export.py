@@ -76,8 +76,24 @@ def validate(module: torch.nn.Module, spec: ModelSpec, path: Path, tolerance: tu
             for labels in label_kinds:
                 feed = example_feed(spec, batch, float(t), labels, rng)
                 tag = f"batch={batch} t={t:g}" + (f" labels={labels}" if spec.conditional else "")
-                result.add(tag, torch_outputs(module, spec, feed), backend.infer(feed))
+                reference = torch_outputs(module, spec, feed)
+                check_output_shapes(reference, spec, batch, "the PyTorch reference")
+                # the candidate is held to the reference's (now known good) shapes by the gate
+                result.add(tag, reference, backend.infer(feed))
     return result
+
+
+def check_output_shapes(outputs: dict[str, np.ndarray], spec: ModelSpec, batch: int, who: str) -> None:
+    """Every output must be (batch, *sample_shape), as bundle.json declares it: a model that
+    returns another shape (e.g. a patch size that crops the image) must not be exported."""
+    missing = [n for n in spec.outputs if n not in outputs]
+    if missing:
+        raise ExportError(f"{who} returns no {', '.join(map(repr, missing))} output (expected {spec.outputs})")
+    expected = (batch, *spec.sample_shape)
+    for name, value in outputs.items():
+        if tuple(value.shape) != expected:
+            raise ExportError(f"{who} returns {name!r} of shape {tuple(value.shape)}, but the bundle "
+                              f"declares (batch, *sample_shape) = {expected}")
 
 
 class _quiet_exporter:

@@ -20,6 +20,18 @@ class OutputCheck:
     rel_l2: float
     max_abs: float
     finite: bool
+    mismatch: str | None = None          # why the shapes differ; None when they agree
+
+    @classmethod
+    def compare(cls, name: str, ref, got) -> "OutputCheck":
+        ref, got = np.asarray(ref), np.asarray(got)
+        finite = bool(np.isfinite(got).all())
+        if ref.shape != got.shape:
+            # no numbers to compare (broadcasting would compare the wrong elements or raise)
+            why = f"{name}: shape {tuple(got.shape)} differs from the reference's {tuple(ref.shape)}"
+            return cls(name, float("inf"), float("inf"), finite, why)
+        max_abs = float(np.max(np.abs(got.astype(np.float64) - ref), initial=0.0))
+        return cls(name, rel_l2(ref, got), max_abs, finite)
 
 
 @dataclass
@@ -47,18 +59,22 @@ class ParityResult:
         return max((c.max_abs for case in self.cases for c in case.checks), default=0.0)
 
     @property
+    def mismatches(self) -> list[str]:
+        """Shape mismatches as 'case: output: shape ... differs ...' (empty when none)."""
+        return [f"{case.label}: {c.mismatch}" for case in self.cases for c in case.checks if c.mismatch]
+
+    @property
     def passed(self) -> bool:
         finite = all(c.finite for case in self.cases for c in case.checks)
         abs_ok = self.gate_max_abs is None or self.worst_max_abs <= self.gate_max_abs
-        return bool(self.cases) and finite and self.worst_rel_l2 <= self.gate_rel_l2 and abs_ok
+        return (bool(self.cases) and finite and not self.mismatches and self.worst_rel_l2 <= self.gate_rel_l2
+                and abs_ok)
 
     def add(self, label: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> ParityCase:
         missing = sorted(set(ref) - set(got))
         if missing:
             raise ValueError(f"candidate lacks output(s): {', '.join(missing)}")
-        checks = [OutputCheck(n, rel_l2(ref[n], got[n]),
-                              float(np.max(np.abs(np.asarray(got[n], np.float64) - ref[n]))),
-                              bool(np.isfinite(got[n]).all())) for n in ref]
+        checks = [OutputCheck.compare(n, ref[n], got[n]) for n in ref]
         case = ParityCase(label, checks)
         self.cases.append(case)
         return case
@@ -66,8 +82,10 @@ class ParityResult:
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         gate = f"rel-L2 ≤ {self.gate_rel_l2:g}" + (f", max-abs ≤ {self.gate_max_abs:g}" if self.gate_max_abs else "")
-        return (f"{verdict}: {self.candidate} vs {self.reference} over {len(self.cases)} cases: "
+        text = (f"{verdict}: {self.candidate} vs {self.reference} over {len(self.cases)} cases: "
                 f"worst rel-L2 {self.worst_rel_l2:.2e}, worst max-abs {self.worst_max_abs:.2e} ({gate})")
+        bad = self.mismatches
+        return text + (f"; shape mismatch in {len(bad)} check(s), first {bad[0]}" if bad else "")
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "worst_rel_l2": self.worst_rel_l2,

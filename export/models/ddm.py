@@ -22,15 +22,9 @@ from torch import nn
 
 from .ddm_blocks import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, decouple_head
 from .family import Family, ModelSpec
+from .validation import Field, Schema, boolean, choice, fraction, nonneg_int, pos_float, pos_int, rule
 
 OFFICIAL_CLASS = "unet.uncond_unet.EDMPrecond"
-
-# EDMPrecond's own keyword arguments, then DhariwalUNet's, with the official defaults.
-_PRECOND_DEFAULTS = dict(label_dim=0, use_fp16=False, sigma_min=0, sigma_max=float("inf"),
-                         sigma_data=0.5, model_type="DhariwalUNet", precondition=True)
-_UNET_DEFAULTS = dict(augment_dim=0, model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4,
-                      num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0, out_mul=1)
-_REQUIRED = ("img_resolution", "img_channels")
 
 # The official DDM model-level settings (``model:`` in the yaml, outside the U-Net): training
 # draws t ~ U(eps, 1); the sampler steps t linearly from sigma_max to sigma_min**2, then to 0.
@@ -194,31 +188,70 @@ class DDMExport(nn.Module):
         return c, eps
 
 
+def _norm_widths(cfg: dict):
+    """(channels, attention) of every UNetBlock output and every GroupNorm input, walking the
+    channel bookkeeping of DualDecoderUNet without building it (both decoders are alike)."""
+    mc, mults, blocks = cfg["model_channels"], cfg["channel_mult"], cfg["num_blocks"]
+    cout, skips = mc * mults[0], [mc * mults[0]]
+    for level, mult in enumerate(mults):
+        res = cfg["img_resolution"] >> level
+        skips += [cout] if level else []                              # the down block keeps cout
+        for _ in range(blocks):
+            yield cout, False                                         # the block's norm0 input
+            cout = mc * mult
+            yield cout, res in cfg["attn_resolutions"]
+            skips.append(cout)
+    yield cout, True                                                  # the decoder's in0 has attention
+    for level, mult in reversed(list(enumerate(mults))):
+        res = cfg["img_resolution"] >> level
+        for _ in range(blocks + 1):
+            yield cout + skips.pop(), False                           # the skip is concatenated
+            cout = mc * mult
+            yield cout, res in cfg["attn_resolutions"]
+
+
+def _check_widths(cfg: dict) -> str | None:
+    """GroupNorm uses min(32, C // 4) groups, which must divide C; attention uses C // 64
+    heads, which must divide C too (ddm_blocks.GroupNorm / UNetBlock)."""
+    for width, attention in _norm_widths(cfg):
+        groups, heads = min(32, width // 4), width // 64
+        if groups < 1 or width % groups:
+            return (f"model_channels {cfg['model_channels']} with channel_mult {cfg['channel_mult']} gives a "
+                    f"{width}-channel GroupNorm, which min(32, C // 4) = {groups} groups cannot split")
+        if attention and heads and width % heads:
+            return (f"model_channels {cfg['model_channels']} with channel_mult {cfg['channel_mult']} gives a "
+                    f"{width}-channel attention block, which {heads} heads of 64 cannot split")
+    return None
+
+
+# The official yaml ``unet:`` keyword arguments: EDMPrecond's, then DhariwalUNet's, with the
+# official defaults. sigma_* and use_fp16 do not enter the forward pass (sigma_max may be inf).
+SCHEMA = Schema("ddm", {
+    "class_name": choice(OFFICIAL_CLASS, OFFICIAL_CLASS),
+    "img_resolution": pos_int(), "img_channels": pos_int(),
+    "label_dim": nonneg_int(0), "use_fp16": boolean(False), "sigma_min": Field("number", 0, lo=0),
+    "sigma_max": pos_float(float("inf"), finite=False), "sigma_data": pos_float(0.5),
+    "model_type": choice("DhariwalUNet", "DhariwalUNet"), "precondition": boolean(True),
+    "augment_dim": nonneg_int(0), "model_channels": pos_int(192),
+    "channel_mult": Field("ints", [1, 2, 3, 4], lo=1, nonempty=True), "channel_mult_emb": pos_int(4),
+    "num_blocks": pos_int(3), "attn_resolutions": Field("ints", [32, 16, 8], lo=1),
+    "dropout": fraction(0.10), "label_dropout": fraction(0), "out_mul": Field("number", 1),
+}, rules=(
+    # the preconditioner adds x to F_c, which only works with out_mul == 1 (the
+    # ddm_linear configs set 2 for a different parameterisation)
+    rule(lambda c: c["out_mul"] == 1, "out_mul must be 1 (the constant-C decoupled model), got {out_mul}"),
+    rule(lambda c: c["img_resolution"] % (1 << (len(c["channel_mult"]) - 1)) == 0,
+         "img_resolution {img_resolution} must be divisible by 2**(len(channel_mult)-1) "
+         "for channel_mult {channel_mult}"),
+    _check_widths,
+), unknown="unknown config key(s) {keys}; EDMPrecond/DhariwalUNet accept {allowed}")
+
+
 def normalize_config(config: dict) -> dict:
-    """The official yaml ``unet:`` keyword arguments, validated, with defaults filled in."""
-    config = dict(config)
-    name = config.pop("class_name", OFFICIAL_CLASS)
-    if name != OFFICIAL_CLASS:
-        raise ValueError(f"ddm: class_name {name!r} is not supported; only {OFFICIAL_CLASS}")
-    allowed = set(_REQUIRED) | set(_PRECOND_DEFAULTS) | set(_UNET_DEFAULTS)
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ValueError(f"ddm: unknown config key(s) {', '.join(unknown)}; "
-                         f"EDMPrecond/DhariwalUNet accept {', '.join(sorted(allowed))}")
-    missing = [k for k in _REQUIRED if k not in config]
-    if missing:
-        raise ValueError(f"ddm: config needs {', '.join(missing)}")
-    full = {**_PRECOND_DEFAULTS, **_UNET_DEFAULTS, **config}
-    if full["model_type"] != "DhariwalUNet":
-        raise ValueError(f"ddm: model_type {full['model_type']!r} is not supported; only 'DhariwalUNet'")
-    if full["out_mul"] != 1:
-        # the preconditioner adds x to F_c, which only works with out_mul == 1 (the
-        # ddm_linear configs set 2 for a different parameterisation)
-        raise ValueError("ddm: out_mul must be 1 (the constant-C decoupled model)")
-    levels = len(full["channel_mult"])
-    if full["img_resolution"] % (1 << (levels - 1)):
-        raise ValueError(f"ddm: img_resolution {full['img_resolution']} must be divisible by "
-                         f"2**{levels - 1} for channel_mult {full['channel_mult']}")
+    """The official yaml ``unet:`` keyword arguments, validated (ConfigError), with defaults
+    filled in; ``class_name`` is checked and dropped."""
+    full = SCHEMA.check(config)
+    full.pop("class_name")
     return full
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .common import sinusoidal_embedding, timestep_frequencies
 from .family import Family, ModelSpec
+from .validation import Field, Schema, boolean, choice, fraction, pos_float, pos_int, rule
 
 
 class ResnetBlock2D(nn.Module):
@@ -282,81 +283,108 @@ class DDPMExport(nn.Module):
         return (self.unet(x, t, y),)
 
 
-# UNet2DModel's constructor defaults (diffusers 0.42), so a config.json that leaves a key
-# out means what it means to diffusers.
-_DEFAULTS = {
-    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2D",
-    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
-    "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
-    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
-    "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
-}
-# Keys with a restricted set of supported values (every other key takes any value).
-_CHOICES = {
-    "time_embedding_type": ("positional",),
-    "mid_block_type": ("UNetMidBlock2D", None),
-    "downsample_type": ("conv",),
-    "upsample_type": ("conv",),
-    "act_fn": ("silu", "swish"),                                 # the same nn.SiLU in diffusers
-    "resnet_time_scale_shift": ("default",),
-    "class_embed_type": (None,),
-}
 _DOWN_TYPES, _UP_TYPES = ("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "AttnUpBlock2D")
 
 
-def _refuse(key: str, value, why: str):
-    raise ValueError(f"DDPM U-Net config: unsupported {key}={value!r} ({why})")
-
-
-def _block_types(cfg: dict, key: str, allowed: tuple[str, ...]) -> list[str]:
+def _block_kinds(types: list[str]) -> list[str]:
     # diffusers strips the legacy "UNetRes" prefix (UNetResDownBlock2D == DownBlock2D).
-    kinds = [k[7:] if k.startswith("UNetRes") else k for k in cfg[key]]
-    for kind in kinds:
-        if kind not in allowed:
-            _refuse(key, cfg[key], f"block type {kind!r}; supported: {', '.join(allowed)}")
-    if len(kinds) != len(cfg["block_out_channels"]):
-        _refuse(key, cfg[key], f"needs one entry per block_out_channels {cfg['block_out_channels']}")
-    return kinds
+    return [k[7:] if k.startswith("UNetRes") else k for k in types]
 
 
-def _check_channels(cfg: dict):
-    groups = cfg["norm_num_groups"]
-    if not isinstance(groups, int):
-        _refuse("norm_num_groups", groups, "diffusers' down/up blocks need an integer")
-    for ch in cfg["block_out_channels"]:
-        if ch % groups:
-            _refuse("norm_num_groups", groups, f"does not divide block channel count {ch}")
-    size = cfg["sample_size"]
-    step = 2 ** (len(cfg["block_out_channels"]) - 1)
-    for side in ([size] * 2 if isinstance(size, int) else size or []):
-        if side % step:
-            _refuse("sample_size", size, f"must be a multiple of 2**(len(block_out_channels)-1) = {step}")
+def _check_block_types(cfg: dict) -> str | None:
+    for key, allowed in (("down_block_types", _DOWN_TYPES), ("up_block_types", _UP_TYPES)):
+        for kind in _block_kinds(cfg[key]):
+            if kind not in allowed:
+                return f"unsupported {key} block type {kind!r}; supported: {', '.join(allowed)}"
+        if len(cfg[key]) != len(cfg["block_out_channels"]):
+            return (f"{key} has {len(cfg[key])} entries, needs one per block_out_channels "
+                    f"{cfg['block_out_channels']}")
+    return None
+
+
+def _check_groups(cfg: dict) -> str | None:
+    """GroupNorm needs its group count to divide every channel count it normalises."""
+    groups, chs = cfg["norm_num_groups"], cfg["block_out_channels"]
+    bad = [ch for ch in chs if ch % groups]
+    if bad:
+        return f"norm_num_groups {groups} does not divide block_out_channels entry {bad[0]}"
+    attn_groups = cfg["attn_norm_num_groups"]
+    if cfg["mid_block_type"] and cfg["add_attention"] and attn_groups and chs[-1] % attn_groups:
+        return f"attn_norm_num_groups {attn_groups} does not divide the mid block's {chs[-1]} channels"
+    return None
+
+
+def _attention_widths(cfg: dict) -> list[int]:
+    """Channel counts of every block that has attention (the head width must fit in them)."""
+    chs = cfg["block_out_channels"]
+    widths = [ch for ch, kind in zip(chs, _block_kinds(cfg["down_block_types"])) if kind.startswith("Attn")]
+    widths += [ch for ch, kind in zip(chs[::-1], _block_kinds(cfg["up_block_types"])) if kind.startswith("Attn")]
+    return widths + ([chs[-1]] if cfg["mid_block_type"] and cfg["add_attention"] else [])
+
+
+def _check_head_dim(cfg: dict) -> str | None:
+    head = cfg["attention_head_dim"]
+    small = [w for w in _attention_widths(cfg) if head and head > w]
+    if small:
+        return f"attention_head_dim {head} exceeds the {small[0]} channels of an attention block"
+    return None
+
+
+def _check_sample_size(cfg: dict) -> str | None:
+    size, step = cfg["sample_size"], 2 ** (len(cfg["block_out_channels"]) - 1)
+    sides = [] if size is None else [size] * 2 if isinstance(size, int) else size
+    if any(side % step for side in sides):
+        return (f"sample_size {size} must be a multiple of 2**(len(block_out_channels)-1) = {step} "
+                "(each down block halves it)")
+    return None
+
+
+# UNet2DModel's keyword arguments with diffusers' defaults (0.42), so a config.json that leaves
+# a key out means what it means to diffusers. Keys with one choice are the only value we
+# implement; dropout and num_train_timesteps (the "learned" embedding only) are inert here.
+SCHEMA = Schema("ddpm", {
+    "sample_size": Field("size", None, lo=1, optional=True), "in_channels": pos_int(3),
+    "out_channels": pos_int(3), "center_input_sample": boolean(False),
+    "time_embedding_type": choice("positional", "positional"), "time_embedding_dim": pos_int(None, optional=True),
+    "freq_shift": Field("number", 0), "flip_sin_to_cos": boolean(True),
+    "down_block_types": Field("strs", ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+                              nonempty=True),
+    "mid_block_type": choice("UNetMidBlock2D", "UNetMidBlock2D", None),
+    "up_block_types": Field("strs", ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], nonempty=True),
+    "block_out_channels": Field("ints", [224, 448, 672, 896], lo=1, nonempty=True),
+    "layers_per_block": pos_int(2), "mid_block_scale_factor": pos_float(1),
+    # other paddings change the downsampled size (the asymmetric 0 and symmetric 1 halve it)
+    "downsample_padding": choice(1, 0, 1),
+    "downsample_type": choice("conv", "conv"), "upsample_type": choice("conv", "conv"), "dropout": fraction(0.0),
+    "act_fn": choice("silu", "silu", "swish"),                   # the same nn.SiLU in diffusers
+    "attention_head_dim": pos_int(8, optional=True), "norm_num_groups": pos_int(32),
+    "attn_norm_num_groups": pos_int(None, optional=True), "norm_eps": pos_float(1e-5),
+    "resnet_time_scale_shift": choice("default", "default"), "add_attention": boolean(True),
+    "class_embed_type": choice(None, None),
+    # the last embedding row is our null label, so a conditional model needs two rows at least
+    "num_class_embeds": Field("int", None, lo=2, optional=True),
+    "num_train_timesteps": pos_int(None, optional=True),
+}, rules=(
+    _check_block_types, _check_groups, _check_head_dim, _check_sample_size,
+    # the export contract: eps has the sample's shape (learned-variance U-Nets double C)
+    rule(lambda c: c["out_channels"] == c["in_channels"],
+         "out_channels {out_channels} must equal in_channels {in_channels} (the model predicts eps)"),
+), unknown="unknown key(s) {keys}; UNet2DModel takes {allowed}", metadata="_")
 
 
 def check_config(config: dict) -> dict:
-    """A diffusers UNet2DModel config.json dict -> resolved keyword arguments, or ValueError.
+    """A diffusers UNet2DModel config.json dict -> resolved keyword arguments, or ConfigError.
 
-    Keys starting with "_" (``_class_name``, ``_diffusers_version`` ...) are metadata;
-    ``dropout`` and ``num_train_timesteps`` (used only by the "learned" embedding) do not
-    change inference. Unknown keys are refused rather than silently ignored.
+    Keys starting with "_" (``_class_name``, ``_diffusers_version`` ...) are metadata; a
+    ``_class_name`` other than UNet2DModel is refused. Unknown keys are refused rather than
+    silently ignored.
     """
-    unknown = sorted(k for k in config if k not in _DEFAULTS and not k.startswith("_"))
-    if unknown:
-        raise ValueError(f"DDPM U-Net config: unknown key(s) {', '.join(unknown)}; "
-                         f"UNet2DModel takes {', '.join(_DEFAULTS)}")
-    cfg = dict(_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")})
-    for key, allowed in _CHOICES.items():
-        if cfg[key] not in allowed:
-            _refuse(key, cfg[key], f"supported: {', '.join(map(repr, allowed))}")
-    cfg["block_out_channels"] = [int(c) for c in cfg["block_out_channels"]]
-    cfg["down_block_types"] = _block_types(cfg, "down_block_types", _DOWN_TYPES)
-    cfg["up_block_types"] = _block_types(cfg, "up_block_types", _UP_TYPES)
-    _check_channels(cfg)
+    if isinstance(config, dict) and config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        SCHEMA.fail(f"_class_name {config['_class_name']!r} is not supported; only UNet2DModel")
+    cfg = SCHEMA.check(config)
+    cfg["block_out_channels"] = list(cfg["block_out_channels"])
+    cfg["down_block_types"] = _block_kinds(cfg["down_block_types"])
+    cfg["up_block_types"] = _block_kinds(cfg["up_block_types"])
     return cfg
 
 
@@ -368,7 +396,7 @@ def spec(config: dict) -> ModelSpec:
     cfg = check_config(config)
     size = cfg["sample_size"]
     if size is None:
-        _refuse("sample_size", size, "the bundle needs the sample shape")
+        SCHEMA.fail("sample_size is required for export (the bundle records the sample shape)")
     h, w = (size, size) if isinstance(size, int) else size
     n_cls = cfg["num_class_embeds"]
     return ModelSpec(

@@ -7,14 +7,13 @@ tanh-GELU MLPs, LayerNorm(eps=1e-6, no affine), patches unpacked as (h, w, p, q,
 """
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
 from torch import nn
 
 from .common import sinusoidal_embedding, timestep_frequencies
 from .family import Family, ModelSpec
+from .validation import Schema, boolean, fraction, pos_float, pos_int, rule
 
 
 def modulate(x, shift, scale):
@@ -177,7 +176,25 @@ class DiTExport(nn.Module):
         return out[:, :c], out[:, c:]
 
 
-_DEFAULTS = {k: p.default for k, p in inspect.signature(DiT.__init__).parameters.items() if k != "self"}
+# The official DiT(...) keyword arguments: types, bounds and defaults (checked against the
+# constructor signature by the tests). DiT is always class-conditional: num_classes >= 1.
+SCHEMA = Schema("dit", {
+    "input_size": pos_int(32), "patch_size": pos_int(2), "in_channels": pos_int(4),
+    "hidden_size": pos_int(1152), "depth": pos_int(28), "num_heads": pos_int(16),
+    "mlp_ratio": pos_float(4.0), "class_dropout_prob": fraction(0.1), "num_classes": pos_int(1000),
+    "learn_sigma": boolean(True),
+}, rules=(
+    # a remainder would be cropped away: the model would return a smaller image than bundle.json says
+    rule(lambda c: c["input_size"] % c["patch_size"] == 0,
+         "patch_size {patch_size} must divide input_size {input_size}"),
+    rule(lambda c: c["hidden_size"] % c["num_heads"] == 0,
+         "hidden_size {hidden_size} must be divisible by num_heads {num_heads}"),
+    # the 2-D sin-cos position table has four quarters (sin/cos of rows and of columns)
+    rule(lambda c: c["hidden_size"] % 4 == 0, "hidden_size {hidden_size} must be divisible by 4"),
+    rule(lambda c: int(c["hidden_size"] * c["mlp_ratio"]) >= 1,
+         "mlp_ratio {mlp_ratio} leaves the MLP of hidden_size {hidden_size} without units"),
+), unknown="unknown DiT argument(s): {keys}; DiT takes {allowed}")
+_DEFAULTS = SCHEMA.defaults()
 _SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 CONFIGS = {f"DiT-{s}/{p}": dict(_DEFAULTS, depth=d, hidden_size=h, num_heads=n, patch_size=p)
            for s, (d, h, n) in _SIZES.items() for p in (2, 4, 8)}
@@ -186,10 +203,8 @@ CONFIGS["tiny"] = dict(_DEFAULTS, input_size=8, patch_size=2, in_channels=1, hid
 
 
 def check_config(config: dict) -> dict:
-    unknown = sorted(set(config) - set(_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown DiT argument(s): {', '.join(unknown)}; DiT takes {', '.join(_DEFAULTS)}")
-    return dict(_DEFAULTS, **config)
+    """Validated DiT keyword arguments with the official defaults filled in (ConfigError)."""
+    return SCHEMA.check(config)
 
 
 def build(config: dict) -> DiTExport:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .common import sinusoidal_embedding, timestep_frequencies
 from .family import Family, ModelSpec
+from .validation import Field, Schema, boolean, choice, pos_float, pos_int, rule
 
 # The official UViT(...) keyword arguments and their defaults.
 OFFICIAL_DEFAULTS = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
@@ -187,19 +188,35 @@ class UViTDenoiser(nn.Module):
         return (self.net(x, t, y),)
 
 
+# Both kinds of keys as data. num_classes <= 0 means unconditional (upstream uses -1).
+SCHEMA = Schema("uvit", {
+    "img_size": pos_int(224), "patch_size": pos_int(16), "in_chans": pos_int(3), "embed_dim": pos_int(768),
+    "depth": pos_int(12), "num_heads": pos_int(12), "mlp_ratio": pos_float(4.0), "qkv_bias": boolean(False),
+    "qk_scale": pos_float(None, optional=True),
+    # a Python class, not JSON: only the default is implemented
+    "norm_layer": Field("any", nn.LayerNorm, choices=(nn.LayerNorm,),
+                        words="left out (only the default nn.LayerNorm is supported)"),
+    "mlp_time_embed": boolean(False), "num_classes": Field("int", -1, lo=-1), "use_checkpoint": boolean(False),
+    "conv": boolean(True), "skip": boolean(True),
+    "timesteps": choice("continuous", "continuous", "discrete"), "cfg": boolean(False),
+    "cfg_scale": Field("number", None, lo=0, optional=True),
+}, rules=(
+    # a remainder would be cropped away: the model would return a smaller image than bundle.json says
+    rule(lambda c: c["img_size"] % c["patch_size"] == 0, "patch_size {patch_size} must divide img_size {img_size}"),
+    rule(lambda c: c["embed_dim"] % c["num_heads"] == 0,
+         "embed_dim {embed_dim} must be divisible by num_heads {num_heads}"),
+    rule(lambda c: int(c["embed_dim"] * c["mlp_ratio"]) >= 1,
+         "mlp_ratio {mlp_ratio} leaves the MLP of embed_dim {embed_dim} without units"),
+    rule(lambda c: not c["cfg"] or c["num_classes"] >= 2,
+         "cfg=True needs num_classes >= 2 (the last label is the null class), got {num_classes}"),
+), unknown="unknown U-ViT config keys {keys}; allowed: {allowed}")
+
+
 def _split(config: dict) -> tuple[dict, dict]:
-    """Config -> (official UViT kwargs, edgediff training facts), rejecting unknown keys."""
-    unknown = sorted(set(config) - set(OFFICIAL_DEFAULTS) - set(EXTRA_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown U-ViT config keys {unknown}; allowed: "
-                         f"{sorted(OFFICIAL_DEFAULTS)} plus {sorted(EXTRA_DEFAULTS)}")
+    """Config -> (official UViT kwargs, edgediff training facts), validated (ConfigError)."""
+    full = SCHEMA.check(config)
     official = {k: v for k, v in config.items() if k in OFFICIAL_DEFAULTS}
-    extra = {**EXTRA_DEFAULTS, **{k: v for k, v in config.items() if k in EXTRA_DEFAULTS}}
-    if extra["timesteps"] not in ("continuous", "discrete"):
-        raise ValueError(f"U-ViT timesteps must be 'continuous' or 'discrete', got {extra['timesteps']!r}")
-    if extra["cfg"] and official.get("num_classes", -1) < 2:
-        raise ValueError("U-ViT cfg=True needs num_classes >= 2 (the last label is the null class)")
-    return official, extra
+    return official, {k: full[k] for k in EXTRA_DEFAULTS}
 
 
 def build(config: dict) -> UViTDenoiser:
