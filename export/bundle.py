@@ -13,6 +13,7 @@ from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, 
 from edgediff.runtime.manifest import Manifest, Sampling
 from edgediff.runtime.parity import ParityResult
 
+from .models import get_family
 from .onnx_export import export_onnx, validate
 from .reference import build_reference, manifest_for
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
+from edgediff.runtime.errors import InvalidInput
+
 from .family import Family, ModelSpec
 
 _MODULES = {
@@ -36,20 +38,20 @@ FAMILIES: Mapping[str, Family] = _Registry()
 
 def get_family(name: str) -> Family:
     if name not in _MODULES:
-        raise ValueError(f"unknown family {name!r}; choose from {', '.join(_MODULES)}")
+        raise InvalidInput(f"unknown family {name!r}; choose from {', '.join(_MODULES)}")
     return FAMILIES[name]
 
 
 def resolve_config(family: Family, size: str | None, config: dict | None) -> dict:
     """A named configuration (``--size``) or user keyword arguments (``--config``)."""
     if (size is None) == (config is None):
-        raise ValueError("give exactly one of --size NAME or --config FILE")
+        raise InvalidInput("give exactly one of --size NAME or --config FILE")
     if config is not None:
         if not isinstance(config, dict):
-            raise ValueError("the --config file must hold a JSON object of constructor keyword arguments")
+            raise InvalidInput("the --config file must hold a JSON object of constructor keyword arguments")
         return config
     if size not in family.configs:
-        raise ValueError(f"unknown {family.name} size {size!r}; choose from {', '.join(family.configs)}")
+        raise InvalidInput(f"unknown {family.name} size {size!r}; choose from {', '.join(family.configs)}")
     return dict(family.configs[size])
 
 

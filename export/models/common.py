@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
+from edgediff.runtime.errors import InvalidInput
+
 # Keys under which training scripts nest the weights, most preferred first (EMA beats raw).
 _WRAPPERS = ("ema", "model_ema", "nnet_ema", "state_dict", "model", "net", "nnet", "module")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidInput):
     """A checkpoint that cannot be read or does not fit the configured model."""
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgediff.runtime.errors import InvalidInput
+
 from .common import sinusoidal_embedding, timestep_frequencies
 from .family import Family, ModelSpec
 from .validation import Field, Schema, boolean, choice, fraction, pos_float, pos_int, rule
@@ -54,7 +56,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = ch // head_dim, head_dim
         if self.heads < 1:
-            raise ValueError(f"attention_head_dim={head_dim} exceeds the {ch} channels of an attention block")
+            raise InvalidInput(f"attention_head_dim={head_dim} exceeds the {ch} channels of an attention block")
         inner = self.heads * head_dim                          # < ch when head_dim does not divide ch
         self.group_norm = nn.GroupNorm(groups, ch, eps=eps)
         self.to_q = nn.Linear(ch, inner)
@@ -251,7 +253,7 @@ class UNet2D(nn.Module):
         emb = sinusoidal_embedding(timestep, self.freqs, self.time_dim, cos_first=self.flip_sin_to_cos)
         emb = self.time_embedding(emb)                           # (N, T)
         if (self.class_embedding is None) != (class_labels is None):
-            raise ValueError("class labels must be given exactly when the U-Net is class-conditional "
+            raise InvalidInput("class labels must be given exactly when the U-Net is class-conditional "
                              f"(num_class_embeds {'set' if self.class_embedding is not None else 'unset'})")
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels)

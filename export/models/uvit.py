@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgediff.runtime.errors import InvalidInput
+
 from .common import sinusoidal_embedding, timestep_frequencies
 from .family import Family, ModelSpec
 from .validation import Field, Schema, boolean, choice, pos_float, pos_int, rule
@@ -109,10 +111,10 @@ class UViT(nn.Module):
         super().__init__()
         unknown = sorted(set(kwargs) - set(OFFICIAL_DEFAULTS))
         if unknown:
-            raise ValueError(f"unknown UViT arguments {unknown}; expected a subset of {sorted(OFFICIAL_DEFAULTS)}")
+            raise InvalidInput(f"unknown UViT arguments {unknown}; expected a subset of {sorted(OFFICIAL_DEFAULTS)}")
         cfg = {**OFFICIAL_DEFAULTS, **kwargs}
         if cfg["norm_layer"] is not nn.LayerNorm:
-            raise ValueError("UViT: only the default norm_layer (nn.LayerNorm) is supported")
+            raise InvalidInput("UViT: only the default norm_layer (nn.LayerNorm) is supported")
         dim, patch, self.in_chans = cfg["embed_dim"], cfg["patch_size"], cfg["in_chans"]
         self.embed_dim, self.patch_size = dim, patch
         self.grid = cfg["img_size"] // patch
@@ -157,7 +159,7 @@ class UViT(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if (y is None) != (self.num_classes <= 0):
-            raise ValueError(f"UViT with num_classes={self.num_classes} needs y exactly when conditional")
+            raise InvalidInput(f"UViT with num_classes={self.num_classes} needs y exactly when conditional")
         patches = self.patch_embed(x)                               # (N, L, D)
         emb = sinusoidal_embedding(timesteps, self.freqs, self.embed_dim, cos_first=True)
         tokens = [self.time_embed(emb)[:, None], patches]          # time token before the patches
