@@ -1,4 +1,4 @@
-"""FP16 mixed-precision ONNX with NVIDIA ModelOpt AutoCast, gated against FP32 (DESIGN.md rung 2).
+"""FP16 mixed-precision ONNX with NVIDIA ModelOpt AutoCast, gated against FP32 (docs/architecture.md rung 2).
 
 TensorRT's strongly typed networks take precision from the graph, so FP16 is decided here,
 on a CPU, and checked with ONNX Runtime. AutoCast keeps a node in FP32 when its FP32
@@ -189,7 +189,7 @@ def autocast(fp32_path: Path, out_path: Path, exclude_nodes=()) -> dict[str, str
         model = convert_to_mixed_precision(
             str(fp32_path), low_precision_type="fp16", keep_io_types=True, data_max=np.inf,
             nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude_nodes], providers=["cpu"])
-    model.ir_version = min(model.ir_version, 10)     # ORT 1.31 rejects IR 14 (DESIGN.md facts)
+    model.ir_version = min(model.ir_version, 10)     # ORT 1.31 rejects IR 14 (docs/architecture.md, facts)
     for stale in list(model.graph.value_info):        # AutoCast leaves some with wrong shapes
         model.graph.value_info.remove(stale)
     external = model.ByteSize() > EXTERNAL_DATA_BYTES

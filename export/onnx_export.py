@@ -64,7 +64,7 @@ def check_onnx(path: Path) -> None:
 
 def validate(module: torch.nn.Module, spec: ModelSpec, path: Path, tolerance: tuple[float, float],
              seed: int = 0, candidate: str = "onnx-fp32 (onnxruntime CPU)") -> ParityResult:
-    """DESIGN.md rung 1: ORT vs PyTorch on fresh inputs at both ends of the time range,
+    """docs/architecture.md rung 1: ORT vs PyTorch on fresh inputs at both ends of the time range,
     batch 1 and 3, with class labels and with the null label."""
     inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
     backend = OrtBackend(path, inputs, list(spec.outputs))

@@ -1,4 +1,4 @@
-"""DESIGN.md dependency rules: the runtime and calibration wings run without torch."""
+"""docs/architecture.md dependency rules: the runtime and calibration wings run without torch."""
 import subprocess
 import sys
 

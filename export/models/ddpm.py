@@ -275,7 +275,7 @@ class UNet2D(nn.Module):
 
 
 class DDPMExport(nn.Module):
-    """Export view: forward(x, t[, y]) -> (eps,) (DESIGN.md contract)."""
+    """Export view: forward(x, t[, y]) -> (eps,) (docs/architecture.md contract)."""
 
     def __init__(self, unet: UNet2D):
         super().__init__()

@@ -51,7 +51,7 @@ class Family:
         official checkpoints); identity when build() returns it directly.
     spec(config) -> ModelSpec.
     configs: named official keyword-argument dicts (the CLI's ``--size`` choices).
-    tolerance: (rel_l2, max_abs) parity gate for FP32 ONNX vs PyTorch (DESIGN.md rung 1).
+    tolerance: (rel_l2, max_abs) parity gate for FP32 ONNX vs PyTorch (docs/architecture.md rung 1).
     fixture: name of a small config used by the registry-completeness tests.
     """
 

@@ -1,4 +1,4 @@
-"""FP16 mixed precision (DESIGN.md rung 2) on ONNX Runtime CPU, for every registered family."""
+"""FP16 mixed precision (docs/architecture.md rung 2) on ONNX Runtime CPU, for every registered family."""
 import json
 import sys
 
