@@ -1,0 +1,65 @@
+"""A runtime-only install (no torch): the CLI's front door, generate and the README's Python
+example work; export says in one line which extra to install. Torch is blocked in a
+subprocess, as if it were not installed."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgediff.export.bundle import export_bundle
+from edgediff.export.models import FAMILIES
+
+BLOCK = ("import sys\n"
+         "class _NoTorch:\n"
+         "    def find_spec(self, name, path=None, target=None):\n"
+         "        if name.split('.')[0] in ('torch', 'onnxscript'):\n"
+         "            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
+         "sys.meta_path.insert(0, _NoTorch())\n")
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def run_cli(*args, cwd=None):
+    code = BLOCK + f"from edgediff.cli import main\nmain({list(args)!r})\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def digits_like_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tf")
+    export_bundle("dit", FAMILIES["dit"].configs["tiny"], root / "build" / "digits-dit", log=lambda m: None)
+    return root
+
+
+def test_help_and_families_without_torch():
+    res = run_cli("--help")
+    assert res.returncode == 0 and "generate" in res.stdout, res.stderr
+    res = run_cli("families")
+    assert res.returncode == 0, res.stderr
+    assert all(name in res.stdout for name in FAMILIES) and "edgediff[export]" in res.stdout
+
+
+def test_export_without_torch_is_one_line_naming_the_extra(tmp_path):
+    res = run_cli("export", "--family", "dit", "--size", "tiny", "--out", str(tmp_path / "b"))
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "pip install 'edgediff[export]'" in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_without_torch(digits_like_bundle):
+    out = digits_like_bundle / "g.png"
+    res = run_cli("generate", str(digits_like_bundle / "build" / "digits-dit"), "-n", "4", "--steps", "2",
+                  "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert out.is_file()
+
+
+def test_readme_python_blocks_run_as_written_without_torch(digits_like_bundle):
+    """Every ```python block of the README runs (from a directory holding build/digits-dit)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        res = subprocess.run([sys.executable, "-c", BLOCK + block], capture_output=True, text=True,
+                             cwd=digits_like_bundle, timeout=300)
+        assert res.returncode == 0, f"README block failed:\n{block}\n{res.stderr[-2000:]}"
