@@ -16,7 +16,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputExists
+from .errors import InvalidInput, OutputExists
+
+
+class CannotWrite(InvalidInput, OSError):
+    """An output location that cannot be written."""
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -42,7 +46,10 @@ def write_atomic(path: str | Path, write) -> None:
     """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed into place:
     readers never see a partial file, and a failed write leaves nothing behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:          # missing or read-only directory: the user's path, not a bug
+        raise CannotWrite(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         write(tmp)
