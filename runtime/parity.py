@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .errors import InvalidInput
+
 
 def rel_l2(ref: np.ndarray, got: np.ndarray) -> float:
     """‖got − ref‖₂ / ‖ref‖₂ in float64 (0 when both are zero)."""
@@ -73,7 +75,7 @@ class ParityResult:
     def add(self, label: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> ParityCase:
         missing = sorted(set(ref) - set(got))
         if missing:
-            raise ValueError(f"candidate lacks output(s): {', '.join(missing)}")
+            raise InvalidInput(f"candidate lacks output(s): {', '.join(missing)}")
         checks = [OutputCheck.compare(n, ref[n], got[n]) for n in ref]
         case = ParityCase(label, checks)
         self.cases.append(case)

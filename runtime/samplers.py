@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from .schedules import Schedule, spaced_timesteps
+from .schedules import SCHEDULE_KINDS, Schedule, spaced_timesteps
 from .sampler_ddm import ddm_model_calls, sample_ddm
 from .solvers import (call, eps_of, noise_source, outputs, report, sample_dpm_solver,
                       sample_dpmpp_2m, sample_euler, sample_heun, sigma_grid)
@@ -212,9 +212,9 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
             model_calls=lambda steps, opts: ddm_model_calls(steps, opts.get("order", 1),
                                                             opts.get("denoise_last", True))),
 )}
-# The usual sampler of each schedule kind (what `generate` uses when neither the user nor the
-# bundle names one).
-DEFAULT_SAMPLER = {"discrete": "dpmpp_2m", "vp_continuous": "dpm_solver", "ddm_constant": "ddm"}
+# The usual sampler of each schedule kind (declared by the kind; what `generate` uses when
+# neither the user nor the bundle names one).
+DEFAULT_SAMPLER = {kind: cls.default_sampler for kind, cls in SCHEDULE_KINDS.items()}
 
 
 def sampler_table() -> str:

@@ -41,6 +41,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .errors import InvalidInput
+
 __all__ = ["Schedule", "VPSchedule", "DiscreteSchedule", "VPContinuousSchedule",
            "DDMConstantSchedule", "spaced_timesteps", "SCHEDULE_KINDS", "BETA_SCHEDULES"]
 
@@ -87,7 +89,7 @@ def _betas(schedule: str, n: int, beta_start: float, beta_end: float) -> np.ndar
         def abar(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         return np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)])
-    raise ValueError(f"beta_schedule {schedule!r} is not one of {BETA_SCHEDULES}")
+    raise InvalidInput(f"beta_schedule {schedule!r} is not one of {BETA_SCHEDULES}")
 
 
 def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading",
@@ -101,7 +103,7 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leadi
     """
     n = num_train_timesteps
     if not 1 <= steps <= n:
-        raise ValueError(f"steps must be in [1, {n}], got {steps}")
+        raise InvalidInput(f"steps must be in [1, {n}], got {steps}")
     m = steps + 1 if extended else steps
     if spacing == "linspace":
         if continuous:
@@ -112,7 +114,7 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leadi
     elif spacing == "trailing":
         ts = np.round(np.arange(n, 0, -n / steps)) - 1
     else:
-        raise ValueError(f"timestep_spacing {spacing!r} is not linspace, leading or trailing")
+        raise InvalidInput(f"timestep_spacing {spacing!r} is not linspace, leading or trailing")
     if extended and spacing != "trailing":
         ts = ts[:-1]
     return ts.astype(np.float32 if continuous else np.int64).copy()
@@ -141,6 +143,7 @@ class Schedule(ABC):
     """
 
     kind: str | None = None                # the registry key; set by each kind
+    default_sampler: str | None = None     # the sampler `generate` uses when nothing names one
     config_keys: frozenset[str] = frozenset()  # the kind's own config keys (besides ``type``)
     num_train_timesteps: int | None = None
 
@@ -170,16 +173,16 @@ class Schedule(ABC):
         kind = cfg.get("type", cls.kind or DEFAULT_KIND)
         kind_cls = SCHEDULE_KINDS.get(kind) if isinstance(kind, str) else None
         if kind_cls is None:
-            raise ValueError(f"schedule type {kind!r} is not one of {tuple(SCHEDULE_KINDS)}")
+            raise InvalidInput(f"schedule type {kind!r} is not one of {tuple(SCHEDULE_KINDS)}")
         if not issubclass(kind_cls, cls):
-            raise ValueError(f"{cls.__name__}.from_config got a {kind} schedule config")
+            raise InvalidInput(f"{cls.__name__}.from_config got a {kind} schedule config")
         defaults, ignored = {}, []
         for key, value in cfg.items():
             if key in _SAMPLER_KEYS:
                 defaults[_SAMPLER_KEYS[key]] = value
             elif key in _PINNED_KEYS:
                 if value != _PINNED_KEYS[key]:
-                    raise ValueError(f"{key}={value!r} is not supported "
+                    raise InvalidInput(f"{key}={value!r} is not supported "
                                      f"(only {_PINNED_KEYS[key]!r})")
             elif key != "type" and key not in kind_cls.config_keys:
                 ignored.append(key)
@@ -202,7 +205,7 @@ class Schedule(ABC):
     def require(self, *kinds: str) -> None:
         """Raise a clear error when a sampler meets a schedule kind it cannot drive."""
         if self.kind not in kinds:
-            raise ValueError(f"this sampler needs a {' or '.join(kinds)} schedule, got {self.kind}")
+            raise InvalidInput(f"this sampler needs a {' or '.join(kinds)} schedule, got {self.kind}")
 
     # --- forward process and time maps (every kind) ------------------------------------
     @abstractmethod
@@ -263,6 +266,7 @@ class DiscreteSchedule(VPSchedule):
     ``num_train_timesteps`` and ``model_time_offset``; continuous t in [1/N, 1]."""
 
     kind = "discrete"
+    default_sampler = "dpmpp_2m"          # what generate uses when nothing names a sampler
     config_keys = frozenset({"num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                              "trained_betas", "model_time_offset"})
 
@@ -270,7 +274,7 @@ class DiscreteSchedule(VPSchedule):
                  t_max: float = 1.0, **common):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size < 2 or np.any(betas <= 0) or np.any(betas >= 1):
-            raise ValueError("betas must be a 1-D array with values in (0, 1)")
+            raise InvalidInput("betas must be a 1-D array with values in (0, 1)")
         self.betas = betas
         self.num_train_timesteps = betas.size
         self.model_time_offset = float(model_time_offset)
@@ -323,6 +327,7 @@ class VPContinuousSchedule(VPSchedule):
     model gets ``t·model_time_scale``."""
 
     kind = "vp_continuous"
+    default_sampler = "dpm_solver"        # U-ViT's own recipe
     config_keys = frozenset({"beta_min", "beta_max", "model_time_scale", "eps"})
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, *,
@@ -371,6 +376,7 @@ class DDMConstantSchedule(Schedule):
     [sigma_min², sigma_max]; the model gets ``t`` itself."""
 
     kind = "ddm_constant"
+    default_sampler = "ddm"               # the official DDM-Public loop
     config_keys = frozenset({"sigma_min", "sigma_max", "eps"})
 
     def __init__(self, *, t_min: float = 1e-4, t_max: float = 1.0, **common):

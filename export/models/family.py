@@ -23,7 +23,7 @@ class ModelSpec:
     """
 
     sample_shape: tuple[int, int, int]                 # (C, H, W)
-    outputs: tuple[str, ...]                           # e.g. ("eps",) or ("eps", "v")
+    outputs: tuple[str, ...]                           # e.g. ("eps",) or ("eps", "var")
     prediction: str                                    # "epsilon" or "ddm_c_eps"
     time: dict
     schedule: dict

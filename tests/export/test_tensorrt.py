@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgediff.export import tensorrt as trt_build
+from types import SimpleNamespace as NS
+
+from edgediff.export import trt_build
 from edgediff.export.models import FAMILIES
 from edgediff.export.trt_build import BuildOptions, build_engine, engine_profile, profile_shapes
 from edgediff.runtime.backends.base import BackendError
@@ -24,16 +26,16 @@ INPUTS = {"x": {"dtype": "float32", "shape": ["batch", 4, 32, 32]}, "t": {"dtype
 
 
 def test_profile_covers_the_doubled_guidance_batch():
-    manifest = {"null_label": 1000, "max_batch": None}
+    manifest = NS(null_label=1000, max_batch=None)
     prof = engine_profile(manifest, BuildOptions(min_batch=1, opt_batch=8, max_batch=16))
     assert prof == BatchProfile(1, 16, 32)
-    assert engine_profile({"null_label": None}, BuildOptions(opt_batch=8)) == BatchProfile(1, 8, 8)
+    assert engine_profile(NS(null_label=None, max_batch=None), BuildOptions(opt_batch=8)) == BatchProfile(1, 8, 8)
     assert engine_profile(manifest, BuildOptions(opt_batch=8, guidance=False)).max == 8
 
 
 def test_profile_respects_the_bundles_max_batch():
     with pytest.raises(ValueError, match="exceeds the bundle's exported max_batch 16"):
-        engine_profile({"null_label": 10, "max_batch": 16}, BuildOptions(opt_batch=8, max_batch=16))
+        engine_profile(NS(null_label=10, max_batch=16), BuildOptions(opt_batch=8, max_batch=16))
 
 
 def test_profile_shapes_replace_only_the_batch_axis():
@@ -176,7 +178,7 @@ def test_parser_errors_and_missing_precision_are_clear(tiny_bundle, monkeypatch)
 def test_real_fp32_engine_matches_onnx_runtime(tiny_bundle):
     from edgediff.runtime import read_bundle
     from edgediff.runtime.backends import load_backend
-    from edgediff.runtime.backends.trt import from_bundle
+    from edgediff.runtime.backends import load_backend
     from edgediff.runtime.parity import rel_l2
 
     build_engine(tiny_bundle, BuildOptions(precision="fp32", opt_batch=2, max_batch=4), log=lambda m: None)
@@ -184,7 +186,7 @@ def test_real_fp32_engine_matches_onnx_runtime(tiny_bundle):
     feed = {"x": np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32),
             "t": np.array([0, 500, 999], np.float32), "y": np.array([1, 10, 3], np.int64)}
     ref = load_backend(bundle, "ort", "fp32").infer(feed)
-    got = from_bundle(bundle, "fp32", batch=3).infer(feed)
+    got = load_backend(bundle, "trt", "fp32", max_batch=3).infer(feed)
     assert all(rel_l2(ref[k], got[k]) <= 1e-3 for k in ref)
 
 
