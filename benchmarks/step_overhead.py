@@ -68,7 +68,7 @@ def main() -> None:
         generate(timed, bundle.manifest, args.batch, **kw)
         total = time.perf_counter() - start
     overhead = total - timed.seconds
-    print(f"{bundle['family']} batch {args.batch}, {args.sampler} {args.steps} steps: {total / args.steps * 1e3:.1f} ms/step, "
+    print(f"{bundle.manifest.family} batch {args.batch}, {args.sampler} {args.steps} steps: {total / args.steps * 1e3:.1f} ms/step, "
           f"backend {timed.seconds / timed.calls * 1e3:.1f} ms/call, overhead {overhead / args.steps * 1e3:.3f} ms/step "
           f"= {100 * overhead / total:.3f}% of step time (target ≤ 1%)")
     print(f"import edgediff.runtime: {import_seconds():.3f} s (target ≤ 0.3 s)")

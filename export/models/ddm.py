@@ -44,7 +44,7 @@ class DualDecoderUNet(nn.Module):
         super().__init__()
         emb_channels = model_channels * channel_mult_emb
         self.map_noise = PositionalEmbedding(model_channels)
-        # augmentation labels exist only in training; the weight is kept so checkpoints load
+        # augmentation labels exist only in training (exported graphs never feed them)
         self.map_augment = Linear(augment_dim, model_channels, bias=False) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels)
         self.map_layer1 = Linear(emb_channels, emb_channels)
@@ -96,9 +96,15 @@ class DualDecoderUNet(nn.Module):
                                                            attention=res in attn_resolutions)
         return dec, cout
 
-    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """(N,) log-time and optional (N|1, label_dim) one-hot labels -> (N, emb_channels)."""
-        emb = F.silu(self.map_layer0(self.map_noise(noise_labels)))
+    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+              augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) log-time, optional (N|1, label_dim) one-hot labels and (N, augment_dim)
+        augmentation labels -> (N, emb_channels)."""
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            # training only (the sampler passes none): added to the raw noise embedding
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
             # labels enter after the second layer, unlike the noise level
@@ -106,8 +112,9 @@ class DualDecoderUNet(nn.Module):
         return F.silu(emb)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.embed(noise_labels, class_labels)
+                class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embed(noise_labels, class_labels, augment_labels)
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
@@ -128,13 +135,22 @@ class DualDecoderUNet(nn.Module):
         return x
 
 
+# The official EDMPrecond.forward casts x, sigma and the labels to float32 whatever use_fp16
+# says; a module attribute (not an argument) so float64 parity checks can lift it.
+_COMPUTE_DTYPE = torch.float32
+
+
 class DDMPrecond(nn.Module):
-    """The official ``EDMPrecond`` of uncond_unet.py, with DDM's coefficients (sigma = t):
+    """The official ``EDMPrecond`` of uncond_unet.py (sigma = t, c_noise = log t):
 
-        c_in  = 1 / sqrt((1-t)^2 + t)        (the std of x_t for unit-variance data)
-        c     = (t-1)/(t^2-t+1) * x + sqrt(t/(t^2-t+1)) * F_c(c_in x, log t)
-        eps   = sqrt(t)/(t^2-t+1) * x + (1-t)/sqrt(t^2-t+1) * F_eps(c_in x, log t)
+        c_in  = 1 / sqrt(1 + t)
+        c     = (t - 1) * x + t / sqrt(1 + t) * F_c(c_in x, log t)
+        eps   = sqrt(t) * x + sqrt((1 - t) / (1 + t)) * F_eps(c_in x, log t)
 
+    These are NOT what a textbook EDM derivation gives for x_t = (1-t) x_0 + sqrt(t) n with
+    unit-variance data (std(x_t) = sqrt((1-t)^2 + t), skip/out weights over t^2 - t + 1);
+    the official code uses the simpler expressions above, the checkpoints were trained
+    through them, so the network's F_c/F_eps only mean anything under exactly these.
     ``precondition=False`` returns (F_c, F_eps) unchanged. sigma_min/max/data and use_fp16
     are stored by the official class but do not enter its forward pass.
     """
@@ -149,25 +165,28 @@ class DDMPrecond(nn.Module):
         self.model = DualDecoderUNet(img_resolution, img_channels, img_channels, label_dim=label_dim,
                                      **unet_kwargs)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(torch.float32)                                       # (N, C, H, W)
-        t = sigma.to(torch.float32).reshape(-1, 1, 1, 1)              # (N|1, 1, 1, 1)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = _COMPUTE_DTYPE
+        x = x.to(dtype)                                               # (N, C, H, W)
+        t = sigma.to(dtype).reshape(-1, 1, 1, 1)                      # (N|1, 1, 1, 1)
         if self.label_dim:
             # official: no labels means a zero label vector (the unconditional embedding)
-            class_labels = (torch.zeros([1, self.label_dim], device=x.device) if class_labels is None
-                            else class_labels.to(torch.float32).reshape(-1, self.label_dim))
+            class_labels = (torch.zeros([1, self.label_dim], device=x.device, dtype=dtype)
+                            if class_labels is None
+                            else class_labels.to(dtype).reshape(-1, self.label_dim))
         else:
             class_labels = None
-        # same expressions, same rounding as upstream
-        denom = t * t - t + 1
-        c_in = 1 / torch.sqrt((1 - t) * (1 - t) + t)
-        f_c, f_eps = self.model(c_in * x, t.log().flatten(), class_labels)
+        # the official expressions, in its order (same float32 rounding)
+        c_skip1 = t - 1
+        c_skip2 = t.sqrt()
+        c_out1 = t / (1 + t).sqrt()
+        c_out2 = ((1 - t) / (1 + t)).sqrt()
+        c_in = 1 / torch.sqrt(1 + t)
+        f_c, f_eps = self.model(c_in * x, t.log().flatten(), class_labels, augment_labels)
         if not self.precondition:
             return f_c, f_eps
-        c = (t - 1) / denom * x + torch.sqrt(t / denom) * f_c
-        eps = t.sqrt() / denom * x + (1 - t) / denom.sqrt() * f_eps
-        return c, eps
+        return c_skip1 * x + c_out1 * f_c, c_skip2 * x + c_out2 * f_eps
 
 
 class DDMExport(nn.Module):
