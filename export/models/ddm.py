@@ -2,9 +2,10 @@
 
 DDM writes the forward process as x_t = x_0 + C*t + sqrt(t)*eps with C = -x_0 and t in
 (0, 1]; one shared ADM encoder feeds two decoders, one predicting C ("image to zero") and one
-predicting eps ("zero to noise"). The official code (GuHuangAI/DDM-Public, now ADM-Public,
-``unet/uncond_unet.py``) wraps that U-Net (``DhariwalUNet``) in an EDM-style preconditioner
-(``EDMPrecond``). This module reimplements both with the official state-dict layout:
+predicting eps ("zero to noise"). The official code (GuHuangAI/DDM-Public, later renamed
+ADM-Public, ``unet/uncond_unet.py``; revision in ``PRECOND_SOURCE``) wraps that U-Net
+(``DhariwalUNet``) in an EDM-style preconditioner (``EDMPrecond``). This module
+reimplements both with the official state-dict layout:
 
     EDMPrecond (here ``DDMPrecond``)        keys ``model.*``
       model: DhariwalUNet (``DualDecoderUNet``)
@@ -50,7 +51,7 @@ class DualDecoderUNet(nn.Module):
         super().__init__()
         emb_channels = model_channels * channel_mult_emb
         self.map_noise = PositionalEmbedding(model_channels)
-        # augmentation labels exist only in training; the weight is kept so checkpoints load
+        # augmentation labels exist only in training (exported graphs never feed them)
         self.map_augment = Linear(augment_dim, model_channels, bias=False) if augment_dim else None
         self.map_layer0 = Linear(model_channels, emb_channels)
         self.map_layer1 = Linear(emb_channels, emb_channels)
@@ -102,9 +103,15 @@ class DualDecoderUNet(nn.Module):
                                                            attention=res in attn_resolutions)
         return dec, cout
 
-    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
-        """(N,) log-time and optional (N|1, label_dim) one-hot labels -> (N, emb_channels)."""
-        emb = F.silu(self.map_layer0(self.map_noise(noise_labels)))
+    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+              augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) log-time, optional (N|1, label_dim) one-hot labels and (N, augment_dim)
+        augmentation labels -> (N, emb_channels)."""
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            # training only (the sampler passes none): added to the raw noise embedding
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
             # labels enter after the second layer, unlike the noise level
@@ -112,8 +119,9 @@ class DualDecoderUNet(nn.Module):
         return F.silu(emb)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.embed(noise_labels, class_labels)
+                class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.embed(noise_labels, class_labels, augment_labels)
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
@@ -134,13 +142,28 @@ class DualDecoderUNet(nn.Module):
         return x
 
 
+# The upstream revision whose EDMPrecond coefficients DDMPrecond reproduces (recorded in
+# the bundle: the same class name meant other coefficients in later upstream revisions).
+PRECOND_SOURCE = "GuHuangAI/DDM-Public@8bf8ee23e449 unet/uncond_unet.py"
+
+# The official EDMPrecond.forward casts x, sigma and the labels to float32 whatever use_fp16
+# says; a module attribute (not an argument) so float64 parity checks can lift it.
+_COMPUTE_DTYPE = torch.float32
+
+
 class DDMPrecond(nn.Module):
-    """The official ``EDMPrecond`` of uncond_unet.py, with DDM's coefficients (sigma = t):
+    """The official ``EDMPrecond`` of uncond_unet.py (sigma = t, c_noise = log t):
 
-        c_in  = 1 / sqrt((1-t)^2 + t)        (the std of x_t for unit-variance data)
-        c     = (t-1)/(t^2-t+1) * x + sqrt(t/(t^2-t+1)) * F_c(c_in x, log t)
-        eps   = sqrt(t)/(t^2-t+1) * x + (1-t)/sqrt(t^2-t+1) * F_eps(c_in x, log t)
+        c_in  = 1 / sqrt(1 + t)
+        c     = (t - 1) * x + t / sqrt(1 + t) * F_c(c_in x, log t)
+        eps   = sqrt(t) * x + sqrt((1 - t) / (1 + t)) * F_eps(c_in x, log t)
 
+    These are NOT what a textbook EDM derivation gives for x_t = (1-t) x_0 + sqrt(t) n with
+    unit-variance data (std(x_t) = sqrt((1-t)^2 + t), skip/out weights over t^2 - t + 1).
+    DDM-Public at ``PRECOND_SOURCE`` uses the simpler expressions above and checkpoints
+    trained with it learnt F_c/F_eps under exactly these, so they are copied, not "fixed".
+    Upstream later (ADM-Public e6df438, April 2024, "for new performance") switched the same
+    class to the t^2 - t + 1 forms; a checkpoint trained with that code needs those instead.
     ``precondition=False`` returns (F_c, F_eps) unchanged. sigma_min/max/data and use_fp16
     are stored by the official class but do not enter its forward pass.
     """
@@ -155,25 +178,28 @@ class DDMPrecond(nn.Module):
         self.model = DualDecoderUNet(img_resolution, img_channels, img_channels, label_dim=label_dim,
                                      **unet_kwargs)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(torch.float32)                                       # (N, C, H, W)
-        t = sigma.to(torch.float32).reshape(-1, 1, 1, 1)              # (N|1, 1, 1, 1)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = _COMPUTE_DTYPE
+        x = x.to(dtype)                                               # (N, C, H, W)
+        t = sigma.to(dtype).reshape(-1, 1, 1, 1)                      # (N|1, 1, 1, 1)
         if self.label_dim:
             # official: no labels means a zero label vector (the unconditional embedding)
-            class_labels = (torch.zeros([1, self.label_dim], device=x.device) if class_labels is None
-                            else class_labels.to(torch.float32).reshape(-1, self.label_dim))
+            class_labels = (torch.zeros([1, self.label_dim], device=x.device, dtype=dtype)
+                            if class_labels is None
+                            else class_labels.to(dtype).reshape(-1, self.label_dim))
         else:
             class_labels = None
-        # same expressions, same rounding as upstream
-        denom = t * t - t + 1
-        c_in = 1 / torch.sqrt((1 - t) * (1 - t) + t)
-        f_c, f_eps = self.model(c_in * x, t.log().flatten(), class_labels)
+        # the official expressions, in its order (same float32 rounding)
+        c_skip1 = t - 1
+        c_skip2 = t.sqrt()
+        c_out1 = t / (1 + t).sqrt()
+        c_out2 = ((1 - t) / (1 + t)).sqrt()
+        c_in = 1 / torch.sqrt(1 + t)
+        f_c, f_eps = self.model(c_in * x, t.log().flatten(), class_labels, augment_labels)
         if not self.precondition:
             return f_c, f_eps
-        c = (t - 1) / denom * x + torch.sqrt(t / denom) * f_c
-        eps = t.sqrt() / denom * x + (1 - t) / denom.sqrt() * f_eps
-        return c, eps
+        return c_skip1 * x + c_out1 * f_c, c_skip2 * x + c_out2 * f_eps
 
 
 class DDMExport(nn.Module):
@@ -259,7 +285,8 @@ def spec(config: dict) -> ModelSpec:
         "clip_sample": not latent,      # the pixel sampler clamps x0 to [-1, 1]; the latent one does not
     }
     extra = {"official_class": OFFICIAL_CLASS, "model_type": "DhariwalUNet",
-             "precondition": bool(full["precondition"]), "official_sampling_timesteps": _SAMPLING_STEPS}
+             "precondition": bool(full["precondition"]), "precond_source": PRECOND_SOURCE,
+             "official_sampling_timesteps": _SAMPLING_STEPS}
     if latent:
         extra.update(latent_scale_factor=0.165, first_stage="AutoencoderKL embed_dim 3, ch_mult [1,2,4] (4x)")
     return ModelSpec(

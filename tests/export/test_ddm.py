@@ -1,9 +1,7 @@
 """The decoupled diffusion model (DDM) family: layout, loading, spec and the official maths.
 
-Parity against the official GuHuangAI/DDM-Public ``unet/uncond_unet.py`` was measured outside
-the repository (its code is not vendored); these tests pin what can be checked without it:
-the official key layout and sizes, the trainer's checkpoint nesting, and properties of the
-official preconditioning that hold for any weights.
+The official GuHuangAI/DDM-Public ``unet/uncond_unet.py`` is not vendored; parity is pinned
+against output values measured once by running the official module itself (``_GOLDEN``).
 """
 from __future__ import annotations
 
@@ -165,6 +163,7 @@ def test_spec_values():
     assert tiny.schedule["clip_sample"] is True
     assert (tiny.schedule["sigma_min"], tiny.schedule["sigma_max"]) == (0.01, 1.0)
     assert (tiny.num_classes, tiny.null_label, tiny.space) == (10, 10, "pixel")
+    assert tiny.extra["precond_source"] == ddm.PRECOND_SOURCE      # which upstream coefficients
     cifar = ddm.spec(ddm.CONFIGS["cifar10"])
     assert (cifar.sample_shape, cifar.num_classes, cifar.space) == ((3, 32, 32), None, "pixel")
     assert cifar.inputs == ("x", "t") and cifar.schedule["clip_sample"] is True
@@ -201,8 +200,8 @@ def test_labels_map_to_official_one_hot_and_null_to_zero():
 # --- the official computation ------------------------------------------------------------
 
 def test_zero_output_layers_leave_the_analytic_skip_terms():
-    """EDMPrecond mixes c = c_skip1 x + c_out1 F_c, eps = c_skip2 x + c_out2 F_eps with
-    c_skip1 = (t-1)/(t^2-t+1), c_skip2 = sqrt(t)/(t^2-t+1); zero output convs make F = 0."""
+    """Official EDMPrecond: c = (t-1) x + c_out1 F_c, eps = sqrt(t) x + c_out2 F_eps; zero
+    output convs make F = 0 and leave the skip terms."""
     model = _tiny()
     net = ddm.FAMILY.official(model).model
     with torch.no_grad():
@@ -212,9 +211,8 @@ def test_zero_output_layers_leave_the_analytic_skip_terms():
     x, _, y = _inputs(batch=3)
     for t in (1e-4, 0.01, 0.3, 0.5, 0.9, 1.0):
         c, eps = _run(model, x, torch.full((3,), t), y)
-        denom = t * t - t + 1
-        torch.testing.assert_close(c.double(), (t - 1) / denom * x.double(), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(eps.double(), math.sqrt(t) / denom * x.double(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c.double(), (t - 1) * x.double(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(eps.double(), math.sqrt(t) * x.double(), rtol=1e-6, atol=1e-7)
 
 
 def test_eps_is_the_input_at_t_one():
@@ -232,13 +230,14 @@ def test_time_embedding_is_official_cos_sin_of_log_t():
     assert torch.equal(emb(t), torch.cat([args.cos(), args.sin()], dim=1))
 
 
-# Outputs of the official EDMPrecond (uncond_unet.py) for the tiny config, weights filled by
-# _golden_fill, x from seed 99, labels (4, null); measured outside the repository.
+# Outputs of the official EDMPrecond (DDM-Public 8bf8ee23e449, unet/uncond_unet.py) for the
+# tiny config, weights filled by _golden_fill, x from seed 99, labels (4, null); measured by
+# running the official module outside the repository.
 _GOLDEN = {
-    1e-4: {"c": (12.723289, [-0.298725, 0.489900, -0.885717, 1.292291]),
-           "eps": (0.894528, [-0.012695, -0.011770, 0.123910, 0.046991])},
-    0.5: {"c": (8.599771, [-0.150590, 0.279694, -0.617884, 0.828288]),
-          "eps": (11.796753, [0.267013, -0.469796, 0.904773, -1.178308])},
+    1e-4: {"c": (12.721028, [-0.299424, 0.490405, -0.885256, 1.292571]),
+           "eps": (0.894493, [-0.012685, -0.011763, 0.123903, 0.046990])},
+    0.5: {"c": (6.416449, [-0.126396, 0.222902, -0.456394, 0.635162]),
+          "eps": (8.813507, [0.214565, -0.342784, 0.697179, -0.871049])},
 }
 
 
