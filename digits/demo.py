@@ -63,6 +63,7 @@ def run_demo(family: str = DEFAULT_FAMILY, cache: str | Path = "build", png: str
     (or the given steps/guidance), write the grid."""
     from edgediff.runtime.backends import load_backend
     from edgediff.runtime.images import save_outputs
+    from edgediff.runtime.pipeline import Generation
 
     start = time.perf_counter()
     bundle = read_bundle(ensure_bundle(family, Path(cache) / f"digits-{family}", log=log))
@@ -70,5 +71,5 @@ def run_demo(family: str = DEFAULT_FAMILY, cache: str | Path = "build", png: str
     result, samples = rt_judge.judge_backend(backend, bundle.manifest, per_class=10, steps=steps,
                                              guidance=guidance, seed=seed, batch=100)
     labels = rt_judge.class_order_labels(10, bundle.manifest.num_classes)
-    save_outputs(bundle.manifest, samples, labels, png=png)
+    save_outputs(bundle.manifest, Generation(samples, labels), png=png)
     return DemoResult(bundle.path, Path(png), result, time.perf_counter() - start)

@@ -12,10 +12,10 @@
 - ``ddm``: the decoupled model (Huang et al. 2023, arXiv 2306.13720): t ~ U(eps, 1),
   x_t = x0 + c·t + sqrt(t)·eps with c = -x0, and the sum of the two regressions
   w_c·|c_pred - c|² + w_eps·|eps_pred - eps|² (means over pixels). The official pixel
-  configs (ddm_uncond_const_uncond_unet.yaml, weighting_loss: True) weight them by
-  w_c = (t² - t + 1)/t and w_eps = (t² - t + 1)/(1 - t + eps), which undo the
-  preconditioner's output scales. The official LPIPS term is left out (it needs a
-  pretrained ImageNet network; digits are one-channel 16×16).
+  configs (weighting_loss: True) weight them as DDM-Public's ddm_const.py does,
+  w_c = 1/t and w_eps = 1/(1 - t + eps), and add the reconstruction of x0 weighted by
+  (1 - t)². The official LPIPS term is left out (it needs a pretrained ImageNet network;
+  digits are one-channel 16×16).
 
 Each loss takes ``(module, x0, y, gen)`` and returns a scalar tensor.
 """
@@ -114,6 +114,9 @@ def hybrid_loss(sched: DiscreteSchedule, vlb_weight: float = 1.0):
 
 
 def ddm_loss(eps: float = 1e-4, weighting: bool = True):
+    """DDM-Public ``ddm_const.py`` DDPM.p_losses (l2): C and noise regressed with weights
+    1/t and 1/(1 - t + eps), plus the reconstruction x_rec = x_t - C_pred·t - sqrt(t)·eps_pred
+    against x0 weighted by (1 - t)²."""
     def loss(module, x0, y, gen):
         b = x0.shape[0]
         t = torch.rand(b, generator=gen) * (1.0 - eps) + eps                  # (B,) in [eps, 1)
@@ -121,10 +124,12 @@ def ddm_loss(eps: float = 1e-4, weighting: bool = True):
         c = -x0
         x_t = x0 + c * _bcast(t) + _bcast(t.sqrt()) * noise
         c_pred, eps_pred = module(x_t, t, y)[:2]
-        w_c = (t * t - t + 1) / t if weighting else torch.ones_like(t)
-        w_eps = (t * t - t + 1) / (1 - t + eps) if weighting else torch.ones_like(t)
-        per_sample = w_c * _mean_flat((c_pred - c) ** 2) + w_eps * _mean_flat((eps_pred - noise) ** 2)
-        return per_sample.mean()
+        w_c = 1 / t if weighting else torch.ones_like(t)
+        w_eps = 1 / (1 - t + eps) if weighting else torch.ones_like(t)
+        simple = w_c * _mean_flat((c_pred - c) ** 2) + w_eps * _mean_flat((eps_pred - noise) ** 2)
+        x_rec = x_t - c_pred * _bcast(t) - _bcast(t.sqrt()) * eps_pred
+        rec = (1 - t) ** 2 * _mean_flat((x_rec - x0) ** 2)
+        return simple.mean() + rec.mean()
     return loss
 
 

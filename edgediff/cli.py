@@ -88,9 +88,12 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu).")
 @click.option("--threads", type=click.IntRange(1), help="Intra-op threads (default: all cores).")
 @click.option("--out", type=click.Path(dir_okay=False), help="PNG grid to write (pixel-space models).")
-@click.option("--npz", type=click.Path(dir_okay=False), help="Also save samples and labels as .npz.")
+@click.option("--npz", type=click.Path(dir_okay=False),
+              help="Also save uint8 images (and float32 latents for latent models) and labels as .npz.")
+@click.option("--decode-batch", default=16, show_default=True, type=click.IntRange(1, 4096),
+              help="Latents decoded per decoder call (latent bundles with a decoder).")
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, seed, backend, precision, device,
-             threads, out, npz):
+             threads, out, npz, decode_batch):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
     from edgediff.runtime.images import save_outputs
     from edgediff.runtime.pipeline import Pipeline, total_model_calls
@@ -103,8 +106,9 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, s
         choice = dict(sampler=sampler, steps=steps, guidance=guidance)
         total = total_model_calls(pipe.manifest, num, min(batch, num), **choice)
         with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:
-            result = pipe(num, classes=wanted, seed=seed, batch=batch, progress=bar.update, **choice)
-        for line in save_outputs(pipe.manifest, result.samples, result.labels, png=out, npz=npz):
+            result = pipe(num, classes=wanted, seed=seed, batch=batch, decode_batch=decode_batch,
+                          progress=bar.update, **choice)
+        for line in save_outputs(pipe.manifest, result, png=out, npz=npz):
             click.echo(line)
     click.echo(f"{num} samples in {time.perf_counter() - start:.1f} s")
 

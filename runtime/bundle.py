@@ -49,10 +49,11 @@ class Bundle:
     path: Path
     manifest: Manifest
 
-    def model_path(self, precision: str = "fp32") -> Path:
-        models = self.manifest.models
+    def model_path(self, precision: str = "fp32", component: str = "denoiser") -> Path:
+        models = self.manifest.component(component).models
         if precision not in models:
-            raise BundleError(f"bundle {self.path} has no {precision} model (has: {', '.join(models)})")
+            what = "model" if component == "denoiser" else component
+            raise BundleError(f"bundle {self.path} has no {precision} {what} (has: {', '.join(models)})")
         return self.path / models[precision]
 
     @property
@@ -85,7 +86,7 @@ def read_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 
 def _verify_files(path: Path, manifest: Manifest) -> None:
-    unlisted = sorted(set(manifest.models.values()) - set(manifest.files))
+    unlisted = sorted(set(manifest.all_model_files) - set(manifest.files))
     if unlisted:
         raise BundleError(f"{path}: model file(s) not covered by the manifest's hashes: {', '.join(unlisted)}")
     for rel, digest in manifest.files.items():

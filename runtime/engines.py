@@ -186,14 +186,14 @@ def timing_cache_name(compute_capability: str, tensorrt_version: str) -> str:
     return f"timing_sm{compute_capability.replace('.', '')}_trt{tensorrt_version}.cache"
 
 
-def model_digest(manifest, precision: str) -> str:
+def model_digest(manifest, precision: str, component: str = "denoiser") -> str:
     """sha256 identifying a bundle's ONNX model of ``precision``, external data included.
 
     Taken from the manifest's file hashes, which ``read_bundle`` verified against the disk.
     """
     import hashlib
 
-    models = manifest.models
+    models = manifest.component(component).models if component != "denoiser" else manifest.models
     if precision not in models:
         raise EngineError(f"the bundle has no {precision} model (has: {', '.join(models)})")
     files, rel = manifest.files, models[precision]

@@ -53,21 +53,25 @@ def save_npz(path: str | Path, **arrays) -> None:
     _atomic(Path(path), write)
 
 
-def save_outputs(manifest, samples: np.ndarray, labels, png=None, npz=None) -> list[str]:
-    """Write the grid and/or archive; latent models get float32 ``latents`` and no picture."""
-    lines = []
-    latent = manifest.space == "latent"
+def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
+    """Write the grid and/or archive of a :class:`~edgediff.runtime.pipeline.Generation`:
+    uint8 ``images`` (pixel models, or decoded latents), float32 ``latents`` for latent
+    models, ``labels`` where conditional."""
+    lines, images = [], generation.images
     if png:
-        if latent:
-            raise InvalidInput("this is a latent-space model: decode the latents (--npz) with its VAE; no PNG grid")
+        if images is None:
+            raise InvalidInput("this latent bundle has no decoder: add one with `edgediff add-vae BUNDLE "
+                               "--checkpoint VAE` to get images, or write only --npz latents")
         classes = manifest.num_classes
-        nrow = min(classes, len(samples)) if labels is not None and classes and classes <= 16 else None
-        save_png(png, grid(to_uint8(samples), nrow=nrow), upscale=max(1, 128 // samples.shape[-1]))
+        nrow = min(classes, len(images)) if generation.labels is not None and classes and classes <= 16 else None
+        save_png(png, grid(images, nrow=nrow), upscale=max(1, 128 // images.shape[1]))
         lines.append(f"wrote {png}")
     if npz:
-        arrays = {"latents": samples.astype(np.float32)} if latent else {"images": to_uint8(samples)}
-        if labels is not None:
-            arrays["labels"] = labels
+        arrays = {} if images is None else {"images": images}
+        if generation.latent:
+            arrays["latents"] = generation.samples.astype(np.float32)
+        if generation.labels is not None:
+            arrays["labels"] = generation.labels
         save_npz(npz, **arrays)
         lines.append(f"wrote {npz}")
     return lines

@@ -47,6 +47,51 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Component:
+    """A companion model of the denoiser (``decoder``: latents -> image in [-1, 1];
+    ``encoder``: image -> latents), with its own I/O, precisions, parity and facts."""
+
+    inputs: dict                        # name -> {"dtype", "shape"}
+    outputs: dict
+    models: dict                        # precision -> relative ONNX path
+    parity: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)     # e.g. scaling_factor, layout, source sha256
+    graph_outputs: dict = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.outputs)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("graph_outputs")
+        return d
+
+    @classmethod
+    def from_dict(cls, name: str, d) -> "Component":
+        d = _mapping(d, f"components.{name}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"graph_outputs"}
+        _no_unknown(d, known, f"components.{name}")
+        missing = [k for k in ("inputs", "outputs", "models") if k not in d]
+        if missing:
+            raise ManifestError(f"components.{name} lacks {', '.join(missing)}")
+        kw = {k: _mapping(v if v is not None else {}, f"components.{name}.{k}") for k, v in d.items()}
+        _check_io(kw["inputs"], f"components.{name}.inputs")
+        _check_io(kw["outputs"], f"components.{name}.outputs")
+        for rel in kw["models"].values():
+            _relative(rel)
+        return cls(**kw)
+
+
+COMPONENTS = ("decoder", "encoder")     # the companions a bundle may carry besides the denoiser
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything ``bundle.json`` says about a bundle."""
 
@@ -72,6 +117,7 @@ class Manifest:
     created: str | None = None
     parity: dict = field(default_factory=dict)
     precision: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict)      # name -> Component (decoder, encoder)
     schema_version: int = SCHEMA_VERSION
     graph_outputs: dict = field(default_factory=dict)   # edgediff name -> graph name where they differ
 
@@ -91,6 +137,21 @@ class Manifest:
     def source_sha256(self) -> str | None:
         return self.source.get("sha256")
 
+    def component(self, name: str = "denoiser") -> Component:
+        """The I/O and models of ``name``: the denoiser itself or one of its companions."""
+        if name == "denoiser":
+            return Component(self.inputs, self.outputs, self.models, self.parity, self.precision,
+                             self.extra, self.graph_outputs)
+        if name not in self.components:
+            have = ", ".join(["denoiser", *self.components])
+            raise ManifestError(f"this bundle has no {name} (has: {have})")
+        return self.components[name]
+
+    @property
+    def all_model_files(self) -> list[str]:
+        """Every ONNX file the manifest names, companions included."""
+        return [*self.models.values(), *(rel for c in self.components.values() for rel in c.models.values())]
+
     def option(self, key: str, default=None):
         """A family-specific fact from ``extra`` (variance, clip_sample, cfg_scale ...)."""
         return self.extra.get(key, default)
@@ -102,6 +163,7 @@ class Manifest:
         d = dataclasses.asdict(self)
         d.pop("graph_outputs")
         d["sample_shape"] = list(self.sample_shape)
+        d["components"] = {k: c.to_dict() for k, c in self.components.items()}
         return d
 
     @classmethod
@@ -128,6 +190,11 @@ class Manifest:
             if key in kw:
                 kw[key] = _mapping(kw[key] if kw[key] is not None else {}, key)
         kw["sampling"] = Sampling.from_dict(d.get("sampling"))
+        comps = _mapping(d.get("components") or {}, "components")
+        unknown = sorted(set(comps) - set(COMPONENTS))
+        if unknown:
+            raise ManifestError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
+        kw["components"] = {k: Component.from_dict(k, v) for k, v in comps.items()}
         kw["sample_shape"] = _shape(d["sample_shape"])
         _check_io(kw["inputs"], "inputs")
         _check_io(kw["outputs"], "outputs")

@@ -62,14 +62,32 @@ class GuidedDenoiser:
 
 @dataclass
 class Generation:
-    samples: np.ndarray            # (N, C, H, W) float32 in the model's data space
+    samples: np.ndarray            # (N, C, H, W) float32 in the model's data space (latents for latent models)
     labels: np.ndarray | None      # (N,) int64
     latent: bool = False
+    decoded: np.ndarray | None = None   # (N, 3, H, W) float32 in [-1, 1] from the bundle's decoder
 
     @property
     def images(self) -> np.ndarray | None:
-        """(N, H, W, C) uint8 for pixel-space models; None for latents (decode them first)."""
-        return None if self.latent else to_uint8(self.samples)
+        """(N, H, W, C) uint8: the samples of a pixel-space model, the decoded latents of a
+        latent one; None for latents without a decoder."""
+        if not self.latent:
+            return to_uint8(self.samples)
+        return None if self.decoded is None else to_uint8(self.decoded)
+
+
+def decode(decoder, latents: np.ndarray, batch: int = 16, progress=None) -> np.ndarray:
+    """Latents -> images in [-1, 1] through a decoder backend, ``batch`` at a time so memory
+    stays bounded for large runs (only the uint8-sized result grows)."""
+    if batch < 1:
+        raise InvalidInput(f"the decode batch must be positive, got {batch}")
+    parts = []
+    for start in range(0, len(latents), batch):
+        chunk = np.ascontiguousarray(latents[start:start + batch], dtype=np.float32)
+        parts.append(decoder.infer({"latents": chunk})["image"])
+        if progress is not None:
+            progress(len(chunk))
+    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)
@@ -157,8 +175,8 @@ class Pipeline:
 
     Torch-free; a context manager that closes its backend."""
 
-    def __init__(self, bundle, backend):
-        self.bundle, self.backend = bundle, backend
+    def __init__(self, bundle, backend, decoder=None):
+        self.bundle, self.backend, self.decoder = bundle, backend, decoder
 
     @property
     def manifest(self) -> Manifest:
@@ -176,19 +194,31 @@ class Pipeline:
         guided = 2.0 if bundle.manifest.null_label is not None else 1.0
         engine = load_backend(bundle, backend, precision, device=device, threads=threads, gpu=gpu,
                               max_batch=engine_batch(max_batch, guided))
-        return cls(bundle, engine)
+        decoder = None
+        if "decoder" in bundle.manifest.components:
+            models = bundle.manifest.component("decoder").models
+            decoder = load_backend(bundle, backend, precision if precision in models else "fp32", device=device,
+                                   threads=threads, gpu=gpu, max_batch=max_batch, component="decoder")
+        return cls(bundle, engine, decoder)
 
     def __call__(self, n: int = 1, *, classes: list[int] | None = None, guidance: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: int = 0, batch: int = 16,
-                 first: int = 0, progress=None, **options) -> Generation:
+                 first: int = 0, decode_batch: int = 16, progress=None, **options) -> Generation:
+        """Generate ``n`` samples; latent bundles with a decoder are decoded ``decode_batch``
+        at a time (``out.images``), their latents kept in ``out.samples``."""
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise InvalidInput(f"n must be a positive integer, got {n!r}")
         labels = resolve_labels(self.manifest, n, classes)
-        return generate(self.backend, self.manifest, n, sampler=sampler, steps=steps, batch=batch,
-                        labels=labels, guidance=guidance, seed=seed, first=first, progress=progress, **options)
+        out = generate(self.backend, self.manifest, n, sampler=sampler, steps=steps, batch=batch,
+                       labels=labels, guidance=guidance, seed=seed, first=first, progress=progress, **options)
+        if out.latent and self.decoder is not None:
+            out.decoded = decode(self.decoder, out.samples, decode_batch)
+        return out
 
     def close(self) -> None:
         self.backend.close()
+        if self.decoder is not None:
+            self.decoder.close()
 
     def __enter__(self):
         return self

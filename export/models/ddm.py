@@ -2,9 +2,10 @@
 
 DDM writes the forward process as x_t = x_0 + C*t + sqrt(t)*eps with C = -x_0 and t in
 (0, 1]; one shared ADM encoder feeds two decoders, one predicting C ("image to zero") and one
-predicting eps ("zero to noise"). The official code (GuHuangAI/DDM-Public, now ADM-Public,
-``unet/uncond_unet.py``) wraps that U-Net (``DhariwalUNet``) in an EDM-style preconditioner
-(``EDMPrecond``). This module reimplements both with the official state-dict layout:
+predicting eps ("zero to noise"). The official code (GuHuangAI/DDM-Public, later renamed
+ADM-Public, ``unet/uncond_unet.py``; revision in ``PRECOND_SOURCE``) wraps that U-Net
+(``DhariwalUNet``) in an EDM-style preconditioner (``EDMPrecond``). This module
+reimplements both with the official state-dict layout:
 
     EDMPrecond (here ``DDMPrecond``)        keys ``model.*``
       model: DhariwalUNet (``DualDecoderUNet``)
@@ -135,6 +136,10 @@ class DualDecoderUNet(nn.Module):
         return x
 
 
+# The upstream revision whose EDMPrecond coefficients DDMPrecond reproduces (recorded in
+# the bundle: the same class name meant other coefficients in later upstream revisions).
+PRECOND_SOURCE = "GuHuangAI/DDM-Public@8bf8ee23e449 unet/uncond_unet.py"
+
 # The official EDMPrecond.forward casts x, sigma and the labels to float32 whatever use_fp16
 # says; a module attribute (not an argument) so float64 parity checks can lift it.
 _COMPUTE_DTYPE = torch.float32
@@ -148,9 +153,11 @@ class DDMPrecond(nn.Module):
         eps   = sqrt(t) * x + sqrt((1 - t) / (1 + t)) * F_eps(c_in x, log t)
 
     These are NOT what a textbook EDM derivation gives for x_t = (1-t) x_0 + sqrt(t) n with
-    unit-variance data (std(x_t) = sqrt((1-t)^2 + t), skip/out weights over t^2 - t + 1);
-    the official code uses the simpler expressions above, the checkpoints were trained
-    through them, so the network's F_c/F_eps only mean anything under exactly these.
+    unit-variance data (std(x_t) = sqrt((1-t)^2 + t), skip/out weights over t^2 - t + 1).
+    DDM-Public at ``PRECOND_SOURCE`` uses the simpler expressions above and checkpoints
+    trained with it learnt F_c/F_eps under exactly these, so they are copied, not "fixed".
+    Upstream later (ADM-Public e6df438, April 2024, "for new performance") switched the same
+    class to the t^2 - t + 1 forms; a checkpoint trained with that code needs those instead.
     ``precondition=False`` returns (F_c, F_eps) unchanged. sigma_min/max/data and use_fp16
     are stored by the official class but do not enter its forward pass.
     """
@@ -311,7 +318,8 @@ def spec(config: dict) -> ModelSpec:
         "clip_sample": not latent,      # the pixel sampler clamps x0 to [-1, 1]; the latent one does not
     }
     extra = {"official_class": OFFICIAL_CLASS, "model_type": "DhariwalUNet",
-             "precondition": bool(full["precondition"]), "official_sampling_timesteps": _SAMPLING_STEPS}
+             "precondition": bool(full["precondition"]), "precond_source": PRECOND_SOURCE,
+             "official_sampling_timesteps": _SAMPLING_STEPS}
     if latent:
         extra.update(latent_scale_factor=0.165, first_stage="AutoencoderKL embed_dim 3, ch_mult [1,2,4] (4x)")
     return ModelSpec(

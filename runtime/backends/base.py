@@ -29,6 +29,7 @@ class RunOptions:
     gpu: int = 0                    # CUDA device index
     max_batch: int | None = None    # the largest batch the caller will feed (engine profile choice)
     cuda_graph: bool = False        # TensorRT: capture CUDA graphs per batch size
+    component: str = "denoiser"     # which model of the bundle: denoiser, decoder, encoder
 
 
 def validate_feed(feed: dict[str, np.ndarray], inputs: dict[str, dict]) -> int:

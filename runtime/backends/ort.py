@@ -46,9 +46,9 @@ class OrtBackend(Backend):
 
     @classmethod
     def from_bundle(cls, bundle, precision: str, options: RunOptions) -> "OrtBackend":
-        m = bundle.manifest
-        return cls(bundle.model_path(precision), m.inputs, m.output_names, device=options.device,
-                   threads=options.threads, graph_outputs=m.graph_outputs)
+        c = bundle.manifest.component(options.component)
+        return cls(bundle.model_path(precision, options.component), c.inputs, c.output_names,
+                   device=options.device, threads=options.threads, graph_outputs=c.graph_outputs)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.device == "cpu":

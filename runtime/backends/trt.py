@@ -158,13 +158,13 @@ class TrtBackend(Backend):
         trt = import_tensorrt()
         info = device_info(options.gpu)
         want = EngineKey(precision, info["compute_capability"], trt.__version__,
-                         model_digest(bundle.manifest, precision))
+                         model_digest(bundle.manifest, precision, options.component))
         try:
             path, sidecar = select_engine(bundle.path, want, options.max_batch)
         except EngineError as exc:
             raise BackendError(str(exc)) from None
-        m = bundle.manifest
-        return cls(path, sidecar, m.inputs, m.output_names, options.gpu, options.cuda_graph, m.graph_outputs)
+        c = bundle.manifest.component(options.component)
+        return cls(path, sidecar, c.inputs, c.output_names, options.gpu, options.cuda_graph, c.graph_outputs)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         batch = feed["x"].shape[0]

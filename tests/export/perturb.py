@@ -93,7 +93,7 @@ def fp16_rung2(module: nn.Module, spec, directory):
     AutoCast, FP32 islands added as measurement demands) and gated against PyTorch FP32.
     Returns (ParityResult, record)."""
     from edgediff.export import fp16
-    from edgediff.export.onnx_export import torch_outputs
+    from edgediff.export.reference import torch_outputs
 
     return fp16.convert_fp16(directory / "model.onnx", directory / "fp16.onnx", spec,
                              lambda feed: torch_outputs(module, spec, feed), "pytorch-fp32", log=lambda m: None)

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from edgediff.export import fp16
 from edgediff.export.models import FAMILIES
-from edgediff.export.onnx_export import export_onnx, torch_outputs
+from edgediff.export.onnx_export import export_onnx
+from edgediff.export.reference import torch_outputs
 from edgediff.runtime import read_bundle
 from edgediff.runtime.backends import load_backend
 from edgediff.runtime.parity import ParityResult
