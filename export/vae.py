@@ -9,7 +9,6 @@ decoder's output is not clamped (the runtime's ``to_uint8`` clips).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from edgediff.runtime.parity import ParityResult
 
 from .onnx_export import ExportError, export_graph
 from .reference import TorchBackend, component_feed
-from .vae_layouts import DEFAULT_SCALING_FACTOR, DIFFUSERS_WEIGHTS, VAESource, build_vae, load_vae, read_vae
+from .vae_layouts import DEFAULT_SCALING_FACTOR, VAESource, build_vae, load_vae, read_vae
 
 TOLERANCE = (1e-5, 1e-4)            # rung 1, as for the denoisers
 FILES = {"decoder": "decoder.onnx", "encoder": "encoder.onnx"}
@@ -187,27 +186,9 @@ def _install(bundle, tmp: Path, io: dict, results: dict, extra: dict) -> None:
 
 
 # --- the reference again (FP16 gate) -------------------------------------------------------
-def component_reference(bundle, name: str, checkpoint) -> tuple[TorchBackend, str]:
-    """The PyTorch view of component ``name`` rebuilt from the bundle's record and the same
-    checkpoint (a file, or a diffusers folder holding it), verified by sha256."""
-    c = bundle.manifest.component(name)
-    source = c.extra.get("source", {})
-    if checkpoint is None:
-        raise InvalidInput(f"the {name} of {bundle.path} was exported from {source.get('checkpoint')}: pass that "
-                           "checkpoint so the gate compares against PyTorch with the same weights")
-    weights = Path(checkpoint)
-    if weights.is_dir():
-        weights = next((weights / n for n in DIFFUSERS_WEIGHTS if (weights / n).is_file()), weights)
-    if not weights.is_file() or sha256_file(weights) != source.get("sha256"):
-        raise InvalidInput(f"{checkpoint} is not the checkpoint the {name} of {bundle.path} was exported from "
-                           "(sha256 differs)")
-    vae = load_vae(weights, c.extra["layout"], c.extra["config"], c.extra.get("prefix", ""))
-    module = VIEWS[name](vae, c.extra["scaling_factor"]).eval()
-    return TorchBackend(module, c.inputs, c.output_names), "pytorch-fp32"
-
-
-def replace_component(manifest, name: str, **changes):
-    """The manifest with component ``name`` changed (``models``, ``parity``, ``precision``)."""
-    comps = dict(manifest.components)
-    comps[name] = dataclasses.replace(comps[name], **changes)
-    return manifest.replace(components=comps)
+def component_module(component, name: str, weights: Path) -> torch.nn.Module:
+    """The PyTorch view of component ``name`` rebuilt from its bundle record (layout,
+    AutoencoderKL config, key prefix, scale) and ``weights``, whose sha256 the caller checked."""
+    extra = component.extra
+    vae = load_vae(weights, extra["layout"], extra["config"], extra.get("prefix", ""))
+    return VIEWS[name](vae, extra["scaling_factor"]).eval()

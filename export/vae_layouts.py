@@ -129,6 +129,11 @@ def _diffusers_files(directory: Path) -> tuple[Path, Path]:
     return weights, directory / "config.json"
 
 
+def weights_file(path: Path) -> Path:
+    """The weights of a checkpoint given as a file or as a diffusers folder."""
+    return _diffusers_files(Path(path))[0] if Path(path).is_dir() else Path(path)
+
+
 def find_ldm_params(d: dict, depth: int = 4) -> dict | None:
     """The ``{ddconfig, embed_dim}`` mapping inside an LDM/DDM config (the first-stage section
     itself, ``params``, ``model.params.first_stage_config.params``, DDM's ``model.first_stage``)."""
