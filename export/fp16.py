@@ -25,16 +25,16 @@ import numpy as np
 import onnx
 
 from edgediff.runtime.backends.ort import OrtBackend
-from edgediff.runtime.bundle import finalize_manifest, io_spec, read_bundle
+from edgediff.runtime.bundle import finalize_manifest, read_bundle
 from edgediff.runtime.files import sha256_file, staged_dir, write_json_atomic
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.parity import ParityResult
 
+from .fp16_targets import Target, as_target, component_target, denoiser_target
 from .models import get_family
 from .models.family import ModelSpec
 from .onnx_export import EXTERNAL_DATA_BYTES
-from .reference import (build_reference, calibration_feed, component_feed, schedule_points, torch_outputs,
-                        trajectory_feed)
+from .reference import build_reference, calibration_feed, torch_outputs  # noqa: F401 (calibration_feed: API)
 
 GATE_REL_L2 = 5e-3
 DATA_MAX = 512.0   # ModelOpt's default: above it an FP16 ulp is ≥ 0.5 (too coarse for sin/cos args)
@@ -42,7 +42,6 @@ MISSING_MODELOPT = ("FP16 conversion needs NVIDIA ModelOpt AutoCast: pip install
                     "(nvidia-modelopt onnxslim lief onnx-graphsurgeon polygraphy)")
 NORM_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean",
             "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt", "Reciprocal")
-FP16_FILE = "model_fp16.onnx"
 Reference = Callable[[dict], dict]
 
 
@@ -51,57 +50,6 @@ class FP16Error(EdgediffError, RuntimeError):
 
 
 # --- calibration and gate inputs ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class Target:
-    """What a conversion calibrates and gates on: the denoiser (feeds along its noise
-    schedule) or an autoencoder component (feeds of its data: unit-variance latents, images
-    in [-1, 1]). ``calibration(rows)`` is one feed whose rows are run one at a time;
-    ``gate(points, seed)`` gives the rung-2 cases as (label, feed)."""
-
-    component: str
-    inputs: dict                                   # name -> {"dtype", "shape"}, batch symbolic
-    outputs: tuple[str, ...]
-    calibration: Callable[[int], dict]
-    gate: Callable[[int, int], list]
-    candidates: tuple[str, ...]
-    drawn: str                                     # how calibration inputs were drawn (the record)
-
-    @property
-    def fp16_file(self) -> str:
-        return FP16_FILE if self.component == "denoiser" else f"{self.component}_fp16.onnx"
-
-
-def denoiser_target(spec: ModelSpec) -> Target:
-    def gate(points: int, seed: int) -> list:
-        rng = np.random.default_rng(seed)
-        kinds = ("class", "null") if spec.null_label is not None else ("class",)
-        return [(f"t={p[0]:g}" + (f" labels={labels}" if spec.conditional else ""),
-                 trajectory_feed(spec, p, 2, labels, rng))
-                for p in schedule_points(spec, points) for labels in kinds]
-
-    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
-    return Target("denoiser", inputs, tuple(spec.outputs), lambda rows: calibration_feed(spec, rows), gate,
-                  tuple(BY_NAME), "signal(t)·x0 + noise(t)·ε along the bundle's schedule")
-
-
-def component_target(name: str, component) -> Target:
-    """An autoencoder component: no t or labels, so no conditioning island; its activations
-    depend only on the data, drawn as the runtime feeds it."""
-    def gate(points: int, seed: int) -> list:
-        rng = np.random.default_rng(seed)
-        return [(f"draw={i}", component_feed(component.inputs, 2, rng)) for i in range(points)]
-
-    drawn = {"latents": "latents ~ N(0, 1) (scaled, as the denoiser samples them)",
-             "image": "images ~ U(-1, 1)"}
-    return Target(name, component.inputs, tuple(component.output_names),
-                  lambda rows: component_feed(component.inputs, rows, np.random.default_rng(0)), gate,
-                  ("softmax", "normalization"), "; ".join(drawn.get(n, n) for n in component.inputs))
-
-
-def as_target(what: ModelSpec | Target) -> Target:
-    return what if isinstance(what, Target) else denoiser_target(what)
-
 
 def measure(reference: Reference, ref_name: str, spec: ModelSpec | Target, path: Path, points: int = 7,
             seed: int = 1) -> ParityResult:
