@@ -319,7 +319,9 @@ def _reference(bundle, target: Target, checkpoint) -> tuple[Reference, str]:
     if weights.is_dir() and name != "denoiser":
         from .vae_layouts import weights_file
         weights = weights_file(weights)
-    if not weights.is_file() or sha256_file(weights) != source["sha256"]:
+    if not weights.is_file():
+        raise FP16Error(f"{checkpoint} is not a checkpoint file")
+    if sha256_file(weights) != source["sha256"]:
         raise FP16Error(f"{checkpoint} is not the checkpoint {what} was exported from (sha256 differs)")
     if name == "denoiser":
         spec = get_family(m.family).spec(m.config)

@@ -1,4 +1,5 @@
-"""FP32 ONNX export of a family's export view, with dynamic batch, checks and parity."""
+"""FP32 ONNX export of a family's export view (or any module with named I/O: the autoencoder
+components), with dynamic batch, checks and parity."""
 from __future__ import annotations
 
 import logging

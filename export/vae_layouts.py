@@ -75,6 +75,7 @@ LDM_SCHEMA = Schema("LDM first-stage", {
 }, rules=(
     rule(lambda c: all(c["ch"] * m % LDM_GROUPS == 0 for m in c["ch_mult"]),
          f"every ch·ch_mult must be divisible by {LDM_GROUPS} (CompVis GroupNorm has {LDM_GROUPS} groups)"),
+    rule(lambda c: isinstance(c["attn_resolutions"], (list, tuple)), "attn_resolutions must be a list"),
     # diffusers' AutoencoderKL (like every published KL first stage) has attention only in
     # its mid-blocks; per-level attention would have no counterpart in the reference
     rule(lambda c: not _level_attention(c), "attention at resolution(s) {attn_resolutions} inside the levels "

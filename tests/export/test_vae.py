@@ -123,7 +123,7 @@ def test_pipeline_decodes_a_latent_dit(bundle):
     from edgediff import Pipeline
 
     with Pipeline.from_bundle(bundle) as pipe:
-        out = pipe(n=2, steps=4)
+        out = pipe(n=2)                              # the bundle's recommended sampling
         assert out.samples.shape == (2, 4, 8, 8) and out.images.shape == (2, 16, 16, 3)
         assert out.images.dtype == np.uint8
         direct = pipe.decoder.infer({"latents": out.samples})["image"]
@@ -234,6 +234,25 @@ def test_cli_refusals_are_one_line_and_leave_nothing(bundle, store, tmp_path, ca
         assert err.startswith("error:") and err.strip().count("\n") == 0 and "Traceback" not in err
     assert _listing(bundle) == before
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_failed_parity_keeps_the_graphs_aside_and_the_bundle_unchanged(bundle, store, monkeypatch):
+    from edgediff.export.bundle import ParityError
+    from edgediff.runtime.parity import ParityResult
+
+    _latent_bundle_without_vae(bundle)
+    before = _listing(bundle)
+
+    def failing(module, inputs, outputs, path, **kw):
+        result = ParityResult("pytorch-fp32", "onnx", 1e-5, 1e-4)
+        result.add("batch=1", {n: np.ones(3) for n in outputs}, {n: np.ones(3) * 2 for n in outputs})
+        return result
+    monkeypatch.setattr(vae_mod, "export_graph", lambda module, args, outs, path, **kw: path.write_bytes(b"x"))
+    monkeypatch.setattr(vae_mod, "validate_component", failing)
+    with pytest.raises(ParityError, match=r"decoder: FAIL.*b\.vae\.failed"):
+        vae_mod.add_vae(bundle, store["root"] / "vae", log=lambda m: None)
+    assert _listing(bundle) == before
+    assert sorted(p.name for p in (bundle.parent / "b.vae.failed").iterdir()) == ["decoder.onnx", "encoder.onnx"]
 
 
 def test_scaling_factor_resolution():
