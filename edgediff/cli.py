@@ -13,6 +13,9 @@ from edgediff import __version__
 from edgediff.cli_digits import DIGITS_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
+from edgediff.cli_vae import COMMANDS as VAE_COMMANDS
+from edgediff.cli_vae import LAYOUTS as VAE_LAYOUTS
+from edgediff.cli_vae import add_vae_to_bundle
 from edgediff.export.models import FAMILIES
 from edgediff.runtime.backends import BACKENDS
 from edgediff.runtime.samplers import SAMPLERS
@@ -48,7 +51,13 @@ def _read_json(path: str | None):
 @click.option("--max-batch", type=click.IntRange(2, None), help="Upper bound of the dynamic batch axis.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Also add a mixed-precision model (fp16: ModelOpt AutoCast, gated at rel-L2 ≤ 5e-3).")
-def export(family, config_path, size, checkpoint, out, opset, max_batch, precision):
+@click.option("--vae", "vae_checkpoint", type=click.Path(exists=True),
+              help="Also add this autoencoder (latent models; see `edgediff add-vae`): a diffusers folder or a file.")
+@click.option("--vae-config", type=click.Path(exists=True, dir_okay=False),
+              help="The autoencoder's JSON config (diffusers config.json, or LDM ddconfig + embed_dim).")
+@click.option("--vae-layout", type=click.Choice(VAE_LAYOUTS), help="The autoencoder's layout (default: detected).")
+def export(family, config_path, size, checkpoint, out, opset, max_batch, precision, vae_checkpoint, vae_config,
+           vae_layout):
     """Export a PyTorch denoiser to a validated FP32 ONNX bundle."""
     from edgediff.export.bundle import export_bundle
     from edgediff.export.models import resolve_config
@@ -58,6 +67,8 @@ def export(family, config_path, size, checkpoint, out, opset, max_batch, precisi
     result = export_bundle(family, config, out, checkpoint=checkpoint, opset=opset, max_batch=max_batch,
                            log=lambda msg: click.echo(msg, err=True))
     click.echo(result.parity.summary())
+    if vae_checkpoint:
+        add_vae_to_bundle(str(result.path), vae_checkpoint, vae_config, vae_layout)
     add_to_bundle(str(result.path), precision, checkpoint)
     click.echo(f"wrote {result.path} in {time.perf_counter() - start:.1f} s")
 
@@ -126,7 +137,7 @@ def families():
         click.echo("  sizes: " + ", ".join(family.configs))
 
 
-for _command in (*PRECISION_COMMANDS, *DIGITS_COMMANDS):
+for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *DIGITS_COMMANDS):
     cli.add_command(_command)
 
 

@@ -10,34 +10,42 @@ import time
 import click
 
 ADDABLE = ["fp16"]                    # precisions `add-precision` (and `export --precision`) can add
+COMPONENTS = ["denoiser", "decoder", "encoder"]     # the denoiser and runtime.manifest.COMPONENTS
 
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def add_to_bundle(bundle: str, precision: str, checkpoint: str | None, calibration_rows: int = 12) -> None:
+def add_to_bundle(bundle: str, precision: str, checkpoint: str | None, calibration_rows: int = 12,
+                  component: str = "denoiser") -> None:
     """Add ``precision`` to a bundle and print its gate result (shared by export and add-precision)."""
     if precision == "fp32":
         return
     from edgediff.export.fp16 import add_fp16
 
-    parity = add_fp16(bundle, checkpoint=checkpoint, calibration_rows=calibration_rows, log=_log)
+    parity = add_fp16(bundle, checkpoint=checkpoint, calibration_rows=calibration_rows, log=_log,
+                      component=component)
     click.echo(parity.summary())
 
 
 @click.command("add-precision")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--precision", required=True, type=click.Choice(ADDABLE), help="Precision to add.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="The checkpoint the bundle was exported from (the gate compares against PyTorch with it).")
+@click.option("--checkpoint", type=click.Path(exists=True),
+              help="The checkpoint the model was exported from (the gate compares against PyTorch with it); "
+                   "for a component, the autoencoder's weights file or diffusers folder.")
 @click.option("--calibration-rows", default=12, show_default=True, type=click.IntRange(2, 256),
-              help="Schedule points (one row each) whose activations decide the FP32 islands.")
-def add_precision(bundle, precision, checkpoint, calibration_rows):
+              help="Calibration rows (schedule points for the denoiser, data draws for a component) whose "
+                   "activations decide the FP32 islands.")
+@click.option("--component", default="denoiser", show_default=True, type=click.Choice(COMPONENTS),
+              help="Which model of the bundle to convert.")
+def add_precision(bundle, precision, checkpoint, calibration_rows, component):
     """Add a mixed-precision model to an existing bundle, gated against FP32 (rel-L2 ≤ 5e-3)."""
     start = time.perf_counter()
-    add_to_bundle(bundle, precision, checkpoint, calibration_rows)
-    click.echo(f"added {precision} to {bundle} in {time.perf_counter() - start:.1f} s")
+    add_to_bundle(bundle, precision, checkpoint, calibration_rows, component)
+    what = "" if component == "denoiser" else f" ({component})"
+    click.echo(f"added {precision}{what} to {bundle} in {time.perf_counter() - start:.1f} s")
 
 
 @click.command("build")
@@ -54,13 +62,16 @@ def add_precision(bundle, precision, checkpoint, calibration_rows):
 @click.option("--workspace", "workspace_gib", type=float, help="Builder workspace limit in GiB.")
 @click.option("--force", is_flag=True, help="Rebuild even when a matching engine exists.")
 @click.option("--device", default=0, show_default=True, type=click.IntRange(0), help="CUDA device.")
-def build(bundle, precision, min_batch, opt_batch, max_batch, guidance, timing_cache, workspace_gib, force, device):
+@click.option("--component", default="denoiser", show_default=True, type=click.Choice(COMPONENTS),
+              help="Which model of the bundle to build (components get no guidance doubling).")
+def build(bundle, precision, min_batch, opt_batch, max_batch, guidance, timing_cache, workspace_gib, force, device,
+          component):
     """Build a TensorRT engine for this GPU from a bundle's ONNX model."""
     from edgediff.export.trt_build import BuildOptions, build_engine
 
     opts = BuildOptions(precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                         guidance=guidance, timing_cache=timing_cache, workspace_gib=workspace_gib,
-                        force=force, device=device)
+                        force=force, device=device, component=component)
     start = time.perf_counter()
     path = build_engine(bundle, opts, log=_log)
     click.echo(f"engine {path} ready in {time.perf_counter() - start:.1f} s")

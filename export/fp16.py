@@ -11,6 +11,7 @@ measured gate fails, and only the candidate that helps most each round.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import os
@@ -24,14 +25,16 @@ import numpy as np
 import onnx
 
 from edgediff.runtime.backends.ort import OrtBackend
-from edgediff.runtime.bundle import finalize_manifest, io_spec, read_bundle
+from edgediff.runtime.bundle import finalize_manifest, read_bundle
 from edgediff.runtime.files import sha256_file, staged_dir, write_json_atomic
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.parity import ParityResult
 
+from .fp16_targets import Target, as_target, component_target, denoiser_target
+from .models import get_family
 from .models.family import ModelSpec
 from .onnx_export import EXTERNAL_DATA_BYTES
-from .reference import build_reference, calibration_feed, schedule_points, torch_outputs, trajectory_feed
+from .reference import build_reference, calibration_feed, torch_outputs  # noqa: F401 (calibration_feed: API)
 
 GATE_REL_L2 = 5e-3
 DATA_MAX = 512.0   # ModelOpt's default: above it an FP16 ulp is ≥ 0.5 (too coarse for sin/cos args)
@@ -39,7 +42,6 @@ MISSING_MODELOPT = ("FP16 conversion needs NVIDIA ModelOpt AutoCast: pip install
                     "(nvidia-modelopt onnxslim lief onnx-graphsurgeon polygraphy)")
 NORM_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean",
             "ReduceSum", "ReduceSumSquare", "ReduceL2", "Pow", "Sqrt", "Reciprocal")
-FP16_FILE = "model_fp16.onnx"
 Reference = Callable[[dict], dict]
 
 
@@ -49,19 +51,15 @@ class FP16Error(EdgediffError, RuntimeError):
 
 # --- calibration and gate inputs ---------------------------------------------------------
 
-def measure(reference: Reference, ref_name: str, spec: ModelSpec, path: Path, points: int = 7,
+def measure(reference: Reference, ref_name: str, spec: ModelSpec | Target, path: Path, points: int = 7,
             seed: int = 1) -> ParityResult:
-    """Rung 2: FP16 ONNX on ORT vs the FP32 reference at t across the schedule, both labels."""
-    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
-    backend = OrtBackend(path, inputs, list(spec.outputs))
+    """Rung 2: FP16 ONNX on ORT vs the FP32 reference; for the denoiser at t across the
+    schedule with both labels, for a component on fresh data-like draws."""
+    target = as_target(spec)
+    backend = OrtBackend(path, target.inputs, list(target.outputs))
     result = ParityResult(ref_name, "onnx-fp16 (onnxruntime CPU)", GATE_REL_L2, None)
-    rng = np.random.default_rng(seed)
-    kinds = ("class", "null") if spec.null_label is not None else ("class",)
-    for point in schedule_points(spec, points):
-        for labels in kinds:
-            feed = trajectory_feed(spec, point, 2, labels, rng)
-            tag = f"t={point[0]:g}" + (f" labels={labels}" if spec.conditional else "")
-            result.add(tag, reference(feed), backend.infer(feed))
+    for tag, feed in target.gate(points, seed):
+        result.add(tag, reference(feed), backend.infer(feed))
     return result
 
 
@@ -134,7 +132,7 @@ def activation_peaks(fp32_path: Path, feed: dict) -> dict[str, float]:
     finally:
         Path(tmp).unlink(missing_ok=True)
     peaks = {k: float(np.abs(v).max()) for k, v in feed.items() if v.dtype == np.float32}
-    for row in range(len(feed["t"])):
+    for row in range(len(next(iter(feed.values())))):
         outs = session.run(names, {k: v[row:row + 1] for k, v in feed.items()})
         for name, value in zip(names, outs):
             if value.size:
@@ -251,7 +249,7 @@ def _range_island(model: onnx.ModelProto, ranged: dict[str, float]) -> dict | No
                       f"{max(ranged.values()):g}, beyond ±{DATA_MAX:g} where an FP16 ulp is ≥ 0.5"}
 
 
-def _record(model, trials: list[Trial], ranged: dict, skipped: dict, calibration: dict) -> dict:
+def _record(model, trials: list[Trial], ranged: dict, skipped: dict, calibration: dict, target: Target) -> dict:
     """bundle.json's ``precision.fp16``: what stayed FP32 and the measurement behind it."""
     from importlib.metadata import version
 
@@ -268,21 +266,24 @@ def _record(model, trials: list[Trial], ranged: dict, skipped: dict, calibration
                                   f"{before[final.islands[:k + 1]]:.2e} with"})
     return {"tool": f"nvidia-modelopt {version('nvidia-modelopt')} AutoCast", "data_max": DATA_MAX,
             "keep_io_types": True, "fp32_islands": islands,
-            "calibration": {"rows": int(calibration["t"].shape[0]),
-                            "t": [round(float(t), 6) for t in calibration["t"]],
-                            "x": "signal(t)·x0 + noise(t)·ε along the bundle's schedule"},
+            "calibration": {"rows": int(next(iter(calibration.values())).shape[0]),
+                            **({"t": [round(float(t), 6) for t in calibration["t"]]} if "t" in calibration else {}),
+                            ("x" if target.component == "denoiser" else "inputs"): target.drawn},
             "trials": [{"islands": list(tr.islands), "finite": tr.score != float("inf"),
                         "worst_rel_l2": tr.score if tr.score != float("inf") else None} for tr in trials],
             "gate": {"rel_l2": GATE_REL_L2, "worst_rel_l2": final.parity.worst_rel_l2,
                      "passed": final.parity.passed}}
 
 
-def convert_fp16(fp32_path: Path, out_path: Path, spec: ModelSpec, reference: Reference, ref_name: str,
-                 candidates: tuple[str, ...] = tuple(BY_NAME),
+def convert_fp16(fp32_path: Path, out_path: Path, spec: ModelSpec | Target, reference: Reference, ref_name: str,
+                 candidates: tuple[str, ...] | None = None,
                  calibration_rows: int = 12, log=print) -> tuple[ParityResult, dict]:
-    """Convert, measure, add FP32 islands until the gate holds; return (parity, record)."""
+    """Convert, measure, add FP32 islands until the gate holds; return (parity, record).
+    ``spec`` is a denoiser's ModelSpec or a :class:`Target` (e.g. an autoencoder component)."""
+    target = as_target(spec)
+    candidates = target.candidates if candidates is None else candidates
     model = onnx.load(str(fp32_path), load_external_data=False)
-    calibration = calibration_feed(spec, calibration_rows)
+    calibration = target.calibration(calibration_rows)
     ranged = range_nodes(model, activation_peaks(fp32_path, calibration))
     skipped: dict[str, str] = {}
     written: list[tuple[str, ...]] = [()]
@@ -292,64 +293,86 @@ def convert_fp16(fp32_path: Path, out_path: Path, spec: ModelSpec, reference: Re
         skipped.clear()
         skipped.update(autocast(fp32_path, out_path, sorted(nodes)))
         written[0] = islands
-        return measure(reference, ref_name, spec, out_path)
+        return measure(reference, ref_name, target, out_path)
 
     trials = choose_islands(trial, candidates, log=log)
     if written[0] != trials[-1].islands:   # the last file written was a rejected alternative
         trial(trials[-1].islands)
-    return trials[-1].parity, _record(model, trials, ranged, skipped, calibration)
+    return trials[-1].parity, _record(model, trials, ranged, skipped, calibration, target)
 
 
-def _reference(bundle, spec: ModelSpec, checkpoint) -> tuple[Reference, str]:
-    """PyTorch FP32 with the bundle's source weights; for a bundle exported without a
-    checkpoint (random weights that cannot be re-created) the rung-1-validated FP32 ONNX."""
-    source = bundle.manifest.source
+def _reference(bundle, target: Target, checkpoint) -> tuple[Reference, str]:
+    """PyTorch FP32 with the source weights of the bundle (or of its component); for a model
+    exported without a checkpoint (random weights that cannot be re-created) the
+    rung-1-validated FP32 ONNX."""
+    m, name = bundle.manifest, target.component
+    c = m.component(name)
+    source = m.source if name == "denoiser" else c.extra.get("source", {})
+    what = str(bundle.path) if name == "denoiser" else f"the {name} of {bundle.path}"
     if source.get("sha256") is None:
-        backend = OrtBackend(bundle.model_path("fp32"), bundle.manifest.inputs, bundle.output_names,
-                             graph_outputs=bundle.manifest.graph_outputs)
-        return backend.infer, "onnx-fp32 (rung-1 validated; bundle has no source checkpoint)"
+        backend = OrtBackend(bundle.model_path("fp32", name), c.inputs, c.output_names, graph_outputs=c.graph_outputs)
+        return backend.infer, "onnx-fp32 (rung-1 validated; no source checkpoint)"
     if checkpoint is None:
-        raise FP16Error(f"{bundle.path} was exported from {source.get('checkpoint')}: pass that checkpoint "
+        raise FP16Error(f"{what} was exported from {source.get('checkpoint')}: pass that checkpoint "
                         "so the FP16 gate compares against PyTorch with the same weights")
-    if sha256_file(checkpoint) != source["sha256"]:
-        raise FP16Error(f"{checkpoint} is not the checkpoint {bundle.path} was exported from (sha256 differs)")
-    _, module = build_reference(bundle.manifest.family, bundle.manifest.config, checkpoint)
-    return (lambda feed: torch_outputs(module, spec, feed)), "pytorch-fp32"
+    weights = Path(checkpoint)
+    if weights.is_dir() and name != "denoiser":
+        from .vae_layouts import weights_file
+        weights = weights_file(weights)
+    if not weights.is_file():
+        raise FP16Error(f"{checkpoint} is not a checkpoint file")
+    if sha256_file(weights) != source["sha256"]:
+        raise FP16Error(f"{checkpoint} is not the checkpoint {what} was exported from (sha256 differs)")
+    if name == "denoiser":
+        spec = get_family(m.family).spec(m.config)
+        _, module = build_reference(m.family, m.config, weights)
+        return (lambda feed: torch_outputs(module, spec, feed)), "pytorch-fp32"
+    from .reference import TorchBackend
+    from .vae import component_module
+
+    return TorchBackend(component_module(c, name, weights), c.inputs, c.output_names).infer, "pytorch-fp32"
 
 
 def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calibration_rows: int = 12,
-             log=print) -> ParityResult:
-    """Add ``model_fp16.onnx`` to a bundle, gated; on failure leave it at BUNDLE.fp16.failed."""
-    from .models import get_family
-
+             log=print, component: str = "denoiser") -> ParityResult:
+    """Add an FP16 model of the denoiser (``model_fp16.onnx``) or of an autoencoder component
+    (``decoder_fp16.onnx`` ...) to a bundle, gated; on failure leave it at BUNDLE.fp16.failed."""
     bundle = read_bundle(bundle_dir)
-    spec = get_family(bundle.manifest.family).spec(bundle.manifest.config)
-    reference, ref_name = _reference(bundle, spec, checkpoint)
+    m = bundle.manifest
+    target = (denoiser_target(get_family(m.family).spec(m.config)) if component == "denoiser"
+              else component_target(component, m.component(component)))
+    reference, ref_name = _reference(bundle, target, checkpoint)
     path = Path(bundle_dir)
     with staged_dir(path, "fp16") as stage:
-        tmp = stage.path
-        log("converting to mixed FP16/FP32 with ModelOpt AutoCast and checking against FP32 ...")
+        tmp, out = stage.path, stage.path / target.fp16_file
+        what = "" if component == "denoiser" else f"the {component} "
+        log(f"converting {what}to mixed FP16/FP32 with ModelOpt AutoCast and checking against FP32 ...")
         try:
-            parity, record = convert_fp16(bundle.model_path("fp32"), tmp / FP16_FILE, spec, reference, ref_name,
+            parity, record = convert_fp16(bundle.model_path("fp32", component), out, target, reference, ref_name,
                                           calibration_rows=calibration_rows, log=log)
         except FP16Error as exc:
-            if not (tmp / FP16_FILE).exists():
+            if not out.exists():
                 raise
             failed = stage.keep_failed(".fp16.failed")
             raise FP16Error(f"{exc}; the last FP16 model tried is in {failed}") from None
-        _install_fp16(bundle, tmp, parity, record)
+        _install_fp16(bundle, tmp, parity, record, target)
     return parity
 
 
-def _install_fp16(bundle, tmp: Path, parity: ParityResult, record: dict) -> None:
+def _install_fp16(bundle, tmp: Path, parity: ParityResult, record: dict, target: Target) -> None:
     """Move the FP16 files in, then rewrite parity.json and bundle.json (atomic renames).
     Readers keep verifying against the old manifest, which does not list the new files."""
     for f in sorted(tmp.iterdir()):
         f.replace(bundle.path / f.name)
+    name = target.component
     parity_path = bundle.path / "parity.json"
     results = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
-    write_json_atomic(parity_path, {**results, "fp16": parity.to_dict()})
-    m = bundle.manifest
-    finalize_manifest(bundle.path, m.replace(
-        models={**m.models, "fp16": FP16_FILE}, precision={**m.precision, "fp16": record},
-        parity={**m.parity, "fp16": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}}))
+    write_json_atomic(parity_path, {**results, ("fp16" if name == "denoiser" else f"{name}.fp16"): parity.to_dict()})
+    m, c = bundle.manifest, bundle.manifest.component(name)
+    changes = dict(models={**c.models, "fp16": target.fp16_file}, precision={**c.precision, "fp16": record},
+                   parity={**c.parity, "fp16": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}})
+    if name == "denoiser":
+        m = m.replace(**changes)
+    else:
+        m = m.replace(components={**m.components, name: dataclasses.replace(c, **changes)})
+    finalize_manifest(bundle.path, m)

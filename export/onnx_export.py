@@ -1,4 +1,5 @@
-"""FP32 ONNX export of a family's export view, with dynamic batch, checks and parity."""
+"""FP32 ONNX export of a family's export view (or any module with named I/O: the autoencoder
+components), with dynamic batch, checks and parity."""
 from __future__ import annotations
 
 import logging
@@ -32,18 +33,27 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 def export_onnx(module: torch.nn.Module, spec: ModelSpec, path: Path, opset: int = 21,
                 max_batch: int | None = None) -> list[Path]:
-    """Trace ``module`` with the dynamo exporter into ``path``; return the files written."""
+    """Trace a family's export view into ``path`` (docs/architecture.md I/O contract)."""
+    feed = example_feed(spec, 2, float(spec.time["max"]), "class", np.random.default_rng(0))
+    args = {n: torch.from_numpy(feed[n]) for n in spec.inputs}
+    return export_graph(module, args, list(spec.outputs), path, opset=opset, max_batch=max_batch)
+
+
+def export_graph(module: torch.nn.Module, example_args: dict[str, torch.Tensor], output_names: list[str],
+                 path: Path, opset: int = 21, max_batch: int | None = None) -> list[Path]:
+    """Trace ``module(*example_args.values())`` with the dynamo exporter into ``path``, inputs
+    and outputs named, batch (axis 0 of every input) the only dynamic axis; check the graph
+    and return the files written."""
     if opset < 18:
         raise ExportError("opset must be ≥ 18 (the dynamo exporter's Split is invalid at 17)")
-    feed = example_feed(spec, 2, float(spec.time["max"]), "class", np.random.default_rng(0))
-    args = tuple(torch.from_numpy(feed[n]) for n in spec.inputs)
+    args = tuple(example_args.values())
     batch = torch.export.Dim("batch", min=1, max=max_batch or 2**20)
     external = weight_bytes(module) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(module, args, str(path), input_names=list(spec.inputs),
-                              output_names=list(spec.outputs), opset_version=opset, dynamo=True,
+            torch.onnx.export(module, args, str(path), input_names=list(example_args),
+                              output_names=list(output_names), opset_version=opset, dynamo=True,
                               dynamic_shapes=tuple({0: batch} for _ in args), external_data=external,
                               optimize=True, verbose=False)
         except Exception as exc:

@@ -77,6 +77,17 @@ def example_feed(spec: ModelSpec, batch: int, t: float, labels: str, rng: np.ran
     return feed
 
 
+def component_feed(inputs: dict, batch: int, rng: np.random.Generator) -> dict:
+    """Data-like inputs of an autoencoder component: ``latents`` unit-variance (as the
+    denoiser samples them, the scale applied), ``image`` uniform in [-1, 1]."""
+    draw = {"latents": lambda shape: rng.standard_normal(shape),
+            "image": lambda shape: rng.uniform(-1.0, 1.0, shape)}
+    feed = {}
+    for name, decl in inputs.items():
+        if name not in draw:
+            raise ValueError(f"no data-like feed for component input {name!r}")
+        feed[name] = draw[name]((batch, *decl["shape"][1:])).astype(np.float32)
+    return feed
 
 
 def schedule_points(spec: ModelSpec, n: int) -> list[tuple[float, float, float]]:

@@ -32,6 +32,7 @@ class BuildOptions:
     optimization_level: int | None = None   # TensorRT's builder level 0..5 (its default is 3)
     force: bool = False
     device: int = 0
+    component: str = "denoiser"           # which model of the bundle: denoiser, decoder, encoder
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -40,11 +41,16 @@ class BuildOptions:
             raise InvalidInput("--workspace must be positive (GiB)")
         if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
             raise InvalidInput("--optimization-level must be in 0..5")
+        if self.component != "denoiser" and self.guidance:
+            raise InvalidInput("guidance doubles the denoiser's batch only; drop --guidance for the "
+                               f"{self.component}")
 
 
 def engine_profile(manifest, opts: BuildOptions) -> BatchProfile:
-    """The engine batch profile: guidance doubles it; the bundle's max_batch bounds it."""
-    guidance = manifest.null_label is not None if opts.guidance is None else opts.guidance
+    """The engine batch profile: guidance doubles the denoiser's (the autoencoder components
+    see sample batches as they are); the bundle's max_batch bounds it."""
+    denoiser = opts.component == "denoiser"
+    guidance = (denoiser and manifest.null_label is not None) if opts.guidance is None else opts.guidance
     profile = batch_profile(opts.min_batch, opts.opt_batch, opts.max_batch, guidance)
     limit = manifest.max_batch
     if limit is not None and profile.max > limit:
@@ -102,16 +108,18 @@ def _write_atomic(path: Path, data) -> None:
 def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), log=print) -> Path:
     """Build (or reuse) the engine for ``opts``; return its path under ``engines/``."""
     bundle = read_bundle(bundle_dir)
-    if opts.precision not in bundle.manifest.models:
+    component = bundle.manifest.component(opts.component)
+    if opts.precision not in component.models:
         how = "edgediff add-precision" if opts.precision == "fp16" else "INT8 calibration"
-        raise InvalidInput(f"bundle {bundle.path} has no {opts.precision} model (has: {', '.join(bundle.manifest.models)}); "
+        what = "model" if opts.component == "denoiser" else opts.component
+        raise InvalidInput(f"bundle {bundle.path} has no {opts.precision} {what} (has: {', '.join(component.models)}); "
                          f"add it with {how} first")
-    onnx_path = bundle.model_path(opts.precision)
+    onnx_path = bundle.model_path(opts.precision, opts.component)
     profile = engine_profile(bundle.manifest, opts)
     trt = import_tensorrt()
     gpu = device_info(opts.device)
     key = EngineKey(opts.precision, gpu["compute_capability"], trt.__version__,
-                    model_digest(bundle.manifest, opts.precision), profile)
+                    model_digest(bundle.manifest, opts.precision, opts.component), profile)
     folder = bundle.path / ENGINE_DIR
     folder.mkdir(exist_ok=True)
     path = folder / key.name
@@ -120,15 +128,16 @@ def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), lo
         return path
     cache_path = (folder / timing_cache_name(key.compute_capability, key.tensorrt_version)
                   if opts.timing_cache is None else Path(opts.timing_cache) if opts.timing_cache else None)
-    log(f"building a strongly typed {opts.precision} engine for {gpu['name']} (sm {key.compute_capability}, "
+    log(f"building a strongly typed {opts.precision} {opts.component} engine for {gpu['name']} (sm {key.compute_capability}, "
         f"TensorRT {key.tensorrt_version}), engine batch {profile.min}..{profile.opt}..{profile.max} ...")
-    engine = _build(trt, onnx_path, profile_shapes(bundle.manifest.inputs, profile), opts, cache_path)
+    engine = _build(trt, onnx_path, profile_shapes(component.inputs, profile), opts, cache_path)
     _write_atomic(path, engine)
     side = make_sidecar(key, sha256_file(path), onnx_path.name, gpu_name=gpu["name"],
                         built=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         sample_batch={"min": opts.min_batch, "opt": opts.opt_batch,
                                       "max": opts.max_batch or opts.opt_batch},
-                        workspace_gib=opts.workspace_gib, optimization_level=opts.optimization_level)
+                        workspace_gib=opts.workspace_gib, optimization_level=opts.optimization_level,
+                        component=opts.component)
     write_json_atomic(sidecar_path(path), side)     # after the engine: a stale sidecar fails its sha check
     return path
 

@@ -167,7 +167,7 @@ class TrtBackend(Backend):
         return cls(path, sidecar, c.inputs, c.output_names, options.gpu, options.cuda_graph, c.graph_outputs)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        batch = feed["x"].shape[0]
+        batch = next(iter(feed.values())).shape[0]        # validated: one batch for all inputs
         self._set_batch(batch)
         rt, h2d = self.rt, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         staged = {n: np.ascontiguousarray(feed[n]) for n in self.inputs}   # alive until synchronised

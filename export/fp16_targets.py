@@ -1,0 +1,70 @@
+"""What an FP16 conversion calibrates and gates on (docs/architecture.md rung 2): the
+denoiser, fed along its noise schedule, or an autoencoder component, fed data as the runtime
+feeds it (unit-variance latents, images in [-1, 1])."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from edgediff.runtime.bundle import io_spec
+
+from .models.family import ModelSpec
+from .reference import calibration_feed, component_feed, schedule_points, trajectory_feed
+
+FP16_FILE = "model_fp16.onnx"
+# FP32 island candidates (export/fp16.py CANDIDATES): an autoencoder has no t/y conditioning path.
+DENOISER_ISLANDS = ("conditioning", "softmax", "normalization")
+COMPONENT_ISLANDS = ("softmax", "normalization")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a conversion calibrates and gates on: the denoiser (feeds along its noise
+    schedule) or an autoencoder component (feeds of its data: unit-variance latents, images
+    in [-1, 1]). ``calibration(rows)`` is one feed whose rows are run one at a time;
+    ``gate(points, seed)`` gives the rung-2 cases as (label, feed)."""
+
+    component: str
+    inputs: dict                                   # name -> {"dtype", "shape"}, batch symbolic
+    outputs: tuple[str, ...]
+    calibration: Callable[[int], dict]
+    gate: Callable[[int, int], list]
+    candidates: tuple[str, ...]
+    drawn: str                                     # how calibration inputs were drawn (the record)
+
+    @property
+    def fp16_file(self) -> str:
+        return FP16_FILE if self.component == "denoiser" else f"{self.component}_fp16.onnx"
+
+
+def denoiser_target(spec: ModelSpec) -> Target:
+    def gate(points: int, seed: int) -> list:
+        rng = np.random.default_rng(seed)
+        kinds = ("class", "null") if spec.null_label is not None else ("class",)
+        return [(f"t={p[0]:g}" + (f" labels={labels}" if spec.conditional else ""),
+                 trajectory_feed(spec, p, 2, labels, rng))
+                for p in schedule_points(spec, points) for labels in kinds]
+
+    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
+    return Target("denoiser", inputs, tuple(spec.outputs), lambda rows: calibration_feed(spec, rows), gate,
+                  DENOISER_ISLANDS, "signal(t)·x0 + noise(t)·ε along the bundle's schedule")
+
+
+def component_target(name: str, component) -> Target:
+    """An autoencoder component: no t or labels, so no conditioning island; its activations
+    depend only on the data, drawn as the runtime feeds it."""
+    def gate(points: int, seed: int) -> list:
+        rng = np.random.default_rng(seed)
+        return [(f"draw={i}", component_feed(component.inputs, 2, rng)) for i in range(points)]
+
+    drawn = {"latents": "latents ~ N(0, 1) (scaled, as the denoiser samples them)",
+             "image": "images ~ U(-1, 1)"}
+    return Target(name, component.inputs, tuple(component.output_names),
+                  lambda rows: component_feed(component.inputs, rows, np.random.default_rng(0)), gate,
+                  COMPONENT_ISLANDS, "; ".join(drawn.get(n, n) for n in component.inputs))
+
+
+def as_target(what: ModelSpec | Target) -> Target:
+    return what if isinstance(what, Target) else denoiser_target(what)
