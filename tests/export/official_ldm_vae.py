@@ -1,182 +1,218 @@
-"""The CompVis first-stage KL autoencoder, copied for tests (no edgediff imports on purpose).
+"""Reference for the LDM ("CompVis") layout of the first-stage KL autoencoder, for the tests.
 
-Source: CompVis/latent-diffusion at commit a506df5756472e2ebaf9078affdde2c4f1502cd4,
-``ldm/modules/diffusionmodules/model.py`` (``Normalize``, ``Upsample``, ``Downsample``,
-``ResnetBlock``, ``AttnBlock``, ``Encoder``, ``Decoder``; MIT licence) and the ``encode`` /
-``decode`` / ``DiagonalGaussianDistribution.mode`` of ``ldm/models/autoencoder.py`` and
-``ldm/modules/distributions/distributions.py``. Trimmed to the inference path of the KL
-autoencoders (vanilla attention, no timestep embedding, no per-level attention, no
-``give_pre_end``/``tanh_out``); the layer code is otherwise verbatim, so the module names
-and therefore the state-dict keys are the official ones. Verified once against the
-official file itself (imported with einops/ldm.util stubbed): identical outputs, bit for bit.
+An independent transcription, written from the source of CompVis/latent-diffusion at commit
+a506df5756472e2ebaf9078affdde2c4f1502cd4: the layers of ``ldm/modules/diffusionmodules/model.py``
+(Encoder, Decoder and their ResNet, attention and resampling blocks), plus ``encode``/``decode``
+of ``AutoencoderKL`` in ``ldm/models/autoencoder.py`` and ``DiagonalGaussianDistribution.mode``
+in ``ldm/modules/distributions/distributions.py``. It shares no code with edgediff, so the
+checkpoint conversion in edgediff is tested against something it was not derived from.
+
+Only the inference path the KL autoencoders use is covered: convolutional resampling, the
+mid-block attention, no timestep embedding, dropout treated as identity (eval), no attention
+inside the levels (a config asking for it is refused rather than silently ignored), no
+``give_pre_end``/``tanh_out``. The arithmetic follows the source op for op and the submodule
+attribute names are the official ones, so an official first-stage state dict loads with
+``strict=True`` and the outputs match the official code.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
+from torch import nn
 
 
-def nonlinearity(x):
+def _norm(channels):
+    # GroupNorm with 32 groups, eps 1e-6, learned scale and shift.
+    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+
+
+def _swish(x):
+    # x * sigmoid(x), spelled out (F.silu need not round the same way).
     return x * torch.sigmoid(x)
 
 
-def Normalize(in_channels, num_groups=32):
-    return torch.nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+def _conv(cin, cout, k=3, stride=1):
+    return nn.Conv2d(cin, cout, kernel_size=k, stride=stride, padding=(k // 2 if stride == 1 else 0))
 
 
-class Upsample(nn.Module):
-    def __init__(self, in_channels):
+class ResBlock(nn.Module):
+    """norm1 -> swish -> conv1 -> norm2 -> swish -> conv2, added to the input. When the channel
+    count changes, the input goes through a 1x1 conv ``nin_shortcut`` first."""
+
+    def __init__(self, cin, cout):
         super().__init__()
-        self.conv = torch.nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+        self.norm1, self.conv1 = _norm(cin), _conv(cin, cout)
+        self.norm2, self.conv2 = _norm(cout), _conv(cout, cout)
+        if cin != cout:
+            self.nin_shortcut = _conv(cin, cout, k=1)
 
     def forward(self, x):
-        x = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x)
+        y = self.conv1(_swish(self.norm1(x)))
+        y = self.conv2(_swish(self.norm2(y)))
+        skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return skip + y
 
 
-class Downsample(nn.Module):
-    def __init__(self, in_channels):
+class SpatialSelfAttention(nn.Module):
+    """One head over all H*W positions: 1x1 convs q, k, v from the normalised input, softmax of
+    q.k * C^-0.5 over the keys, weighted sum of v, 1x1 ``proj_out``, added to the input."""
+
+    def __init__(self, channels):
         super().__init__()
-        self.conv = torch.nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+        self.norm = _norm(channels)
+        self.q, self.k, self.v = (_conv(channels, channels, k=1) for _ in range(3))
+        self.proj_out = _conv(channels, channels, k=1)
 
     def forward(self, x):
-        x = torch.nn.functional.pad(x, (0, 1, 0, 1), mode="constant", value=0)
-        return self.conv(x)
+        n, c, height, width = x.shape
+        t = self.norm(x)
+        q = self.q(t).reshape(n, c, height * width).permute(0, 2, 1)      # n, hw, c
+        k = self.k(t).reshape(n, c, height * width)                       # n, c, hw
+        v = self.v(t).reshape(n, c, height * width)                       # n, c, hw
+        weights = torch.bmm(q, k) * (c ** -0.5)                           # n, hw(query), hw(key)
+        weights = torch.softmax(weights, dim=2)
+        mixed = torch.bmm(v, weights.permute(0, 2, 1)).reshape(n, c, height, width)
+        return x + self.proj_out(mixed)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, *, in_channels, out_channels=None):
+class Halve(nn.Module):
+    """Zero-pad one row at the bottom and one column at the right, (0, 1, 0, 1), then a 3x3
+    stride-2 conv without padding."""
+
+    def __init__(self, channels):
         super().__init__()
-        self.in_channels = in_channels
-        out_channels = in_channels if out_channels is None else out_channels
-        self.out_channels = out_channels
-        self.norm1 = Normalize(in_channels)
-        self.conv1 = torch.nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels)
-        self.conv2 = torch.nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        if self.in_channels != self.out_channels:
-            self.nin_shortcut = torch.nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+        self.conv = _conv(channels, channels, stride=2)
 
     def forward(self, x):
-        h = self.conv1(nonlinearity(self.norm1(x)))
-        h = self.conv2(nonlinearity(self.norm2(h)))
-        if self.in_channels != self.out_channels:
-            x = self.nin_shortcut(x)
-        return x + h
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
 
 
-class AttnBlock(nn.Module):
-    def __init__(self, in_channels):
+class Double(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels):
         super().__init__()
-        self.in_channels = in_channels
-        self.norm = Normalize(in_channels)
-        self.q = torch.nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.k = torch.nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.v = torch.nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
-        self.proj_out = torch.nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.conv = _conv(channels, channels)
 
     def forward(self, x):
-        h_ = self.norm(x)
-        q, k, v = self.q(h_), self.k(h_), self.v(h_)
-        b, c, h, w = q.shape
-        q = q.reshape(b, c, h * w).permute(0, 2, 1)     # b,hw,c
-        k = k.reshape(b, c, h * w)                      # b,c,hw
-        w_ = torch.bmm(q, k) * (int(c) ** (-0.5))       # b,hw,hw
-        w_ = torch.nn.functional.softmax(w_, dim=2)
-        v = v.reshape(b, c, h * w)
-        h_ = torch.bmm(v, w_.permute(0, 2, 1)).reshape(b, c, h, w)
-        return x + self.proj_out(h_)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution: ``block`` (a list of ResBlocks) then an optional resampler, stored as
+    ``downsample`` or ``upsample`` as in the official keys."""
+
+    def __init__(self, blocks, resample_name=None, resampler=None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.resample_name = resample_name
+        if resampler is not None:
+            setattr(self, resample_name, resampler)
+
+    def forward(self, x):
+        for blk in self.block:
+            x = blk(x)
+        if self.resample_name is not None:
+            x = getattr(self, self.resample_name)(x)
+        return x
+
+
+class Middle(nn.Module):
+    """ResBlock, attention, ResBlock at the lowest resolution (``block_1``, ``attn_1``, ``block_2``)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.block_1 = ResBlock(channels, channels)
+        self.attn_1 = SpatialSelfAttention(channels)
+        self.block_2 = ResBlock(channels, channels)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+def _refuse_level_attention(cfg):
+    """The official code adds attention at level i when resolution // 2**i is in attn_resolutions;
+    this reference does not implement that."""
+    res, wanted = cfg.get("resolution"), cfg.get("attn_resolutions") or ()
+    if isinstance(res, int) and any(res // 2 ** i in wanted for i in range(len(cfg["ch_mult"]))):
+        raise NotImplementedError("attention inside the levels is not transcribed here")
 
 
 class Encoder(nn.Module):
-    def __init__(self, *, ch, ch_mult, num_res_blocks, in_channels, z_channels, double_z=True, **ignore):
+    """conv_in; per level i, num_res_blocks ResBlocks to ch*ch_mult[i] channels (the first one
+    coming from ch*ch_mult[i-1], ch for level 0) and a Halve except at the last level; Middle;
+    norm_out, swish, conv_out to 2*z_channels (mean and log-variance) or z_channels."""
+
+    def __init__(self, *, ch, ch_mult, num_res_blocks, in_channels, z_channels, double_z=True, **_unused):
         super().__init__()
-        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
-        self.conv_in = torch.nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
-        in_ch_mult = (1,) + tuple(ch_mult)
-        self.down = nn.ModuleList()
-        for i_level in range(self.num_resolutions):
-            block = nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+        self.conv_in = _conv(in_channels, ch)
+        widths = [ch * m for m in ch_mult]
+        levels, cur = [], ch
+        for i, width in enumerate(widths):
+            blocks = []
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out))
-                block_in = block_out
-            down = nn.Module()
-            down.block = block
-            down.attn = nn.ModuleList()
-            if i_level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in)
-            self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in)
-        self.norm_out = Normalize(block_in)
-        self.conv_out = torch.nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels,
-                                        kernel_size=3, stride=1, padding=1)
+                blocks.append(ResBlock(cur, width))
+                cur = width
+            last = i == len(widths) - 1
+            levels.append(Level(blocks, None if last else "downsample", None if last else Halve(cur)))
+        self.down = nn.ModuleList(levels)
+        self.mid = Middle(cur)
+        self.norm_out = _norm(cur)
+        self.conv_out = _conv(cur, 2 * z_channels if double_z else z_channels)
 
     def forward(self, x):
-        hs = [self.conv_in(x)]
-        for i_level in range(self.num_resolutions):
-            for i_block in range(self.num_res_blocks):
-                hs.append(self.down[i_level].block[i_block](hs[-1]))
-            if i_level != self.num_resolutions - 1:
-                hs.append(self.down[i_level].downsample(hs[-1]))
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1])))
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(_swish(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
-    def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, z_channels, **ignore):
+    """conv_in from z_channels to ch*ch_mult[-1]; Middle; then the levels from the last (lowest
+    resolution) back to level 0, each with num_res_blocks + 1 ResBlocks to ch*ch_mult[i] and a
+    Double except at level 0; norm_out, swish, conv_out to out_ch. ``up[i]`` is level i, so
+    ``up`` is indexed in encoder order but run in reverse."""
+
+    def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, z_channels, **_unused):
         super().__init__()
-        self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
-        block_in = ch * ch_mult[self.num_resolutions - 1]
-        self.conv_in = torch.nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in)
-        self.up = nn.ModuleList()
-        for i_level in reversed(range(self.num_resolutions)):
-            block = nn.ModuleList()
-            block_out = ch * ch_mult[i_level]
+        widths = [ch * m for m in ch_mult]
+        cur = widths[-1]
+        self.conv_in = _conv(z_channels, cur)
+        self.mid = Middle(cur)
+        levels = {}
+        for i in reversed(range(len(widths))):
+            blocks = []
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out))
-                block_in = block_out
-            up = nn.Module()
-            up.block = block
-            up.attn = nn.ModuleList()
-            if i_level != 0:
-                up.upsample = Upsample(block_in)
-            self.up.insert(0, up)
-        self.norm_out = Normalize(block_in)
-        self.conv_out = torch.nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+                blocks.append(ResBlock(cur, widths[i]))
+                cur = widths[i]
+            levels[i] = Level(blocks, "upsample" if i else None, Double(cur) if i else None)
+        self.up = nn.ModuleList(levels[i] for i in range(len(widths)))
+        self.norm_out = _norm(cur)
+        self.conv_out = _conv(cur, out_ch)
 
     def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for i_level in reversed(range(self.num_resolutions)):
-            for i_block in range(self.num_res_blocks + 1):
-                h = self.up[i_level].block[i_block](h)
-            if i_level != 0:
-                h = self.up[i_level].upsample(h)
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(_swish(self.norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):
-    """ldm/models/autoencoder.py AutoencoderKL without its training parts (loss, optimisers)."""
+    """The first-stage KL autoencoder at inference: encoder + 1x1 ``quant_conv`` to 2*embed_dim
+    moments, 1x1 ``post_quant_conv`` + decoder on the way back."""
 
     def __init__(self, ddconfig, embed_dim):
         super().__init__()
+        _refuse_level_attention(ddconfig)
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
-        self.quant_conv = torch.nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-        self.post_quant_conv = torch.nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
 
     def encode_mode(self, x):
-        """encode(x).mode(): DiagonalGaussianDistribution's mean, the first half of the moments."""
+        """The posterior's mode, i.e. its mean: the first embed_dim channels of the moments."""
         moments = self.quant_conv(self.encoder(x))
-        mean, _logvar = torch.chunk(moments, 2, dim=1)
-        return mean
+        return moments[:, : moments.shape[1] // 2]
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))

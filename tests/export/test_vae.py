@@ -1,9 +1,10 @@
 """Autoencoder companions of latent bundles (export/vae.py, export/vae_layouts.py).
 
 Tiny configs and perturbed weights (tests/export/perturb.py): diffusers' AutoencoderKL is the
-reference for the diffusers layout; the CompVis copy in official_ldm_vae.py (verbatim layer
-code, checked bit for bit against the official file) is the reference for the LDM layout, so
-diffusers' key conversion is tested against code it does not share.
+reference for the diffusers layout; official_ldm_vae.py (an independent transcription of the
+CompVis first-stage autoencoder with the official key names, checked bit for bit against the
+official file) is the reference for the LDM layout, so diffusers' key conversion is tested
+against code it does not share.
 """
 import json
 import shutil
@@ -22,7 +23,7 @@ from edgediff.runtime.bundle import MANIFEST
 from edgediff.runtime.errors import InvalidInput
 from edgediff.runtime.parity import rel_l2
 
-import official_ldm_vae as official  # tests/export/official_ldm_vae.py: the CompVis layers (no edgediff code)
+import official_ldm_vae as official  # tests/export/official_ldm_vae.py: transcribed CompVis layers (no edgediff code)
 from perturb import perturb_
 
 diffusers = pytest.importorskip("diffusers")
