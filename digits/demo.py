@@ -2,7 +2,10 @@
 sampled on ONNX Runtime into a 10×10 grid (a row per class) and judged.
 
 The bundle under ``build/digits-<family>`` is re-exported only when it is missing,
-unreadable, or was exported from other weights (bundle.json's source sha256).
+unreadable, or was exported from other weights (bundle.json's source sha256). A latent
+model's bundle (``dit_latent``) also carries the shipped autoencoder as its ``decoder`` and
+``encoder`` components (``edgediff.export.vae.add_vae``), and is redone when it lacks them
+or they came from other autoencoder weights.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from edgediff.runtime.bundle import BundleError, read_bundle
 from edgediff.runtime.files import sha256_file
 from edgediff.runtime.manifest import Sampling
 
-from .data import DIGITS_SAMPLING
+from .data import AUTOENCODER, AUTOENCODER_WEIGHTS as VAE_WEIGHTS, DIGITS_SAMPLING, model_family
 from edgediff.runtime.errors import InvalidInput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -32,21 +35,57 @@ def shipped(family: str) -> Path:
     return path
 
 
+def _mentions(obj, text: str) -> bool:
+    """Whether ``text`` is one of the (nested) values of ``obj``."""
+    if isinstance(obj, dict):
+        return any(_mentions(v, text) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_mentions(v, text) for v in obj)
+    return obj == text
+
+
+def _autoencoder_fresh(manifest, vae_weights: Path) -> bool:
+    """The bundle carries a decoder made from these autoencoder weights (their sha256 is
+    among the component's recorded facts)."""
+    if "decoder" not in manifest.components:
+        return False
+    return _mentions(manifest.component("decoder").extra, sha256_file(vae_weights))
+
+
 def ensure_bundle(family: str, out: str | Path, log=print) -> Path:
-    """A bundle of the shipped ``family`` weights at ``out``, exported only if stale."""
+    """A bundle of the shipped ``family`` weights at ``out``, exported only if stale; a latent
+    model's bundle gets the shipped autoencoder as its decoder/encoder."""
     from edgediff.export.bundle import export_bundle
 
     src, out = shipped(family), Path(out)
     weights = src / "model.safetensors"
+    vae = ASSETS / AUTOENCODER[family] if family in AUTOENCODER else None
     try:
         m = read_bundle(out).manifest
-        if m.source_sha256 == sha256_file(weights) and m.sampling == Sampling(**DIGITS_SAMPLING[family]):
+        if (m.source_sha256 == sha256_file(weights) and m.sampling == Sampling(**DIGITS_SAMPLING[family])
+                and (vae is None or _autoencoder_fresh(m, vae / VAE_WEIGHTS))):
             return out
     except (BundleError, FileNotFoundError, KeyError, OSError):
         pass                    # missing, partial or foreign: export afresh
+    add_vae = _add_vae() if vae is not None else None          # before a long export that could not finish
     config = json.loads((src / "config.json").read_text())
-    export_bundle(family, config, out, checkpoint=weights, sampling=DIGITS_SAMPLING[family], log=log)
+    export_bundle(model_family(family), config, out, checkpoint=weights, sampling=DIGITS_SAMPLING[family], log=log)
+    if add_vae is not None:
+        # decoder.onnx (scaled latents -> image in [-1, 1]; 1/scaling_factor inside the graph)
+        # and encoder.onnx, recorded as the bundle's components
+        add_vae(out, checkpoint=vae / VAE_WEIGHTS, config=vae / "config.json", layout="diffusers", log=log)
     return out
+
+
+def _add_vae():
+    try:
+        from edgediff.export.vae import add_vae
+    except ModuleNotFoundError as exc:
+        if exc.name != "edgediff.export.vae":
+            raise
+        raise InvalidInput("a latent digits bundle needs edgediff.export.vae (add_vae), "
+                           "which this installation lacks") from None
+    return add_vae
 
 
 @dataclass
@@ -61,15 +100,14 @@ def run_demo(family: str = DEFAULT_FAMILY, cache: str | Path = "build", png: str
              steps: int | None = None, guidance: float | None = None, seed: int = 0, log=print) -> DemoResult:
     """Export (if needed), sample ten of each class with the bundle's recommended sampling
     (or the given steps/guidance), write the grid."""
-    from edgediff.runtime.backends import load_backend
     from edgediff.runtime.images import save_outputs
-    from edgediff.runtime.pipeline import Generation
+    from edgediff.runtime.pipeline import Generation, Pipeline
 
     start = time.perf_counter()
-    bundle = read_bundle(ensure_bundle(family, Path(cache) / f"digits-{family}", log=log))
-    backend = load_backend(bundle, "ort", "fp32")
-    result, samples = rt_judge.judge_backend(backend, bundle.manifest, per_class=10, steps=steps,
-                                             guidance=guidance, seed=seed, batch=100)
-    labels = rt_judge.class_order_labels(10, bundle.manifest.num_classes)
-    save_outputs(bundle.manifest, Generation(samples, labels), png=png)
-    return DemoResult(bundle.path, Path(png), result, time.perf_counter() - start)
+    path = ensure_bundle(family, Path(cache) / f"digits-{family}", log=log)
+    with Pipeline.from_bundle(path, max_batch=100) as pipe:      # latent bundles: with their decoder
+        result, images = rt_judge.judge_backend(pipe.backend, pipe.manifest, per_class=10, steps=steps,
+                                                guidance=guidance, seed=seed, batch=100, decoder=pipe.decoder)
+    labels = rt_judge.class_order_labels(10, pipe.manifest.num_classes)
+    save_outputs(pipe.manifest, Generation(images, labels), png=png)     # images: pixels or decoded latents
+    return DemoResult(pipe.bundle.path, Path(png), result, time.perf_counter() - start)

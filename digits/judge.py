@@ -135,19 +135,30 @@ def class_order_labels(per_class: int, classes: int = 10) -> np.ndarray:
     return np.repeat(np.arange(classes, dtype=np.int64), per_class)
 
 
+_BATCH = 250            # samples per generation batch
+
+
 def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | None = None,
-                  steps: int | None = None, guidance: float | None = None, seed: int = 0, batch: int = 250,
-                  **options):
-    """Generate ``per_class`` samples of every class and judge them: (JudgeResult, samples).
-    Unset sampler/steps/guidance: the bundle's recommended ones. ``options`` go to the sampler."""
-    from edgediff.runtime.pipeline import generate
+                  steps: int | None = None, guidance: float | None = None, seed: int = 0, batch: int = _BATCH,
+                  decoder=None, **options):
+    """Generate ``per_class`` samples of every class and judge them: (JudgeResult, images),
+    images (N, C, H, W) float in [-1, 1]. A latent model's samples are decoded first by
+    ``decoder`` (a bundle's decoder backend, e.g. ``Pipeline.decoder``, or anything with its
+    ``infer({"latents"}) -> {"image"}`` contract). Unset sampler/steps/guidance: the bundle's
+    recommended ones. ``options`` go to the sampler."""
+    from edgediff.runtime.pipeline import decode, generate
 
     if not manifest.conditional:
         raise InvalidInput("the digits judge needs a class-conditional model")
+    if manifest.space == "latent" and decoder is None:
+        raise InvalidInput("a latent model's samples must be decoded before judging: the bundle has no decoder")
     labels = class_order_labels(per_class, manifest.num_classes)
     gen = generate(backend, manifest, len(labels), sampler=sampler, steps=steps, batch=batch,
                    labels=labels, guidance=guidance, seed=seed, **options)
-    return judge(gen.samples, labels), gen.samples
+    if gen.latent:
+        gen.decoded = decode(decoder, gen.samples, batch)
+    images = gen.decoded if gen.latent else gen.samples
+    return judge(images, labels), images
 
 
 def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -173,10 +184,8 @@ def evaluate(source: str | Path, *, per_class: int = 100, sampler: str | None = 
     source = Path(source)
     if source.is_file():
         return judge(*read_samples(source))
-    from edgediff.runtime.backends import load_backend
-    from edgediff.runtime.bundle import read_bundle
+    from edgediff.runtime.pipeline import Pipeline
 
-    bundle = read_bundle(source)
-    engine = load_backend(bundle, backend, precision)
-    return judge_backend(engine, bundle.manifest, per_class, sampler=sampler, steps=steps,
-                         guidance=guidance, seed=seed)[0]
+    with Pipeline.from_bundle(source, backend=backend, precision=precision, max_batch=_BATCH) as pipe:
+        return judge_backend(pipe.backend, pipe.manifest, per_class, sampler=sampler, steps=steps,
+                             guidance=guidance, seed=seed, batch=_BATCH, decoder=pipe.decoder)[0]

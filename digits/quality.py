@@ -30,13 +30,37 @@ LONG_SAMPLER = {"discrete": "ddpm", "ddm_constant": "ddm"}
 
 
 def load_trained(path: str | Path):
-    """(family name, config, export-view module, spec) from a training output directory."""
+    """(digits model name, config, export-view module, spec) from a training output directory;
+    the name is the family's, or a digits model's such as ``dit_latent`` (family dit)."""
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    family_name = json.loads((path / "train.json").read_text())["family"]
-    family, module = build_reference(family_name, config, path / "model.safetensors")
-    return family_name, config, module, family.spec(config)
+    name = json.loads((path / "train.json").read_text())["family"]
+    family, module = build_reference(digits.model_family(name), config, path / "model.safetensors")
+    return name, config, module, family.spec(config)
+
+
+def trained_decoder(path: str | Path, vae: str | Path | None = None):
+    """The PyTorch decoder of a latent training output (``vae.TorchDecoder``): the autoencoder
+    ``vae``, else the one its train.json names; refused if its weights are not the ones the
+    model learned the latents of. None for a pixel-space model."""
+    from edgediff.runtime.errors import InvalidInput
+    from edgediff.runtime.files import sha256_file
+
+    from .demo import ASSETS
+    from .vae import WEIGHTS, TorchDecoder, load_vae
+
+    record = json.loads((Path(path) / "train.json").read_text())
+    if "vae" not in record:
+        return None
+    learned = record["vae"]
+    where = Path(vae) if vae is not None else (
+        ASSETS / learned["shipped"] if "shipped" in learned else Path(learned["path"]))
+    decoder = TorchDecoder(load_vae(where))
+    if sha256_file(where / WEIGHTS) != learned["sha256"]:
+        raise InvalidInput(f"{where} is not the autoencoder {path} learned the latents of "
+                           f"(weights sha256 {learned['sha256'][:12]}...); pass that one with --vae")
+    return decoder
 
 
 class OutsideClassifier:
@@ -62,12 +86,31 @@ def _row(name, sampler, steps, guidance, result, outside, seconds) -> str:
             f"{100 * outside:.1f}% | {result.fd:.1f} | {result.baseline_fd:.1f} | {result.n} | {seconds:.0f} s |")
 
 
+def _family_rows(fam, pipe, outside, per_class, long_per_class, guidance) -> list[str]:
+    """The four rows of one family's bundle, opened as a Pipeline (its decoder decodes latents)."""
+    bundle, backend, rows = pipe.bundle, pipe.backend, []
+    kind = Schedule.from_config(bundle.manifest.schedule).kind
+    default = DEFAULT_SAMPLER[kind]
+    long_name = LONG_SAMPLER[kind]
+    w = bundle.manifest.sampling.guidance if guidance is None else guidance
+    runs = [(default, 20, 1.0, per_class), (default, 20, w, per_class),
+            (default, 20, w, long_per_class), (long_name, 1000, w, long_per_class)]
+    for sampler, steps, w, n in runs:
+        start = time.perf_counter()
+        labels = rt_judge.class_order_labels(n)
+        result, samples = rt_judge.judge_backend(backend, bundle.manifest, n, sampler=sampler, steps=steps,
+                                                 guidance=w, batch=200, decoder=pipe.decoder)
+        rows.append(_row(fam, sampler, steps, w, result, outside.accuracy(samples, labels),
+                         time.perf_counter() - start))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def table(families, per_class: int, long_per_class: int, guidance: float | None, cache: Path) -> list[str]:
     """Markdown rows: per family 20 default-sampler steps at w=1 and w=guidance (None: the
     runtime's default for the bundle), and the 1000-step ancestral sampler at w=guidance
     with the same number of samples; then the real held-out digits."""
-    from edgediff.runtime.backends import load_backend
-    from edgediff.runtime.bundle import read_bundle
+    from edgediff.runtime.pipeline import Pipeline
 
     from .demo import ensure_bundle
 
@@ -75,22 +118,8 @@ def table(families, per_class: int, long_per_class: int, guidance: float | None,
     rows = ["| model | sampler | steps | w | judge accuracy | SVM accuracy | FD | real FD (same n) | n | time |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for fam in families:
-        bundle = read_bundle(ensure_bundle(fam, cache / f"digits-{fam}", log=lambda m: None))
-        backend = load_backend(bundle, "ort", "fp32")
-        kind = Schedule.from_config(bundle.manifest.schedule).kind
-        default = DEFAULT_SAMPLER[kind]
-        long_name = LONG_SAMPLER[kind]
-        w = bundle.manifest.sampling.guidance if guidance is None else guidance
-        runs = [(default, 20, 1.0, per_class), (default, 20, w, per_class),
-                (default, 20, w, long_per_class), (long_name, 1000, w, long_per_class)]
-        for sampler, steps, w, n in runs:
-            start = time.perf_counter()
-            labels = rt_judge.class_order_labels(n)
-            result, samples = rt_judge.judge_backend(backend, bundle.manifest, n, sampler=sampler, steps=steps,
-                                                     guidance=w, batch=200)
-            rows.append(_row(fam, sampler, steps, w, result, outside.accuracy(samples, labels),
-                             time.perf_counter() - start))
-            print(rows[-1], flush=True)
+        with Pipeline.from_bundle(ensure_bundle(fam, cache / f"digits-{fam}", log=lambda m: None)) as pipe:
+            rows.extend(_family_rows(fam, pipe, outside, per_class, long_per_class, guidance))
     held = rt_judge.load_judge()
     real = rt_judge.judge(held["held_images"], held["held_labels"])
     rows.append(_row("real held-out digits", "-", 0, 0, real,
@@ -98,15 +127,19 @@ def table(families, per_class: int, long_per_class: int, guidance: float | None,
     return rows
 
 
-def trained_manifest(family_name: str, config: dict, spec):
-    """The in-memory manifest of a digits model, with the digits' recommended sampling."""
-    return manifest_for(family_name, spec, config, Sampling(**digits.DIGITS_SAMPLING.get(family_name, {})))
+def trained_manifest(name: str, config: dict, spec):
+    """The in-memory manifest of a digits model (``name``: a family or a digits model name),
+    with the digits' recommended sampling."""
+    return manifest_for(digits.model_family(name), spec, config, Sampling(**digits.DIGITS_SAMPLING.get(name, {})))
 
 
-def check(path: str | Path, per_class: int, sampler: str | None, steps: int | None, guidance: float | None):
-    """Judge a training output directory through PyTorch (no ONNX export)."""
-    family_name, config, module, spec = load_trained(path)
-    manifest = trained_manifest(family_name, config, spec)
+def check(path: str | Path, per_class: int, sampler: str | None, steps: int | None, guidance: float | None,
+          vae: str | Path | None = None):
+    """Judge a training output directory through PyTorch (no ONNX export); a latent model's
+    samples are decoded by its autoencoder in PyTorch first."""
+    name, config, module, spec = load_trained(path)
+    manifest = trained_manifest(name, config, spec)
     result, _ = rt_judge.judge_backend(TorchBackend.from_spec(module, spec), manifest, per_class,
-                                       sampler=sampler, steps=steps, guidance=guidance)
+                                       sampler=sampler, steps=steps, guidance=guidance,
+                                       decoder=trained_decoder(path, vae))
     return result

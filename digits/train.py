@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgediff.export.models import get_family
-from edgediff.runtime.files import check_replaceable, replace_dir, staged_dir
+from edgediff.runtime.files import check_replaceable, public_mode, replace_dir, staged_dir
 
 from . import data as digits
 from .objectives import objective_for
@@ -54,6 +54,7 @@ TRAINING: dict[str, Hyper] = {
     "uvit": Hyper(steps=5000, batch=64, lr=2e-3),
     "dit": Hyper(steps=5000, batch=64, lr=2e-3),
     "ddm": Hyper(steps=2000, batch=64, lr=2e-3),
+    "dit_latent": Hyper(steps=5000, batch=64, lr=2e-3),
 }
 
 
@@ -86,7 +87,9 @@ def _dit_init(model: nn.Module) -> None:
 
 
 def build_model(family_name: str, config: dict, seed: int):
-    """(family, export-view module in train mode, spec), initialised from ``seed``."""
+    """(family, export-view module in train mode, spec), initialised from ``seed``;
+    ``family_name`` is a model family or a digits model name (``dit_latent``)."""
+    family_name = digits.model_family(family_name)
     family = get_family(family_name)
     torch.manual_seed(seed)
     module = family.build(config)
@@ -131,8 +134,8 @@ def fit(family_name: str, config: dict, h: Hyper, seed: int = 0, data: digits.Di
         progress: bool = True):
     """Train; returns (EMA module, family, TrainResult without a path)."""
     family, module, spec = build_model(family_name, config, seed)
-    data = data or digits.load()
-    loss_fn = objective_for(family_name, spec)
+    data = data or training_data(family_name)
+    loss_fn = objective_for(family.name, spec)
     opt = torch.optim.AdamW(module.parameters(), lr=h.lr, weight_decay=h.weight_decay)
     ema, gen = Ema(module, h.ema_decay), torch.Generator().manual_seed(seed)
     start, running, curve, losses = time.perf_counter(), None, [], []
@@ -157,6 +160,23 @@ def fit(family_name: str, config: dict, h: Hyper, seed: int = 0, data: digits.Di
     return ema.shadow, family, TrainResult(None, running, time.perf_counter() - start, curve, losses)
 
 
+def training_data(name: str, vae_dir: str | Path | None = None) -> digits.Digits:
+    """What digits model ``name`` learns: the digits, or for a latent model the digits encoded
+    once by its autoencoder (``vae_dir``, default the shipped one) into scaled latents."""
+    if name not in digits.AUTOENCODER:
+        return digits.load()
+    from .vae import latent_digits
+
+    return latent_digits(vae_dir or autoencoder_dir(name))
+
+
+def autoencoder_dir(name: str) -> Path:
+    """The shipped autoencoder of the latent digits model ``name``."""
+    from .demo import ASSETS
+
+    return ASSETS / digits.AUTOENCODER[name]
+
+
 def save(out: str | Path, family, module: nn.Module, config: dict, record: dict) -> Path:
     """Write model.safetensors + config.json + train.json into ``out`` atomically."""
     from safetensors.torch import save_file
@@ -166,6 +186,7 @@ def save(out: str | Path, family, module: nn.Module, config: dict, record: dict)
         tmp = stage.path
         state = {k: v.detach().contiguous().clone() for k, v in family.official(module).state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
+        public_mode(tmp / "model.safetensors")          # the writer makes it owner-only
         for name, obj in (("config.json", config), ("train.json", record)):
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         replace_dir(tmp, out, TRAIN_RECORD, "a digits training output")
@@ -173,8 +194,11 @@ def save(out: str | Path, family, module: nn.Module, config: dict, record: dict)
 
 
 def train(family_name: str, out: str | Path | None, *, steps: int | None = None, seed: int = 0,
-          threads: int | None = 2, config: dict | None = None, progress: bool = True, **overrides) -> TrainResult:
-    """Train ``family_name`` on the digits with its digits config and write ``out``."""
+          threads: int | None = 2, config: dict | None = None, progress: bool = True,
+          vae: str | Path | None = None, **overrides) -> TrainResult:
+    """Train the digits model ``family_name`` (a family, or ``dit_latent``) with its digits
+    config and write ``out``; a latent model learns the latents of ``vae`` (default: the
+    shipped autoencoder)."""
     if family_name not in digits.DIGITS_CONFIGS:
         raise InvalidInput(f"no digits config for family {family_name!r}; choose from {', '.join(digits.DIGITS_CONFIGS)}")
     if out is not None:
@@ -183,11 +207,23 @@ def train(family_name: str, out: str | Path | None, *, steps: int | None = None,
         torch.set_num_threads(threads)
     config = dict(config or digits.DIGITS_CONFIGS[family_name])
     h = Hyper(**{**asdict(TRAINING[family_name]), **overrides, **({"steps": steps} if steps else {})})
-    module, family, result = fit(family_name, config, h, seed, progress=progress)
+    latent = family_name in digits.AUTOENCODER
+    if vae is not None and not latent:
+        raise InvalidInput(f"{family_name} is a pixel-space model: it takes no autoencoder")
+    vae_dir = Path(vae or autoencoder_dir(family_name)) if latent else None
+    data = training_data(family_name, vae_dir)
+    module, family, result = fit(family_name, config, h, seed, data=data, progress=progress)
     record = {"family": family_name, "seed": seed, "steps": h.steps, "final_loss": result.final_loss,
               "seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "hyper": asdict(h), "loss_curve": result.curve,
               "data": {"train": "sklearn load_digits, 80% per-class split (seed 0), 8x8 -> 16x16 bilinear, [-1, 1]"}}
+    if latent:
+        from .vae import autoencoder_record
+
+        record["model_family"] = family.name
+        record["data"]["latents"] = ("posterior means of the autoencoder times its scaling_factor "
+                                     "(4x4x4, about unit variance), encoded once before training")
+        record["vae"] = autoencoder_record(vae_dir, autoencoder_dir(family_name))
     if out is not None:
         result.path = save(out, family, module, config, record)
     return result

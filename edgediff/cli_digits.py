@@ -1,5 +1,5 @@
 """The digits commands: ``demo`` and ``evaluate`` at the top, and the ``digits`` group
-(``train``, ``check``, ``quality-table``, ``train-judge``) for the embedded models' tooling.
+(``train``, ``train-vae``, ``check``, ``quality-table``, ``train-judge``) for the embedded models' tooling.
 
 Registered on the main group in ``edgediff/cli.py`` through ``DIGITS_COMMANDS``. Torch is
 imported only inside the commands that train or run PyTorch, and (for a stale bundle) ``demo``.
@@ -19,7 +19,8 @@ FAMILY_NAMES = tuple(DIGITS_CONFIGS)
 
 @click.command()
 @click.option("--family", type=click.Choice(FAMILY_NAMES),
-              help="Which shipped digits model to run (default: dit).")
+              help="Which shipped digits model to run (default: dit; dit_latent: a latent DiT decoded by "
+                   "the digits autoencoder).")
 @click.option("--out", default="demo.png", show_default=True, type=click.Path(dir_okay=False), help="PNG grid.")
 @click.option("--cache", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Where the exported bundle is kept (build/digits-FAMILY).")
@@ -60,18 +61,39 @@ def digits():
 
 
 @digits.command("train")
-@click.option("--family", required=True, type=click.Choice(FAMILY_NAMES), help="Model family.")
+@click.option("--family", required=True, type=click.Choice(FAMILY_NAMES),
+              help="Model family, or dit_latent (a DiT on the digits autoencoder's latents).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for model.safetensors, config.json, train.json.")
 @click.option("--steps", type=click.IntRange(1), help="Training steps (default: the family's budget).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation and batches.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="torch CPU threads.")
-def train_digits(family, out, steps, seed, threads):
+@click.option("--vae", type=click.Path(exists=True, file_okay=False),
+              help="Latent models: the autoencoder whose latents to learn (default: the shipped digits/assets/vae).")
+def train_digits(family, out, steps, seed, threads, vae):
     """Train a small class-conditional model of FAMILY on scikit-learn's digits."""
     from edgediff.digits.train import train
 
-    result = train(family, out, steps=steps, seed=seed, threads=threads)
+    result = train(family, out, steps=steps, seed=seed, threads=threads, vae=vae)
     click.echo(f"wrote {result.path}: final loss {result.final_loss:.4f} in {result.seconds:.0f} s")
+
+
+@digits.command("train-vae")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for config.json (with scaling_factor), diffusion_pytorch_model.safetensors, train.json.")
+@click.option("--steps", type=click.IntRange(1), help="Training steps (default: the shipped autoencoder's budget).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation and batches.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="torch CPU threads.")
+def train_vae(out, steps, seed, threads):
+    """Train the digits KL autoencoder (diffusers AutoencoderKL, 16x16x1 <-> 4x4x4) for latent models."""
+    from edgediff.digits.vae import train_vae as run
+
+    result = run(out, steps=steps, seed=seed, threads=threads)
+    rec = result.reconstruction
+    click.echo(f"wrote {result.path}: final loss {result.final_loss:.4f} in {result.seconds:.0f} s, "
+               f"scaling_factor {result.scaling_factor:.5f}")
+    click.echo(f"held-out reconstructions: judge accuracy {100 * rec.accuracy:.1f}% "
+               f"(real {100 * rec.baseline_accuracy:.1f}%), FD {rec.fd:.2f}")
 
 
 @digits.command("check")
@@ -80,11 +102,14 @@ def train_digits(family, out, steps, seed, threads):
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the model's recommended).")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2), help="Samples per class.")
 @click.option("--guidance", type=float, help="Guidance scale w (default: the model's recommended one).")
-def check(path, sampler, steps, per_class, guidance):
-    """Judge a training output directory through PyTorch (no ONNX export)."""
+@click.option("--vae", type=click.Path(exists=True, file_okay=False),
+              help="Latent models: the autoencoder that decodes them (default: the one named in train.json).")
+def check(path, sampler, steps, per_class, guidance, vae):
+    """Judge a training output directory through PyTorch (no ONNX export); latent models are
+    decoded by their autoencoder in PyTorch."""
     from edgediff.digits.quality import check as run
 
-    click.echo(run(path, per_class, sampler, steps, guidance).summary())
+    click.echo(run(path, per_class, sampler, steps, guidance, vae).summary())
 
 
 @digits.command("quality-table")

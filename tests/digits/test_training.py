@@ -95,7 +95,7 @@ def test_shipped_weights_load_strictly(family):
     config = json.loads((path / "config.json").read_text())
     record = json.loads((path / "train.json").read_text())
     assert record["family"] == family and math.isfinite(record["final_loss"])
-    fam = get_family(family)
+    fam = get_family(digits.model_family(family))            # dit_latent: a dit
     load_strict(fam.official(fam.build(config)), read_checkpoint(path / "model.safetensors"))
 
 
