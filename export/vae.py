@@ -81,19 +81,15 @@ def check_latent_shape(source: VAESource, sample_shape) -> None:
 
 def resolve_scaling(source: VAESource, manifest, explicit: float | None) -> tuple[float, str]:
     """The latent scale and where it came from: the argument, else the files (diffusers
-    config, LDM checkpoint buffer), else the bundle's record, else diffusers' default. A file
-    that disagrees with what the bundle's denoiser was trained on is refused: decoding with
-    the wrong scale gives washed-out or saturated images, not an error."""
+    config, LDM checkpoint buffer), else the bundle's record, else diffusers' default. The
+    bundle's record is only its family's usual autoencoder (DiT: sd-vae's 0.18215), a guess,
+    so the autoencoder's own file wins over it; the choice is recorded in the manifest."""
     if explicit is not None:
         if not (np.isfinite(explicit) and explicit > 0):
             raise InvalidInput(f"the scaling factor must be a positive number, got {explicit!r}")
         return float(explicit), "argument"
     recorded = next((manifest.extra[k] for k in BUNDLE_SCALE_KEYS if k in manifest.extra), None)
     if source.scaling_factor is not None:
-        if recorded is not None and not np.isclose(source.scaling_factor, recorded, rtol=1e-6):
-            raise InvalidInput(f"the autoencoder's {source.scaling_from} says scaling factor "
-                               f"{source.scaling_factor:g}, the bundle's denoiser was trained with "
-                               f"{recorded:g}: pass --scaling-factor to choose")
         return float(source.scaling_factor), source.scaling_from
     if recorded is not None:
         return float(recorded), "bundle"

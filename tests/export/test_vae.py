@@ -267,8 +267,9 @@ def test_scaling_factor_resolution():
     assert vae_mod.resolve_scaling(source(None), NS(extra={"latent_scale_factor": 0.165}), None) == (0.165, "bundle")
     assert vae_mod.resolve_scaling(source(0.13025), plain, None) == (0.13025, "config")
     assert vae_mod.resolve_scaling(source(0.13025), dit, 0.5) == (0.5, "argument")
-    with pytest.raises(InvalidInput, match="pass --scaling-factor"):
-        vae_mod.resolve_scaling(source(0.13025, "checkpoint"), dit, None)
+    assert vae_mod.resolve_scaling(source(0.13025, "checkpoint"), dit, None) == (0.13025, "checkpoint")
+    with pytest.raises(InvalidInput, match="positive"):
+        vae_mod.resolve_scaling(source(None), dit, -1.0)
 
 
 # --- FP16 and engines --------------------------------------------------------------------------
