@@ -50,7 +50,7 @@ def test_unpatchify_inverts_patch_order():
     assert torch.equal(model.unpatchify(tokens), img)
 
 
-def test_learned_sigma_splits_eps_and_v():
+def test_learned_sigma_splits_eps_and_var():
     torch.manual_seed(0)
     view = dit.build(dit.CONFIGS["tiny"])
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 500.0]), torch.tensor([1, 10])
@@ -115,8 +115,8 @@ def test_matches_official_forward_with_perturbed_weights(name, one_thread):
         for labels in ([1, 4, 2], [spec.null_label] * 3):
             x = torch.randn(3, *spec.sample_shape, generator=gen)
             tt, y = torch.full((3,), t), torch.tensor(labels)
-            full = ref(x, tt, y)                                  # (N, C_out, H, W): eps then v
-            want = {"eps": full[:, :c], "v": full[:, c:]}
+            full = ref(x, tt, y)                                  # (N, C_out, H, W): eps then the variance value
+            want = {"eps": full[:, :c], "var": full[:, c:]}
             for out_name, got in zip(spec.outputs, ours(x, tt, y)):
                 err = rel_l2(got, want[out_name])
                 worst[out_name] = max(worst.get(out_name, 0.0), err)
