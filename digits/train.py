@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -130,34 +131,49 @@ def _batch(data: digits.Digits, h: Hyper, null: int, gen: torch.Generator):
     return x0, torch.where(drop, torch.full_like(y, null), y)
 
 
+def optimise(module: nn.Module, h, step_loss, desc: str, progress: bool = True):
+    """AdamW with warm-up + cosine learning rate, gradient clipping and an EMA of the weights.
+    ``step_loss(step)`` returns the loss, or (loss, *parts) whose running means the curve also
+    records. Returns (EMA module, curve, losses, running means, seconds)."""
+    opt = torch.optim.AdamW(module.parameters(), lr=h.lr, weight_decay=getattr(h, "weight_decay", 0.0))
+    ema = Ema(module, h.ema_decay)
+    start, curve, losses, run = time.perf_counter(), [], [], None
+    bar = tqdm(range(h.steps), desc=desc, unit="step", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr(h, step)
+        out = step_loss(step)
+        loss, *parts = out if isinstance(out, tuple) else (out,)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(module.parameters(), h.grad_clip)
+        opt.step()
+        ema.update(module, step)
+        now = np.array([loss.item(), *(p.item() for p in parts)])
+        losses.append(float(now[0]))
+        run = now if run is None else 0.98 * run + 0.02 * now
+        if (step + 1) % max(1, h.steps // 20) == 0 or step + 1 == h.steps:
+            curve.append([step + 1, *(round(float(v), 5) for v in run)])
+            bar.set_postfix(loss=f"{run[0]:.4f}")
+    return ema.shadow, curve, losses, run, time.perf_counter() - start
+
+
 def fit(family_name: str, config: dict, h: Hyper, seed: int = 0, data: digits.Digits | None = None,
         progress: bool = True):
     """Train; returns (EMA module, family, TrainResult without a path)."""
     family, module, spec = build_model(family_name, config, seed)
     data = data or training_data(family_name)
     loss_fn = objective_for(family.name, spec)
-    opt = torch.optim.AdamW(module.parameters(), lr=h.lr, weight_decay=h.weight_decay)
-    ema, gen = Ema(module, h.ema_decay), torch.Generator().manual_seed(seed)
-    start, running, curve, losses = time.perf_counter(), None, [], []
-    bar = tqdm(range(h.steps), desc=f"train {family_name}", unit="step", disable=not progress)
-    for step in bar:
+    gen = torch.Generator().manual_seed(seed)
+
+    def step_loss(step):
         x0, y = _batch(data, h, spec.null_label, gen)
-        for group in opt.param_groups:
-            group["lr"] = _lr(h, step)
-        loss = loss_fn(module, x0, y, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{family_name}: loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(module.parameters(), h.grad_clip)
-        opt.step()
-        ema.update(module, step)
-        losses.append(loss.item())
-        running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
-        if (step + 1) % max(1, h.steps // 20) == 0 or step + 1 == h.steps:
-            curve.append([step + 1, round(running, 5)])
-            bar.set_postfix(loss=f"{running:.4f}")
-    return ema.shadow, family, TrainResult(None, running, time.perf_counter() - start, curve, losses)
+        return loss_fn(module, x0, y, gen)
+
+    model, curve, losses, run, seconds = optimise(module, h, step_loss, f"train {family_name}", progress)
+    return model, family, TrainResult(None, float(run[0]), seconds, curve, losses)
 
 
 def training_data(name: str, vae_dir: str | Path | None = None) -> digits.Digits:

@@ -21,15 +21,11 @@ The output directory is diffusers' layout, written atomically: ``config.json`` (
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from edgediff.runtime.errors import InvalidInput
 from edgediff.runtime.files import check_replaceable, public_mode, replace_dir, staged_dir
@@ -165,13 +161,6 @@ def reconstruction_accuracy(vae, images: np.ndarray | None = None, labels: np.nd
 
 
 # --- training ------------------------------------------------------------------------------
-def _lr(h: VaeHyper, step: int) -> float:
-    if step < h.warmup:
-        return h.lr * (step + 1) / h.warmup
-    progress = (step - h.warmup) / max(1, h.steps - h.warmup)
-    return h.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))   # cosine to 10%
-
-
 def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator | None = None):
     """(loss, L1, KL): LDM's first-stage loss without the perceptual and GAN terms; the
     reconstruction is of a posterior sample, both terms summed per image, batch mean."""
@@ -186,38 +175,22 @@ def vae_loss(vae, x: torch.Tensor, kl_weight: float, gen: torch.Generator | None
 def fit_vae(h: VaeHyper, seed: int = 0, data: digits.Digits | None = None, config: dict | None = None,
             progress: bool = True):
     """Train; returns (EMA autoencoder with its scaling factor set, VaeResult without a path)."""
-    from .train import Ema
+    from .train import optimise
 
     data = data or digits.load()
     vae = build_vae(config, seed).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=h.lr, weight_decay=0.0)
-    ema, gen = Ema(vae, h.ema_decay), torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     train_x = torch.from_numpy(data.train_x)
-    start, curve, losses, run = time.perf_counter(), [], [], None
-    bar = tqdm(range(h.steps), desc="train vae", unit="step", disable=not progress)
-    for step in bar:
+
+    def step_loss(step):                    # (loss, L1, KL): the curve keeps all three
         x = train_x[torch.randint(0, len(train_x), (h.batch,), generator=gen)]
-        for group in opt.param_groups:
-            group["lr"] = _lr(h, step)
-        loss, l1, kl = vae_loss(vae, x, h.kl_weight, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"vae: loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(vae.parameters(), h.grad_clip)
-        opt.step()
-        ema.update(vae, step)
-        now = np.array([loss.item(), l1.item(), kl.item()])
-        losses.append(float(now[0]))
-        run = now if run is None else 0.98 * run + 0.02 * now
-        if (step + 1) % max(1, h.steps // 20) == 0 or step + 1 == h.steps:
-            curve.append([step + 1, *(round(float(v), 5) for v in run)])
-            bar.set_postfix(loss=f"{run[0]:.3f}", l1=f"{run[1]:.3f}", kl=f"{run[2]:.2f}")
-    model = ema.shadow
+        return vae_loss(vae, x, h.kl_weight, gen)
+
+    model, curve, losses, run, seconds = optimise(vae, h, step_loss, "train vae", progress)
     # LDM: scale_factor = 1 / std of the first stage's latents, here over the whole train split
     std = float(encode(model, data.train_x, scaled=False).astype(np.float64).std())
     model.register_to_config(scaling_factor=1.0 / std)
-    return model, VaeResult(None, float(run[0]), time.perf_counter() - start, 1.0 / std, curve, losses)
+    return model, VaeResult(None, float(run[0]), seconds, 1.0 / std, curve, losses)
 
 
 def save_vae(out: str | Path, vae, record: dict) -> Path:

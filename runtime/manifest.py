@@ -46,8 +46,20 @@ class Sampling:
         return out
 
 
+class _NamedIO:
+    """Input and output names of a model declaration (``inputs``/``outputs`` dicts)."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.outputs)
+
+
 @dataclass(frozen=True)
-class Component:
+class Component(_NamedIO):
     """A companion model of the denoiser (``decoder``: latents -> image in [-1, 1];
     ``encoder``: image -> latents), with its own I/O, precisions, parity and facts."""
 
@@ -58,14 +70,6 @@ class Component:
     precision: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)     # e.g. scaling_factor, layout, source sha256
     graph_outputs: dict = field(default_factory=dict)
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.outputs)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -92,7 +96,7 @@ COMPONENTS = ("decoder", "encoder")     # the companions a bundle may carry besi
 
 
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(_NamedIO):
     """Everything ``bundle.json`` says about a bundle."""
 
     family: str
@@ -124,14 +128,6 @@ class Manifest:
     @property
     def conditional(self) -> bool:
         return "y" in self.inputs
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.outputs)
 
     @property
     def source_sha256(self) -> str | None:
