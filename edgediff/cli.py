@@ -154,8 +154,8 @@ def main(argv=None):
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:        # usage errors too: one line, click's exit code
+        click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except EdgediffError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)

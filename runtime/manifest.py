@@ -178,7 +178,7 @@ class Manifest(_NamedIO):
         if missing:
             raise ManifestError(f"lacks required key(s): {', '.join(missing)}")
         version = d.get("schema_version", SCHEMA_VERSION)
-        if version not in READABLE_SCHEMAS:
+        if type(version) is not int or version not in READABLE_SCHEMAS:
             raise ManifestError(f"has schema version {version!r}; this edgediff reads {READABLE_SCHEMAS}")
         kw = {k: v for k, v in d.items() if k in known}
         for key in ("config", "inputs", "outputs", "time", "schedule", "models", "files", "extra",
@@ -196,6 +196,7 @@ class Manifest(_NamedIO):
         _check_io(kw["outputs"], "outputs")
         kw["outputs"], kw["graph_outputs"] = _rename_legacy(kw["outputs"], version)
         _check_labels(kw.get("num_classes"), kw.get("null_label"), "y" in kw["inputs"])
+        _check_model(kw)
         if kw.get("space", "pixel") not in SPACES:
             raise ManifestError(f"space must be one of {SPACES}, got {kw['space']!r}")
         for rel in (*kw["models"].values(), *kw.get("files", {})):
@@ -247,6 +248,36 @@ def _rename_legacy(outputs: dict, version: int) -> tuple[dict, dict]:
     renames = {old: new for old, new in LEGACY_OUTPUTS.get(version, {}).items() if old in outputs}
     return ({renames.get(k, k): v for k, v in outputs.items()},
             {new: old for old, new in renames.items()})
+
+
+# prediction -> the outputs the samplers read, and the schedule kinds that produce it
+PREDICTIONS = {"epsilon": (("eps",), ("discrete", "vp_continuous")), "ddm_c_eps": (("c", "eps"), ("ddm_constant",))}
+
+
+def _check_model(kw: dict) -> None:
+    """What the samplers rely on: a known prediction with its outputs and schedule kind, an
+    x input of the sample shape, and a schedule that builds (bounded sizes, finite numbers)."""
+    from .schedules import Schedule
+
+    prediction = kw["prediction"]
+    if prediction not in PREDICTIONS:
+        raise ManifestError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    needs, kinds = PREDICTIONS[prediction]
+    missing = [n for n in needs if n not in kw["outputs"]]
+    if missing:
+        raise ManifestError(f"a {prediction} model needs output(s) {', '.join(missing)}")
+    x = kw["inputs"].get("x")
+    if x is None or x["shape"][1:] != list(kw["sample_shape"]):
+        raise ManifestError(f"inputs.x must have shape [batch, {', '.join(map(str, kw['sample_shape']))}]")
+    n = kw["schedule"].get("num_train_timesteps", 1000)
+    if type(n) is not int or not 2 <= n <= 100_000:
+        raise ManifestError(f"schedule.num_train_timesteps must be an integer in 2..100000, got {n!r}")
+    try:
+        schedule = Schedule.from_config(kw["schedule"])
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(f"schedule: {exc}") from None
+    if schedule.kind not in kinds:
+        raise ManifestError(f"a {prediction} model cannot use a {schedule.kind} schedule")
 
 
 def _check_labels(num_classes, null_label, conditional: bool) -> None:

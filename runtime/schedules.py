@@ -176,6 +176,9 @@ class Schedule(ABC):
             raise InvalidInput(f"schedule type {kind!r} is not one of {tuple(SCHEDULE_KINDS)}")
         if not issubclass(kind_cls, cls):
             raise InvalidInput(f"{cls.__name__}.from_config got a {kind} schedule config")
+        bad = [k for k, v in cfg.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise InvalidInput(f"schedule value(s) {', '.join(bad)} must be finite numbers")
         defaults, ignored = {}, []
         for key, value in cfg.items():
             if key in _SAMPLER_KEYS:
@@ -273,7 +276,7 @@ class DiscreteSchedule(VPSchedule):
     def __init__(self, betas, *, model_time_offset: float = 0.0, t_min: float | None = None,
                  t_max: float = 1.0, **common):
         betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or betas.size < 2 or np.any(betas <= 0) or np.any(betas >= 1):
+        if betas.ndim != 1 or betas.size < 2 or not np.isfinite(betas).all() or np.any(betas <= 0) or np.any(betas >= 1):
             raise InvalidInput("betas must be a 1-D array with values in (0, 1)")
         self.betas = betas
         self.num_train_timesteps = betas.size

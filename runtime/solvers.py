@@ -66,7 +66,8 @@ def outputs(out, x, names):
     if isinstance(out, dict):
         missing = [n for n in names if n not in out]
         if missing:
-            raise KeyError(f"denoiser output lacks {missing}; it has {sorted(out)}")
+            raise InvalidInput(f"this sampler needs the denoiser outputs {list(names)}; the model gives "
+                               f"{sorted(out)} (a sampler of another schedule kind?)")
         return [np.asarray(out[n]) for n in names]
     if isinstance(out, (tuple, list)):
         if len(out) < len(names):

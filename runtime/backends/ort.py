@@ -43,6 +43,11 @@ class OrtBackend(Backend):
             raise BackendError(f"unknown ORT device {device!r}; choose from {', '.join(_PREFERRED)}")
         self.device = device
         self.session = _session(Path(model_path), device, threads)
+        graph_in = {i.name for i in self.session.get_inputs()}
+        graph_out = {o.name for o in self.session.get_outputs()}
+        if graph_in != set(inputs) or not set(self.graph_names) <= graph_out:
+            raise BackendError(f"{Path(model_path).name} has inputs {sorted(graph_in)} and outputs "
+                               f"{sorted(graph_out)}; the manifest declares {sorted(inputs)} -> {self.graph_names}")
 
     @classmethod
     def from_bundle(cls, bundle, precision: str, options: RunOptions) -> "OrtBackend":
@@ -51,9 +56,12 @@ class OrtBackend(Backend):
                    device=options.device, threads=options.threads, graph_outputs=c.graph_outputs)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if self.device == "cpu":
-            return self.session.run(self.graph_names, feed)
-        return self._infer_bound(feed)
+        try:
+            if self.device == "cpu":
+                return self.session.run(self.graph_names, feed)
+            return self._infer_bound(feed)
+        except Exception as exc:  # onnxruntime's own exception types: e.g. a label past the table
+            raise BackendError(f"onnxruntime failed: {str(exc).strip().splitlines()[0]}") from None
 
     def _infer_bound(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """GPU providers: bind inputs once per call and let outputs live on the device until

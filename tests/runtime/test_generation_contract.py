@@ -115,6 +115,14 @@ def test_pipeline_output_and_lifecycle(ddpm_bundle):
     ({"sampling": {"guidance": "nan"}}, "sampling.guidance"),
     ({"sampling": {"steps": 0}}, "sampling.steps"),
     ({"schema_version": 99}, "schema version 99"),
+    ({"schema_version": True}, "schema version True"),
+    ({"prediction": "v_prediction"}, "prediction must be one of"),
+    ({"prediction": "ddm_c_eps"}, "needs output"),
+    ({"schedule": {"type": "ddm_constant"}}, "cannot use a ddm_constant schedule"),
+    ({"schedule": {"num_train_timesteps": 10**9}}, "num_train_timesteps"),
+    ({"schedule": {"beta_start": "x"}}, "schedule: could not convert"),
+    ({"schedule": {"beta_end": float("nan")}}, "finite"),
+    ({"sample_shape": [1, 4, 4]}, "inputs.x must have shape"),
 ])
 def test_malformed_manifests_are_one_line_errors(ddpm_bundle, tmp_path, change, match):
     copy = tmp_path / "b"
@@ -156,3 +164,15 @@ def test_non_finite_model_output_is_an_error():
     with pytest.raises(Exception, match="non-finite"):
         Broken(m.inputs, m.output_names).infer({"x": np.zeros((1, 1, 4, 4), np.float32),
                                                 "t": np.zeros(1, np.float32)})
+
+
+def test_model_errors_at_run_time_are_one_line(ddpm_bundle, tmp_path):
+    """A label past the embedding table (bundle.json claiming more classes than the graph)."""
+    copy = tmp_path / "b"
+    shutil.copytree(ddpm_bundle.path, copy)
+    raw = json.loads((copy / "bundle.json").read_text())
+    raw["num_classes"] = 1000
+    (copy / "bundle.json").write_text(json.dumps(raw))
+    with Pipeline.from_bundle(copy) as pipe, pytest.raises(Exception, match="onnxruntime failed") as err:
+        pipe(1, classes=[500], steps=1)
+    assert "\n" not in str(err.value)
