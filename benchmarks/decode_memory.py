@@ -1,8 +1,9 @@
 """Peak RSS of decoding many latents in bounded batches (issue: large runs must stay flat).
 
-Decodes N latents through a bundle's decoder with ``--decode-batch`` at a time, in a fresh
-process per N, and prints the peak RSS of each run: with bounded batches it should grow only
-by the uint8 images kept (N·H·W·C bytes), not by N decoder activations.
+Decodes N latents through a bundle's decoder exactly as ``Pipeline`` does
+(``decode_images``, ``--decode-batch`` at a time), in a fresh process per N, and prints the
+peak RSS of each run: it should grow only by the latents and the uint8 images kept, not by N
+float images or decoder activations.
 
     python benchmarks/decode_memory.py BUNDLE [--counts 100,1000] [--decode-batch 16]
 """
@@ -17,17 +18,15 @@ import resource, sys, time
 import numpy as np
 from edgediff.runtime import read_bundle
 from edgediff.runtime.backends import load_backend
-from edgediff.runtime.images import to_uint8
-from edgediff.runtime.pipeline import decode
+from edgediff.runtime.pipeline import decode_images
 bundle = read_bundle(sys.argv[1])
 decoder = load_backend(bundle, "ort", component="decoder", threads=2)
 shape = bundle.manifest.component("decoder").inputs["latents"]["shape"][1:]
 n, batch = int(sys.argv[2]), int(sys.argv[3])
 images = []
 start = time.perf_counter()
-for i in range(0, n, 256):      # latents arrive in sampler batches; only uint8 images are kept
-    z = np.random.default_rng(i).standard_normal((min(256, n - i), *shape)).astype(np.float32)
-    images.append(to_uint8(decode(decoder, z, batch)))
+z = np.random.default_rng(0).standard_normal((n, *shape)).astype(np.float32)   # all N latents, as Pipeline holds them
+images = [decode_images(decoder, z, batch)]     # what Pipeline.__call__ does with them
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(f"{n} {sum(x.nbytes for x in images) / 2**20:.1f} {peak:.1f} {seconds:.1f}")

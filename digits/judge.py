@@ -155,9 +155,7 @@ def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | Non
     labels = class_order_labels(per_class, manifest.num_classes)
     gen = generate(backend, manifest, len(labels), sampler=sampler, steps=steps, batch=batch,
                    labels=labels, guidance=guidance, seed=seed, **options)
-    if gen.latent:
-        gen.decoded = decode(decoder, gen.samples, batch)
-    images = gen.decoded if gen.latent else gen.samples
+    images = decode(decoder, gen.samples, batch) if gen.latent else gen.samples
     return judge(images, labels), images
 
 

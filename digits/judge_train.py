@@ -5,7 +5,7 @@ in the npz (as uint8) so the runtime can score real digits as the baseline. Trai
 shifts images by up to one pixel and adds a little noise, so that slightly imperfect
 samples are judged by their shape rather than by pixel-exact agreement.
 
-    edgediff digits train-judge [--out digits/assets/judge.npz]
+    edgediff digits train-judge --out digits/assets/judge.npz
 """
 from __future__ import annotations
 

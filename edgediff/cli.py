@@ -64,6 +64,10 @@ def export(family, config_path, size, checkpoint, out, opset, max_batch, precisi
 
     start = time.perf_counter()
     config = resolve_config(FAMILIES[family], size, _read_json(config_path))
+    if (vae_config or vae_layout) and not vae_checkpoint:
+        raise click.UsageError("--vae-config/--vae-layout describe --vae: give --vae too")
+    if vae_checkpoint and FAMILIES[family].spec(config).space != "latent":   # torch-free, before the export
+        raise click.UsageError(f"--vae needs a latent model; this {family} config works in pixel space")
     result = export_bundle(family, config, out, checkpoint=checkpoint, opset=opset, max_batch=max_batch,
                            log=lambda msg: click.echo(msg, err=True))
     click.echo(result.parity.summary())
@@ -98,7 +102,8 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
               help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu).")
 @click.option("--threads", type=click.IntRange(1), help="Intra-op threads (default: all cores).")
-@click.option("--out", type=click.Path(dir_okay=False), help="PNG grid to write (pixel-space models).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="PNG grid to write (pixel-space models, or latent bundles with a decoder).")
 @click.option("--npz", type=click.Path(dir_okay=False),
               help="Also save uint8 images (and float32 latents for latent models) and labels as .npz.")
 @click.option("--decode-batch", default=16, show_default=True, type=click.IntRange(1, 4096),
@@ -106,14 +111,16 @@ def _parse_classes(value: str | None) -> list[int] | None:
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, seed, backend, precision, device,
              threads, out, npz, decode_batch):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
-    from edgediff.runtime.images import save_outputs
+    from edgediff.runtime.images import check_outputs, save_outputs
     from edgediff.runtime.pipeline import Pipeline, total_model_calls
 
     if not (out or npz):
         raise click.UsageError("give --out grid.png and/or --npz samples.npz")
     wanted = [one_class] if one_class is not None else _parse_classes(classes)
     start = time.perf_counter()
-    with Pipeline.from_bundle(bundle, backend, precision, device=device, threads=threads, max_batch=batch) as pipe:
+    with Pipeline.from_bundle(bundle, backend, precision, device=device, threads=threads, max_batch=batch,
+                              decode_batch=decode_batch) as pipe:
+        check_outputs(bundle, pipe.manifest, pipe.decoder is not None, png=out, npz=npz)
         choice = dict(sampler=sampler, steps=steps, guidance=guidance)
         total = total_model_calls(pipe.manifest, num, min(batch, num), **choice)
         with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:

@@ -25,7 +25,7 @@ FAMILY_NAMES = tuple(DIGITS_CONFIGS)
 @click.option("--cache", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Where the exported bundle is kept (build/digits-FAMILY).")
 @click.option("--guidance", type=float, help="Guidance scale w (default: the bundle's recommended one).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the only noise source.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
 def demo(family, out, cache, guidance, seed):
     """Export the embedded digits model, draw ten of each class on ONNX Runtime, judge them."""
     from edgediff.digits.demo import DEFAULT_FAMILY, run_demo
@@ -39,11 +39,11 @@ def demo(family, out, cache, guidance, seed):
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the schedule's usual one).")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the bundle's recommended one).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2), help="Samples per class.")
 @click.option("--guidance", type=float, help="Guidance scale w (default: the bundle's recommended one).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the only noise source.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def evaluate(source, sampler, steps, per_class, guidance, seed, precision, as_json):
@@ -66,7 +66,7 @@ def digits():
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for model.safetensors, config.json, train.json.")
 @click.option("--steps", type=click.IntRange(1), help="Training steps (default: the family's budget).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation and batches.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of initialisation and batches.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="torch CPU threads.")
 @click.option("--vae", type=click.Path(exists=True, file_okay=False),
               help="Latent models: the autoencoder whose latents to learn (default: the shipped digits/assets/vae).")
@@ -82,7 +82,7 @@ def train_digits(family, out, steps, seed, threads, vae):
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for config.json (with scaling_factor), diffusion_pytorch_model.safetensors, train.json.")
 @click.option("--steps", type=click.IntRange(1), help="Training steps (default: the shipped autoencoder's budget).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation and batches.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of initialisation and batches.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="torch CPU threads.")
 def train_vae(out, steps, seed, threads):
     """Train the digits KL autoencoder (diffusers AutoencoderKL, 16x16x1 <-> 4x4x4) for latent models."""
@@ -98,7 +98,7 @@ def train_vae(out, steps, seed, threads):
 
 @digits.command("check")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the schedule's usual one).")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the bundle's recommended one).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the model's recommended).")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2), help="Samples per class.")
 @click.option("--guidance", type=float, help="Guidance scale w (default: the model's recommended one).")
@@ -137,10 +137,10 @@ def quality_table(families, per_class, long_per_class, guidance, cache):
 
 
 @digits.command("train-judge")
-@click.option("--out", default=str(JUDGE_PATH), show_default=True, type=click.Path(dir_okay=False),
-              help="Where to write the judge's weights (.npz).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help=f"Where to write the judge's weights (.npz); the shipped judge is {JUDGE_PATH.name} in digits/assets.")
 @click.option("--epochs", default=150, show_default=True, type=click.IntRange(1), help="Training epochs.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of initialisation and batches.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of initialisation and batches.")
 def train_judge(out, epochs, seed):
     """Train the torch-free digits judge (a small MLP) on the train split."""
     from edgediff.digits.judge_train import train_and_save

@@ -46,6 +46,9 @@ def write_atomic(path: str | Path, write) -> None:
     """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed into place:
     readers never see a partial file, and a failed write leaves nothing behind."""
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # a rename would replace the link or device node itself rather than write through it
+        raise CannotWrite(f"{path} exists and is not a regular file; choose another output path")
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:          # missing or read-only directory: the user's path, not a bug

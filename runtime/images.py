@@ -53,6 +53,21 @@ def save_npz(path: str | Path, **arrays) -> None:
     _atomic(Path(path), write)
 
 
+def check_outputs(bundle_path, manifest, has_decoder: bool, png=None, npz=None) -> None:
+    """Refuse, before any sampling, outputs that cannot be written as asked: a PNG of latents
+    without a decoder, the same path twice, or a path inside the bundle (it would alter a
+    hashed file or leave a stray one)."""
+    if png and manifest.space == "latent" and not has_decoder:
+        raise InvalidInput("this latent bundle has no decoder: add one with `edgediff add-vae BUNDLE "
+                           "--checkpoint VAE` to get images, or write only --npz latents")
+    paths = [Path(p).resolve() for p in (png, npz) if p]
+    if len(set(paths)) < len(paths):
+        raise InvalidInput("--out and --npz name the same file")
+    inside = [p for p in paths if Path(bundle_path).resolve() in p.parents]
+    if inside:
+        raise InvalidInput(f"{inside[0]} is inside the bundle; write outputs elsewhere")
+
+
 def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
     """Write the grid and/or archive of a :class:`~edgediff.runtime.pipeline.Generation`:
     uint8 ``images`` (pixel models, or decoded latents), float32 ``latents`` for latent

@@ -65,29 +65,32 @@ class Generation:
     samples: np.ndarray            # (N, C, H, W) float32 in the model's data space (latents for latent models)
     labels: np.ndarray | None      # (N,) int64
     latent: bool = False
-    decoded: np.ndarray | None = None   # (N, 3, H, W) float32 in [-1, 1] from the bundle's decoder
+    decoded_images: np.ndarray | None = None   # (N, H, W, C) uint8 from the bundle's decoder
 
     @property
     def images(self) -> np.ndarray | None:
         """(N, H, W, C) uint8: the samples of a pixel-space model, the decoded latents of a
         latent one; None for latents without a decoder."""
-        if not self.latent:
-            return to_uint8(self.samples)
-        return None if self.decoded is None else to_uint8(self.decoded)
+        return self.decoded_images if self.latent else to_uint8(self.samples)
 
 
-def decode(decoder, latents: np.ndarray, batch: int = 16, progress=None) -> np.ndarray:
-    """Latents -> images in [-1, 1] through a decoder backend, ``batch`` at a time so memory
-    stays bounded for large runs (only the uint8-sized result grows)."""
+def _decoded_chunks(decoder, latents: np.ndarray, batch: int):
     if batch < 1:
         raise InvalidInput(f"the decode batch must be positive, got {batch}")
-    parts = []
     for start in range(0, len(latents), batch):
         chunk = np.ascontiguousarray(latents[start:start + batch], dtype=np.float32)
-        parts.append(decoder.infer({"latents": chunk})["image"])
-        if progress is not None:
-            progress(len(chunk))
-    return np.concatenate(parts)
+        yield decoder.infer({"latents": chunk})["image"]
+
+
+def decode(decoder, latents: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Latents -> float32 images in [-1, 1] through a decoder backend, ``batch`` at a time."""
+    return np.concatenate(list(_decoded_chunks(decoder, latents, batch)))
+
+
+def decode_images(decoder, latents: np.ndarray, batch: int = 16) -> np.ndarray:
+    """Latents -> (N, H, W, C) uint8 images, converted chunk by chunk: only ``batch`` float
+    images exist at a time, so peak memory does not grow with N beyond the uint8 result."""
+    return np.concatenate([to_uint8(img) for img in _decoded_chunks(decoder, latents, batch)])
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,16 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
     wanted = {"variance": manifest.option("variance"),
               "clip_sample": manifest.option("clip_sample", manifest.space == "pixel")}
     opts = {k: v for k, v in wanted.items() if k in record.params and v is not None}
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating))):
+        raise InvalidInput(f"guidance must be a number, got {guidance!r}")
     w = rec.guidance if guidance is None else float(guidance)
     if not np.isfinite(w):
         raise InvalidInput(f"guidance must be a finite number, got {w}")
+    if steps is not None:
+        _check_int("steps", steps, 1)
     if w != 1.0 and manifest.null_label is None:
         w = 1.0 if guidance is None else w          # a recommended w never applies without a null label
-    return Settings(name, int(steps or rec.steps), w, {**opts, **options})
+    return Settings(name, int(rec.steps if steps is None else steps), w, {**opts, **options})
 
 
 def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None, steps: int | None = None,
@@ -156,6 +163,11 @@ def total_model_calls(manifest: Manifest, n: int, batch: int, **choices) -> int:
     return -(-n // batch) * calls
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InvalidInput(f"{name} must be an integer ≥ {low}, got {value!r}")
+
+
 def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None) -> np.ndarray | None:
     """Labels for ``n`` samples: the given classes cycled, or every class in turn."""
     if not manifest.conditional:
@@ -164,7 +176,7 @@ def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None) -> np.
         return None
     k = manifest.num_classes
     classes = list(classes) if classes else list(range(k))
-    bad = [c for c in classes if not 0 <= c < k]
+    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < k]
     if bad:
         raise InvalidInput(f"class label(s) {bad} out of range: the model has classes 0..{k - 1}")
     return np.resize(np.asarray(classes, dtype=np.int64), n)
@@ -184,9 +196,11 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, backend: str = "ort", precision: str = "fp32", device: str = "cpu",
-                    threads: int | None = None, gpu: int = 0, max_batch: int = 16, verify: bool = True):
-        """Open the bundle at ``path`` (hashes verified) on ``backend``; ``max_batch`` is the
-        largest sample batch you will ask for (TensorRT picks its engine by it)."""
+                    threads: int | None = None, gpu: int = 0, max_batch: int = 16, decode_batch: int = 16,
+                    verify: bool = True):
+        """Open the bundle at ``path`` (hashes verified) on ``backend``; ``max_batch`` and
+        ``decode_batch`` are the largest sample and decode batches you will ask for (TensorRT
+        picks its engines by them)."""
         from .backends import load_backend
         from .bundle import read_bundle
 
@@ -198,7 +212,7 @@ class Pipeline:
         if "decoder" in bundle.manifest.components:
             models = bundle.manifest.component("decoder").models
             decoder = load_backend(bundle, backend, precision if precision in models else "fp32", device=device,
-                                   threads=threads, gpu=gpu, max_batch=max_batch, component="decoder")
+                                   threads=threads, gpu=gpu, max_batch=decode_batch, component="decoder")
         return cls(bundle, engine, decoder)
 
     def __call__(self, n: int = 1, *, classes: list[int] | None = None, guidance: float | None = None,
@@ -206,13 +220,14 @@ class Pipeline:
                  first: int = 0, decode_batch: int = 16, progress=None, **options) -> Generation:
         """Generate ``n`` samples; latent bundles with a decoder are decoded ``decode_batch``
         at a time (``out.images``), their latents kept in ``out.samples``."""
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise InvalidInput(f"n must be a positive integer, got {n!r}")
+        for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
+                                 ("first", first, 0), ("seed", seed, 0)):
+            _check_int(name, value, low)
         labels = resolve_labels(self.manifest, n, classes)
         out = generate(self.backend, self.manifest, n, sampler=sampler, steps=steps, batch=batch,
                        labels=labels, guidance=guidance, seed=seed, first=first, progress=progress, **options)
         if out.latent and self.decoder is not None:
-            out.decoded = decode(self.decoder, out.samples, decode_batch)
+            out.decoded_images = decode_images(self.decoder, out.samples, decode_batch)
         return out
 
     def close(self) -> None:

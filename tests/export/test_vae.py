@@ -122,13 +122,14 @@ def test_diffusers_layout_round_trip(bundle, store):
 
 def test_pipeline_decodes_a_latent_dit(bundle):
     from edgediff import Pipeline
+    from edgediff.runtime.images import to_uint8
 
     with Pipeline.from_bundle(bundle) as pipe:
         out = pipe(n=2)                              # the bundle's recommended sampling
         assert out.samples.shape == (2, 4, 8, 8) and out.images.shape == (2, 16, 16, 3)
         assert out.images.dtype == np.uint8
         direct = pipe.decoder.infer({"latents": out.samples})["image"]
-    np.testing.assert_array_equal(out.decoded, direct)
+    np.testing.assert_array_equal(out.images, to_uint8(direct))
 
 
 def test_old_diffusers_attention_names_are_read(store, tmp_path):

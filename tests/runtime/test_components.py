@@ -7,7 +7,7 @@ import pytest
 from edgediff.runtime.backends import Backend
 from edgediff.runtime.images import save_outputs
 from edgediff.runtime.manifest import Component, Manifest, ManifestError
-from edgediff.runtime.pipeline import Generation, decode
+from edgediff.runtime.pipeline import Generation, decode, decode_images
 
 
 def latent_manifest(**components) -> Manifest:
@@ -64,6 +64,8 @@ def test_decode_runs_in_bounded_batches():
     images = decode(decoder, latents, batch=16)
     assert decoder.batches == [16, 16, 5] and images.shape == (37, 1, 8, 8)
     np.testing.assert_array_equal(images[20], decode(Upsampler(), latents[20:21], batch=1)[0])
+    as_uint8 = decode_images(Upsampler(), latents, batch=16)
+    assert as_uint8.shape == (37, 8, 8, 1) and as_uint8.dtype == np.uint8
 
 
 def test_latent_outputs_need_a_decoder_for_pictures(tmp_path):
@@ -75,7 +77,7 @@ def test_latent_outputs_need_a_decoder_for_pictures(tmp_path):
     assert not (tmp_path / "g.png").exists()
     save_outputs(m, gen, npz=tmp_path / "s.npz")
     assert sorted(np.load(tmp_path / "s.npz").files) == ["labels", "latents"]
-    gen.decoded = decode(Upsampler(), latents)
+    gen.decoded_images = decode_images(Upsampler(), latents, batch=1)
     save_outputs(m, gen, png=tmp_path / "g.png", npz=tmp_path / "s.npz")
     data = np.load(tmp_path / "s.npz")
     assert data["images"].shape == (2, 8, 8, 1) and data["images"].dtype == np.uint8

@@ -100,8 +100,9 @@ def test_pipeline_output_and_lifecycle(ddpm_bundle):
     assert out.images.shape == (3, 8, 8, 1) and out.images.dtype == np.uint8
     assert out.labels.tolist() == [3, 3, 3]
     assert pipe.backend.session is None          # closed by the context manager
-    with pytest.raises(ValueError, match="n must be a positive integer"):
-        Pipeline(ddpm_bundle, None)(n=0)
+    for bad in (dict(n=0), dict(batch=0), dict(first=-1), dict(steps=0), dict(guidance="3"), dict(classes=[True])):
+        with pytest.raises(ValueError, match="must be|out of range"):
+            Pipeline(ddpm_bundle, None)(**{"n": 1, **bad})
 
 
 @pytest.mark.parametrize("change,match", [
@@ -176,3 +177,22 @@ def test_model_errors_at_run_time_are_one_line(ddpm_bundle, tmp_path):
     with Pipeline.from_bundle(copy) as pipe, pytest.raises(Exception, match="onnxruntime failed") as err:
         pipe(1, classes=[500], steps=1)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--out", "{bundle}/g.png"], "inside the bundle"),
+    (["--out", "{tmp}/x", "--npz", "{tmp}/x"], "same file"),
+    (["--out", "/dev/null"], "not a regular file"),
+    (["--guidance", "nan", "--out", "{tmp}/g.png"], "finite"),
+    (["--sampler", "ddm", "--out", "{tmp}/g.png"], "cannot drive"),
+])
+def test_cli_generate_refuses_bad_outputs_before_sampling(ddpm_bundle, tmp_path, capsys, args, match):
+    from edgediff.cli import main
+
+    fill = {"bundle": str(ddpm_bundle.path), "tmp": str(tmp_path)}
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(ddpm_bundle.path), "-n", "2", "--steps", "1", *(a.format(**fill) for a in args)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and match in err and "\n" not in err
+    assert sorted(p.name for p in ddpm_bundle.path.iterdir()) == ["bundle.json", "model.onnx", "parity.json"]
+    assert not list(tmp_path.iterdir())
