@@ -23,7 +23,7 @@ from .data import AUTOENCODER, AUTOENCODER_WEIGHTS as VAE_WEIGHTS, DIGITS_SAMPLI
 from edgediff.runtime.errors import InvalidInput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_FAMILY = "dit"       # clean samples, the fastest export and sampling of the four
+DEFAULT_FAMILY = "dit"       # clean samples, the fastest export and sampling of the pixel models
 
 
 def shipped(family: str) -> Path:
@@ -67,25 +67,15 @@ def ensure_bundle(family: str, out: str | Path, log=print) -> Path:
             return out
     except (BundleError, FileNotFoundError, KeyError, OSError):
         pass                    # missing, partial or foreign: export afresh
-    add_vae = _add_vae() if vae is not None else None          # before a long export that could not finish
     config = json.loads((src / "config.json").read_text())
     export_bundle(model_family(family), config, out, checkpoint=weights, sampling=DIGITS_SAMPLING[family], log=log)
-    if add_vae is not None:
+    if vae is not None:
+        from edgediff.export.vae import add_vae
+
         # decoder.onnx (scaled latents -> image in [-1, 1]; 1/scaling_factor inside the graph)
         # and encoder.onnx, recorded as the bundle's components
         add_vae(out, checkpoint=vae / VAE_WEIGHTS, config=vae / "config.json", layout="diffusers", log=log)
     return out
-
-
-def _add_vae():
-    try:
-        from edgediff.export.vae import add_vae
-    except ModuleNotFoundError as exc:
-        if exc.name != "edgediff.export.vae":
-            raise
-        raise InvalidInput("a latent digits bundle needs edgediff.export.vae (add_vae), "
-                           "which this installation lacks") from None
-    return add_vae
 
 
 @dataclass

@@ -112,16 +112,16 @@ def sample_ddm(denoise, x, schedule: Schedule, steps: int, noise=None, *, order=
     at t = 0 (1/sqrt(0)); here the last step is never corrected. Not here: the official
     ``scale_input`` (clamp range = ``scale_input``, result divided by it; unset in every
     config), ``up_scale`` interpolation of x_T, the latent unscaling (``z / scale_factor``
-    or ``z / (1 - |z|)``) and decoding. The walk starts at ``schedule.t_max`` (the official
-    code always starts at t = 1: sigma_max only scales x_T, and is 1 in every config).
-    x_T ~ ``sigma_max``·N(0, I); the model gets t in (0, 1].
+    or ``z / (1 - |z|)``) and decoding. The walk starts at t = 1 as the official code's
+    (sigma_max only scales x_T: x_T ~ ``sigma_max``·N(0, I), which the ``ddm`` sampler
+    record's ``init_sigma`` gives); the model gets t in (0, 1].
     """
     schedule.require("ddm_constant")
     if softsign and (clip_sample or order != 1):
         raise InvalidInput("softsign is LatentDiffusion.sample_fn's option: needs "
                          "clip_sample=False and order=1")
     eps = schedule.t_min if eps is None else float(eps)
-    h, t, s, sigma, correct = ddm_plan(steps, order, denoise_last, eps, schedule.t_max)
+    h, t, s, sigma, correct = ddm_plan(steps, order, denoise_last, eps, 1.0)
     lo, hi = ((-SOFTSIGN_LIMIT, SOFTSIGN_LIMIT) if softsign else
               (-clip_sample_range, clip_sample_range) if clip_sample else (None, None))
     draw = noise_source(noise, x.dtype)

@@ -207,10 +207,11 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
             "`x_t`, `999·t` (VP SDE) or `t·N - 1 + offset`", "U-ViT eval.py / eval_ldm_discrete.py"),
     Sampler("euler_maruyama", sample_euler_maruyama, ("vp_continuous",), True, "`z`", "`x_t`, `999·t`",
             "U-ViT sde.euler_maruyama (CIFAR-10 config)"),
-    Sampler("ddm", sample_ddm, ("ddm_constant",), True, "`z` (x_1 = x0 + c + eps with c = -x0)",
+    Sampler("ddm", sample_ddm, ("ddm_constant",), True, "`sigma_max·z` (x_1 = x0 + c + eps with c = -x0; sigma_max = 1)",
             "`x_t`, `t` in (0, 1]", "DDM-Public ddm_const.py sample_fn / sample_fn_2order / LatentDiffusion",
             model_calls=lambda steps, opts: ddm_model_calls(steps, opts.get("order", 1),
-                                                            opts.get("denoise_last", True))),
+                                                            opts.get("denoise_last", True)),
+            init_sigma=lambda schedule, steps, opts: schedule.t_max),      # DDM's sigma_max
 )}
 # The usual sampler of each schedule kind (declared by the kind; what `generate` uses when
 # neither the user nor the bundle names one).

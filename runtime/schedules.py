@@ -29,8 +29,8 @@ Three kinds (adding one is one subclass plus one line in ``SCHEDULE_KINDS``):
 ``ddm_constant`` — :class:`DDMConstantSchedule`
     The decoupled model of arXiv 2306.13720: ``x_t = x0 + c·t + sqrt(t)·eps`` with
     ``c = -x0``, i.e. signal ``1 - t`` and noise ``sqrt(t)``, ``t`` in ``(0, 1]``; the model
-    gets ``t`` itself. The official sampler steps from ``sigma_max`` to ``sigma_min²``
-    and then to 0.
+    gets ``t`` itself. The official sampler (``sampler_ddm.py``) walks N steps of 1/N
+    from t = 1 to 0, the last split at ``t_min`` (= sigma_min², 1e-4).
 """
 
 from __future__ import annotations

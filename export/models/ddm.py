@@ -28,7 +28,7 @@ from .validation import Field, Schema, boolean, choice, fraction, nonneg_int, po
 OFFICIAL_CLASS = "unet.uncond_unet.EDMPrecond"
 
 # The official DDM model-level settings (``model:`` in the yaml, outside the U-Net): training
-# draws t ~ U(eps, 1); the sampler steps t linearly from sigma_max to sigma_min**2, then to 0.
+# draws t ~ U(eps, 1); the official sampler walks N steps of 1/N from t = 1, the last split at eps.
 _EPS = 1e-4
 _SIGMA_MIN = 0.01
 _SIGMA_MAX = 1.0
@@ -313,7 +313,7 @@ def spec(config: dict) -> ModelSpec:
     schedule = {
         "type": "ddm_constant",         # x_t = x_0 + C t + sqrt(t) eps, C = -x_0
         "eps": _EPS,                    # training t ~ U(eps, 1)
-        "sigma_min": _SIGMA_MIN,        # sampler grid: linspace(sigma_max, sigma_min**2, steps), then 0
+        "sigma_min": _SIGMA_MIN,        # t_min = sigma_min**2 = 1e-4: where the last step is split
         "sigma_max": _SIGMA_MAX,
         "clip_sample": not latent,      # the pixel sampler clamps x0 to [-1, 1]; the latent one does not
     }

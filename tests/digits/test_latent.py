@@ -2,8 +2,6 @@
 4×4×4) and the class-conditional DiT on its scaled latents, judged on decoded images."""
 import json
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -136,37 +134,17 @@ def test_pixel_models_take_no_autoencoder(tmp_path):
         train.train("dit", tmp_path / "x", steps=1, threads=None, progress=False, vae=VAE_DIR)
 
 
-def test_ensure_bundle_adds_the_shipped_autoencoder(tmp_path, monkeypatch):
-    """The latent bundle: the DiT exported as family dit with the latent sampling, then
-    ``edgediff.export.vae.add_vae`` with the shipped diffusers-layout autoencoder (faked here:
-    the calls are what this test checks)."""
-    import edgediff.export.bundle as export_bundle_module
-    from edgediff.digits import demo
-
-    calls = []
-    monkeypatch.setattr(export_bundle_module, "export_bundle",
-                        lambda family, config, out, **kw: calls.append(("export", family, config, kw)))
-    fake = types.ModuleType("edgediff.export.vae")
-    fake.add_vae = lambda bundle_dir, **kw: calls.append(("add_vae", bundle_dir, kw))
-    monkeypatch.setitem(sys.modules, "edgediff.export.vae", fake)
-    out = demo.ensure_bundle("dit_latent", tmp_path / "b", log=lambda m: None)
-    (_, family, config, kw), (_, bundle_dir, vae_kw) = calls
-    assert family == "dit" and config == digits.DIGITS_CONFIGS["dit_latent"]
-    assert kw["checkpoint"] == shipped("dit_latent") / "model.safetensors"
-    assert kw["sampling"] == digits.DIGITS_SAMPLING["dit_latent"]
-    assert bundle_dir == out
-    assert vae_kw["checkpoint"] == VAE_DIR / dvae.WEIGHTS and vae_kw["config"] == VAE_DIR / "config.json"
-    assert vae_kw["layout"] == "diffusers"
-
-
-@pytest.mark.slow
 def test_latent_demo_decodes_through_the_bundle(tmp_path):
-    """With the real add_vae: the demo's bundle carries decoder/encoder and its grid is judged decoded."""
-    pytest.importorskip("edgediff.export.vae")
-    from edgediff.digits.demo import run_demo
+    """The real path: the DiT exported as family dit with the latent sampling, the shipped
+    autoencoder added as decoder/encoder, the grid judged decoded; then kept while fresh."""
+    from edgediff.digits.demo import ensure_bundle, run_demo
     from edgediff.runtime.bundle import read_bundle
 
     result = run_demo("dit_latent", cache=tmp_path, png=tmp_path / "demo.png", log=lambda m: None)
     manifest = read_bundle(result.bundle).manifest
     assert manifest.space == "latent" and {"decoder", "encoder"} <= set(manifest.components)
     assert result.png.is_file() and result.judge.n == 100 and result.judge.accuracy >= 0.95
+    assert manifest.family == "dit" and manifest.sampling.guidance == digits.DIGITS_SAMPLING["dit_latent"]["guidance"]
+    assert manifest.component("decoder").extra["layout"] == "diffusers"
+    ensure_bundle("dit_latent", result.bundle, log=lambda m: None)
+    assert read_bundle(result.bundle).manifest.created == manifest.created          # fresh: kept

@@ -377,7 +377,7 @@ def test_transcription_notices_a_swapped_decouple_head(one_thread):
 
 
 def test_perturbed_model_through_onnx_fp32_and_fp16(tmp_path, one_thread):
-    """DESIGN.md rung 1 (ORT FP32 vs PyTorch, rel-L2 <= 1e-5) and rung 2 (FP16 <= 5e-3) on
+    """docs/architecture.md rung 1 (ORT FP32 vs PyTorch, rel-L2 <= 1e-5) and rung 2 (FP16 <= 5e-3) on
     the perturbed weights, whose sharp decouple softmax the default fixture lacks."""
     from edgediff.export import fp16
     from edgediff.export.onnx_export import export_onnx, validate
