@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 
-
 class TimedBackend:
     """Wraps a backend and accumulates the wall time spent inside infer()."""
 

@@ -1,7 +1,6 @@
 """Strict config validation: bad configs fail fast, before torch builds anything, with one
 line naming the key; every named config passes; the CLI leaves no files behind."""
 import inspect
-import json
 import math
 import time
 

@@ -178,7 +178,6 @@ def test_parser_errors_and_missing_precision_are_clear(tiny_bundle, monkeypatch)
 def test_real_fp32_engine_matches_onnx_runtime(tiny_bundle):
     from edgediff.runtime import read_bundle
     from edgediff.runtime.backends import load_backend
-    from edgediff.runtime.backends import load_backend
     from edgediff.runtime.parity import rel_l2
 
     build_engine(tiny_bundle, BuildOptions(precision="fp32", opt_batch=2, max_batch=4), log=lambda m: None)
