@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from edgediff.export import fp16
 from edgediff.export.models import FAMILIES
 from edgediff.export.onnx_export import export_onnx
-from edgediff.export.reference import torch_outputs
+from edgediff.export.reference import calibration_feed, torch_outputs
 from edgediff.runtime import read_bundle
 from edgediff.runtime.backends import load_backend
 from edgediff.runtime.parity import ParityResult
@@ -61,7 +61,7 @@ def test_schedule_calibration_keeps_the_timestep_embedding_fp32(tmp_path):
 
 def test_calibration_feed_walks_the_schedule():
     spec = FAMILIES["dit"].spec(FAMILIES["dit"].configs["tiny"])
-    feed = fp16.calibration_feed(spec, rows=12)
+    feed = calibration_feed(spec, rows=12)
     assert feed["t"][0] == 0 and feed["t"][-1] == 999 and np.all(np.diff(feed["t"]) > 0)
     assert set(feed["y"][1::2]) == {spec.null_label}                     # the null label is calibrated too
     std = feed["x"].reshape(12, -1).std(axis=1)
