@@ -150,6 +150,10 @@ def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | Non
 
     if not manifest.conditional:
         raise InvalidInput("the digits judge needs a class-conditional model")
+    out_shape = (manifest.component("decoder").outputs["image"]["shape"][1:] if manifest.space == "latent"
+                 and "decoder" in manifest.components else list(manifest.sample_shape))
+    if (manifest.space != "latent" or "decoder" in manifest.components) and out_shape != [1, SIZE, SIZE]:
+        raise InvalidInput(f"the digits judge reads 1×{SIZE}×{SIZE} digits; this model makes {out_shape}")
     if manifest.space == "latent" and decoder is None:
         raise InvalidInput("a latent model's samples must be decoded before judging: the bundle has no decoder")
     labels = class_order_labels(per_class, manifest.num_classes)

@@ -116,6 +116,8 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, s
 
     if not (out or npz):
         raise click.UsageError("give --out grid.png and/or --npz samples.npz")
+    if one_class is not None and classes:
+        raise click.UsageError("give --class or --classes, not both")
     wanted = [one_class] if one_class is not None else _parse_classes(classes)
     start = time.perf_counter()
     with Pipeline.from_bundle(bundle, backend, precision, device=device, threads=threads, max_batch=batch,

@@ -35,8 +35,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path.name} with torch.load(weights_only=True): {first}") from None
+        # torch's own text suggests weights_only=False, exactly what must not be done here
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read {path.name} with torch.load(weights_only=True) (.safetensors, or a "
+                              f"torch state dict of tensors): {first}") from None
     return _unwrap(obj)
 
 
