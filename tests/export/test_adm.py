@@ -12,7 +12,7 @@ from edgediff.export.bundle import export_bundle
 from edgediff.export.models import adm
 from edgediff.export.models.validation import ConfigError
 from official_adm import OfficialADM
-from perturb import Rung1, perturb_, rel_l2
+from perturb import Rung1, fp16_rung2, perturb_, rel_l2
 
 
 def test_schema_defaults_are_the_official_ones():
@@ -127,6 +127,15 @@ def test_rung1_onnx_with_perturbed_weights(name, rung1, one_thread):
     _, parity = rung1(name, _perturbed(name)[0], adm.spec(PERTURBED[name]))
     assert parity.passed and parity.worst_rel_l2 <= 1e-5 and parity.worst_max_abs <= 1e-4, parity.summary()
     print(f"adm {name} rung 1: {parity.summary()}")
+
+
+def test_rung2_fp16_with_perturbed_weights(rung1, one_thread):
+    pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt (the fp16 extra) is not installed")
+    name = "ssn-updown-nhc-new"
+    ours, spec = _perturbed(name)[0], adm.spec(PERTURBED[name])
+    parity, record = fp16_rung2(ours, spec, rung1(name, ours, spec)[0])
+    assert parity.passed and parity.worst_rel_l2 <= 5e-3, parity.summary()
+    print(f"adm {name} rung 2: {parity.summary()}; FP32 islands {record['trials'][-1]['islands']}")
 
 
 # --- config validation: one line naming the key, before any module is built ----------------------
