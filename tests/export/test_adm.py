@@ -177,3 +177,15 @@ def test_bad_config_is_one_line(override, expected, tmp_path, monkeypatch):
         message = str(err.value)
         assert expected in message and "\n" not in message and message.startswith("adm config: "), message
     assert not (tmp_path / "B").exists()
+
+
+def test_plain_pt_state_dict_loads_strictly(tmp_path):
+    """The released checkpoints are plain ``torch.save(model.state_dict())`` files."""
+    from edgediff.export.models.common import load_strict, read_checkpoint
+
+    ours, ref = _perturbed("legacy-uncond")
+    torch.save(ref.state_dict(), tmp_path / "model.pt")
+    fresh = adm.build(PERTURBED["legacy-uncond"])
+    load_strict(adm.FAMILY.official(fresh), read_checkpoint(tmp_path / "model.pt"), label="adm")
+    for k, v in ours.model.state_dict().items():
+        assert torch.equal(v, fresh.model.state_dict()[k]), k
