@@ -17,6 +17,7 @@ _MODULES = {
     "uvit": "uvit",
     "ddpm": "ddpm",
     "ddm": "ddm",
+    "lucid": "lucid",
 }
 
 
