@@ -207,7 +207,7 @@ class Unet(nn.Module):
             kind = Attention if full[level] else LinearAttention
             return kind(width, heads=heads[level], dim_head=head_dims[level])
 
-        self.downs = nn.ModuleList()
+        self.downs, self.ups = nn.ModuleList(), nn.ModuleList()    # upstream's key order
         for i, (a, b) in enumerate(pairs):
             last = i == levels - 1
             self.downs.append(nn.ModuleList([
@@ -219,7 +219,6 @@ class Unet(nn.Module):
         self.mid_attn = Attention(mid, heads=heads[-1], dim_head=head_dims[-1])
         self.mid_block2 = res(mid, mid)
 
-        self.ups = nn.ModuleList()
         for j, (a, b) in enumerate(reversed(pairs)):
             level = levels - 1 - j
             last = j == levels - 1
