@@ -21,6 +21,14 @@ def test_parameter_count_of_the_readme_unet():
     assert sum(p.numel() for p in model.parameters()) == 35_711_491
 
 
+def test_schema_defaults_are_upstreams():
+    import inspect
+
+    signature = {k: p.default for k, p in inspect.signature(lucid.Unet.__init__).parameters.items() if k != "self"}
+    defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in lucid.SCHEMA.defaults().items()}
+    assert {k: defaults.get(k, inspect.Parameter.empty) for k in signature} == signature
+
+
 def test_state_dict_keys_are_upstream_names():
     keys = set(lucid.build(dict(lucid.CONFIGS["tiny"], random_fourier_features=True)).model.state_dict())
     for key in ("init_conv.weight", "time_mlp.0.weights", "time_mlp.1.weight", "time_mlp.3.weight",
