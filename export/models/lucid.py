@@ -319,11 +319,12 @@ _UNET_KEYS = [k for k in SCHEMA.fields if k not in ("image_size", "timesteps", "
 
 CONFIGS = {
     # README: Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=True), GaussianDiffusion(image_size=128,
-    # timesteps=1000); objective and schedule as the bundle runtime supports them today.
-    "readme-128": {"dim": 64, "dim_mults": [1, 2, 4, 8], "flash_attn": True, "image_size": 128},
-    "cifar-32": {"dim": 64, "dim_mults": [1, 2, 4, 8], "image_size": 32},
+    # timesteps=1000). The README's diffusion keeps its defaults (pred_v, sigmoid), which the runtime
+    # cannot sample yet: this names the same network trained with pred_noise and linear betas.
+    "readme-128": {"dim": 64, "dim_mults": [1, 2, 4, 8], "flash_attn": True, "image_size": 128,
+                   "timesteps": 1000, "objective": "pred_noise", "beta_schedule": "linear"},
     "tiny": {"dim": 16, "dim_mults": [1, 2], "channels": 1, "image_size": 8, "attn_heads": 2,
-             "attn_dim_head": 8},
+             "attn_dim_head": 8, "objective": "pred_noise", "beta_schedule": "linear"},
 }
 
 
