@@ -52,7 +52,7 @@ PERTURBED = {
                                   attn_heads=[2, 4], attn_dim_head=8, random_fourier_features=True,
                                   learned_sinusoidal_dim=8, self_condition=True, init_dim=12),
     # learned sinusoidal time features, three levels, linear attention on two of them
-    "learned-3level": dict(dim=8, dim_mults=[1, 2, 2], channels=1, image_size=16, attn_heads=2,
+    "learned-3level": dict(dim=8, dim_mults=[1, 2, 2], channels=1, image_size=8, attn_heads=2,
                            attn_dim_head=4, learned_sinusoidal_cond=True, sinusoidal_pos_emb_theta=100),
 }
 
