@@ -18,6 +18,7 @@ _MODULES = {
     "ddpm": "ddpm",
     "ddm": "ddm",
     "adm": "adm",
+    "lucid": "lucid",
 }
 
 

@@ -32,6 +32,12 @@ BAD = [
     ("dit", "tiny", {"mlp_ratio": math.nan}, "mlp_ratio must be a positive finite number, got nan"),
     ("dit", "tiny", {"class_dropout_prob": math.inf}, "class_dropout_prob must be a finite number in [0, 1]"),
     ("dit", "tiny", {"hidden": 3}, "unknown DiT argument(s): hidden"),
+    # lucid (denoising-diffusion-pytorch Unet)
+    ("lucid", "tiny", {"dim": 7}, "lucid config: dim 7 must be even and >= 4"),
+    ("lucid", "tiny", {"dim_mults": [1, "2"]}, "dim_mults must be a non-empty list of positive integers"),
+    ("lucid", "tiny", {"image_size": 9}, "image_size 9 must be divisible by 2^(len(dim_mults) - 1)"),
+    ("lucid", "tiny", {"full_attn": [True, False, True]}, "need one entry per dim_mults level"),
+    ("lucid", "tiny", {"unet_dim": 3}, "unknown lucid argument(s): unet_dim"),
     # U-ViT
     ("uvit", "tiny", {"img_size": 9}, "patch_size 2 must divide img_size 9"),
     ("uvit", "tiny", {"embed_dim": 30, "num_heads": 4}, "embed_dim 30 must be divisible by num_heads 4"),

@@ -1,0 +1,209 @@
+"""lucidrains denoising-diffusion-pytorch ``Unet`` (family ``lucid``): numerics, keys, configs."""
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgediff.export.models import lucid
+from edgediff.export.models.common import load_strict, read_checkpoint
+from edgediff.export.models.validation import ConfigError
+from edgediff.runtime.schedules import Schedule
+from official_lucid import OfficialUnet
+from perturb import Rung1, perturb_, rel_l2
+
+
+def test_parameter_count_of_the_readme_unet():
+    # upstream Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=True) at faed4db: 35,711,491
+    with torch.device("meta"):
+        model = lucid.build(lucid.CONFIGS["readme-128"]).model
+    assert sum(p.numel() for p in model.parameters()) == 35_711_491
+
+
+def test_schema_defaults_are_upstreams():
+    import inspect
+
+    signature = {k: p.default for k, p in inspect.signature(lucid.Unet.__init__).parameters.items() if k != "self"}
+    defaults = {k: tuple(v) if isinstance(v, list) else v for k, v in lucid.SCHEMA.defaults().items()}
+    assert {k: defaults.get(k, inspect.Parameter.empty) for k in signature} == signature
+
+
+def test_state_dict_keys_are_upstream_names():
+    keys = set(lucid.build(dict(lucid.CONFIGS["tiny"], random_fourier_features=True)).model.state_dict())
+    for key in ("init_conv.weight", "time_mlp.0.weights", "time_mlp.1.weight", "time_mlp.3.weight",
+                "downs.0.0.block1.proj.weight", "downs.0.0.block1.norm.g", "downs.0.0.mlp.1.weight",
+                "downs.0.2.mem_kv", "downs.0.2.to_qkv.weight", "downs.0.2.to_out.0.weight", "downs.0.2.to_out.1.g",
+                "downs.0.3.1.weight", "downs.1.2.to_out.weight", "downs.1.3.weight", "mid_attn.mem_kv",
+                "ups.0.0.res_conv.weight", "ups.0.3.1.weight", "ups.1.3.weight", "final_res_block.block2.norm.g",
+                "final_conv.weight"):
+        assert key in keys, key
+
+
+# --- parity with the transcription, weights perturbed -----------------------------------------
+# Upstream initialises every RMSNorm gain to one; perturb_ redraws them so a wrong sqrt(C)
+# factor or norm placement shows. official_lucid.py was itself checked against upstream.
+
+PERTURBED = {
+    # linear attention on level 0, full attention on the last level (upstream's default)
+    "tiny": lucid.CONFIGS["tiny"],
+    # full attention everywhere, per-level heads, random Fourier time features, self-conditioning
+    "full-fourier-selfcond": dict(dim=16, dim_mults=[1, 2], channels=3, image_size=8, full_attn=[True, True],
+                                  attn_heads=[2, 4], attn_dim_head=8, random_fourier_features=True,
+                                  learned_sinusoidal_dim=8, self_condition=True, init_dim=12),
+    # learned sinusoidal time features, three levels, linear attention on two of them
+    "learned-3level": dict(dim=8, dim_mults=[1, 2, 2], channels=1, image_size=8, attn_heads=2,
+                           attn_dim_head=4, learned_sinusoidal_cond=True, sinusoidal_pos_emb_theta=100),
+}
+
+
+@functools.cache
+def _perturbed(name: str):
+    torch.manual_seed(0)
+    cfg = lucid.check_config(PERTURBED[name])
+    ref = OfficialUnet(**lucid.unet_kwargs(cfg)).eval()
+    changed = perturb_(ref, seed=1)
+    assert "init_conv.weight" not in changed and "mid_attn.norm.g" in changed
+    view = lucid.LucidExport(lucid.Unet(**lucid.unet_kwargs(cfg))).eval()
+    lucid.FAMILY.official(view).load_state_dict(ref.state_dict(), strict=True)
+    return view, ref
+
+
+@pytest.mark.parametrize("name", list(PERTURBED))
+@torch.no_grad()
+def test_matches_transcription_with_perturbed_weights(name, one_thread):
+    view, ref = _perturbed(name)
+    cfg = lucid.check_config(PERTURBED[name])
+    shape = (3, cfg["channels"], cfg["image_size"], cfg["image_size"])
+    gen = torch.Generator().manual_seed(2)
+    worst = 0.0
+    for t in (0.0, 500.0, 999.0):
+        x, tt = torch.randn(shape, generator=gen), torch.full((3,), t)
+        worst = max(worst, rel_l2(view(x, tt)[0], ref(x, tt)))
+        if cfg["self_condition"]:
+            cond = torch.randn(shape, generator=gen)
+            worst = max(worst, rel_l2(view.model(x, tt, cond), ref(x, tt, cond)))
+    assert worst <= 1e-5, f"rel-L2 {worst:.3e}"
+    print(f"lucid {name} eager vs transcription: {worst:.2e}")
+
+
+@pytest.fixture(scope="module")
+def rung1(tmp_path_factory):
+    return Rung1(tmp_path_factory, lucid.FAMILY.tolerance)
+
+
+def _io_spec(name):
+    """The bundle spec refuses self-conditioning and Fourier time features (the runtime lacks
+    them); the network's x, t -> eps graph is still checked under a spec of the same shape."""
+    cfg = {k: v for k, v in PERTURBED[name].items()
+           if k not in ("self_condition", "random_fourier_features", "learned_sinusoidal_cond")}
+    return lucid.spec({"objective": "pred_noise", "beta_schedule": "linear", **cfg})
+
+
+@pytest.mark.parametrize("name", list(PERTURBED))
+def test_rung1_onnx_with_perturbed_weights(name, rung1, one_thread):
+    _, parity = rung1(name, _perturbed(name)[0], _io_spec(name))
+    assert parity.passed and parity.worst_rel_l2 <= 1e-5 and parity.worst_max_abs <= 1e-4, parity.summary()
+    print(f"lucid {name} rung 1: {parity.summary()}")
+
+
+# --- spec: time, schedules, refusals ----------------------------------------------------------
+
+def _lucid_betas(kind: str, n: int) -> np.ndarray:
+    """GaussianDiffusion's linear_beta_schedule / cosine_beta_schedule, in float64."""
+    if kind == "linear":
+        scale = 1000 / n
+        return np.linspace(scale * 1e-4, scale * 0.02, n)
+    steps = np.linspace(0, n, n + 1) / n
+    abar = np.cos((steps + 0.008) / 1.008 * math.pi * 0.5) ** 2
+    abar = abar / abar[0]
+    return np.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("n", [1000, 250])
+def test_schedule_is_gaussian_diffusions(kind, n):
+    spec = lucid.spec(dict(lucid.CONFIGS["tiny"], beta_schedule=kind, timesteps=n))
+    assert spec.time == {"convention": "discrete", "min": 0, "max": n - 1}
+    assert spec.prediction == "epsilon" and spec.outputs == ("eps",)
+    betas = Schedule.from_config(spec.schedule).betas
+    np.testing.assert_allclose(betas, _lucid_betas(kind, n), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"objective": "pred_v"}, "objective 'pred_v' is not supported by the runtime yet"),
+    ({"objective": "pred_x0"}, "objective 'pred_x0' is not supported by the runtime yet"),
+    ({"beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid'"),
+    ({"self_condition": True}, "self_condition=true is not supported"),
+    ({"learned_variance": True}, "learned_variance"),
+    ({"out_dim": 2}, "out_dim != channels"),
+    ({"random_fourier_features": True}, "continuous-time trainers"),
+])
+def test_spec_refuses_what_the_runtime_lacks(change, message):
+    cfg = dict(lucid.CONFIGS["tiny"], **change)
+    lucid.build(cfg)                                         # the network itself builds
+    with pytest.raises(ConfigError, match=message) as err:
+        lucid.spec(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dimm": 3}, "unknown lucid argument"),
+    ({"dim": 6.0}, "dim must be a positive integer"),
+    ({"dim": 6, "dim_mults": [1, 2], "image_size": 8, "attn_heads": 2}, None),
+    ({"dim": 7}, "dim 7 must be even"),
+    ({"dim_mults": []}, "dim_mults must be a non-empty list"),
+    ({"image_size": 12, "dim_mults": [1, 2, 2, 2]}, "image_size 12 must be divisible by 2"),
+    ({"full_attn": [True]}, "one entry per dim_mults level"),
+    ({"attn_heads": [2, 2, 2]}, "one entry per dim_mults level"),
+    ({"attn_heads": 0}, "attn_heads and attn_dim_head must be positive integers"),
+    ({"full_attn": "yes"}, "full_attn null, a boolean"),
+    ({"objective": "eps"}, "objective must be one of"),
+    ({"beta_schedule": "quad"}, "beta_schedule must be one of"),
+    ({"flash_attn": "false"}, "flash_attn must be true or false"),
+    ({"learned_sinusoidal_dim": 7, "learned_sinusoidal_cond": True}, "learned_sinusoidal_dim 7 must be even"),
+    ({"timesteps": 1}, "timesteps must be"),
+    ({"dropout": 1.5}, "dropout must be"),
+])
+def test_bad_configs_fail_in_one_line(change, message):
+    cfg = dict(lucid.CONFIGS["tiny"], **change)
+    if message is None:
+        lucid.spec(cfg)
+        return
+    with pytest.raises(ConfigError, match=message) as err:
+        lucid.spec(cfg)
+    assert "\n" not in str(err.value) and str(err.value).startswith("lucid config: ")
+
+
+# --- the Trainer's checkpoint layout ----------------------------------------------------------
+
+def test_trainer_checkpoint_loads_the_ema_weights(tmp_path):
+    """Trainer.save: {'step', 'model': GaussianDiffusion.state_dict() ('model.' + Unet keys and
+    the schedule buffers), 'opt': Adam.state_dict(), 'ema': EMA.state_dict() ('ema_model.model.',
+    'online_model.model.', 'initted', 'step'), 'scaler': None, 'version': str}."""
+    torch.manual_seed(0)
+    cfg = lucid.CONFIGS["tiny"]
+    online, ema = lucid.build(cfg).model, lucid.build(cfg).model
+    opt = torch.optim.Adam(online.parameters(), lr=8e-5, betas=(0.9, 0.99))
+    online(torch.randn(1, 1, 8, 8), torch.tensor([3.0])).sum().backward()
+    opt.step()
+    buffers = {"betas": torch.rand(1000), "alphas_cumprod": torch.rand(1000)}
+    diffusion = {**{f"model.{k}": v for k, v in online.state_dict().items()}, **buffers}
+    ema_state = {"initted": torch.tensor(True), "step": torch.tensor(10),
+                 **{f"ema_model.model.{k}": v for k, v in ema.state_dict().items()},
+                 **{f"ema_model.{k}": v for k, v in buffers.items()},
+                 **{f"online_model.model.{k}": v for k, v in online.state_dict().items()}}
+    torch.save({"step": 10, "model": diffusion, "opt": opt.state_dict(), "ema": ema_state,
+                "scaler": None, "version": "2.1.1"}, tmp_path / "model-1.pt")
+    target = lucid.build(cfg).model
+    load_strict(target, read_checkpoint(tmp_path / "model-1.pt"), "lucid")
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, ema.state_dict()[k]), k
+
+
+def test_export_needs_the_training_objective_and_schedule_stated():
+    """GaussianDiffusion defaults to pred_v + sigmoid: an export must not assume otherwise."""
+    base = {k: v for k, v in lucid.CONFIGS["tiny"].items() if k not in ("objective", "beta_schedule")}
+    with pytest.raises(ValueError, match="say objective and beta_schedule"):
+        lucid.spec(base)
+    assert lucid.spec({**base, "objective": "pred_noise", "beta_schedule": "cosine"}).schedule
