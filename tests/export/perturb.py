@@ -97,3 +97,42 @@ def fp16_rung2(module: nn.Module, spec, directory):
 
     return fp16.convert_fp16(directory / "model.onnx", directory / "fp16.onnx", spec,
                              lambda feed: torch_outputs(module, spec, feed), "pytorch-fp32", log=lambda m: None)
+
+
+def assert_rung1(rung1: Rung1, label: str, name: str, module: nn.Module, spec) -> None:
+    """Rung 1 on a perturbed module: ONNX Runtime vs PyTorch, rel-L2 ≤ 1e-5, max-abs ≤ 1e-4."""
+    _, parity = rung1(name, module, spec)
+    assert parity.passed and parity.worst_rel_l2 <= 1e-5 and parity.worst_max_abs <= 1e-4, parity.summary()
+    print(f"{label} {name} rung 1: {parity.summary()}")
+
+
+def assert_rung2(rung1: Rung1, label: str, name: str, module: nn.Module, spec) -> None:
+    """Rung 2 on the same perturbed module: FP16 ONNX vs PyTorch FP32, rel-L2 ≤ 5e-3."""
+    import pytest
+
+    pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt (the fp16 extra) is not installed")
+    parity, record = fp16_rung2(module, spec, rung1(name, module, spec)[0])
+    assert parity.passed and parity.worst_rel_l2 <= 5e-3, parity.summary()
+    print(f"{label} {name} rung 2: {parity.summary()}; FP32 islands {record['trials'][-1]['islands']}")
+
+
+@torch.no_grad()
+def assert_matches_learned_sigma_reference(label: str, ours: nn.Module, ref: nn.Module, spec,
+                                           label_sets, tol: float = 1e-5) -> None:
+    """Eager parity of an export view (outputs eps[, var]) against an official-layout module
+    returning the channel concatenation eps|var (DiT, ADM), at t ∈ {0, 500, 999}."""
+    c = spec.sample_shape[0]
+    gen = torch.Generator().manual_seed(2)
+    worst = {}
+    for t in (0.0, 500.0, 999.0):
+        for labels in label_sets:
+            x = torch.randn(3, *spec.sample_shape, generator=gen)
+            tt, y = torch.full((3,), t), (None if labels is None else torch.tensor(labels))
+            full = ref(x, tt, y)                                  # (N, C_out, H, W): eps then the variance value
+            want = {"eps": full[:, :c], "var": full[:, c:]}
+            for out_name, got in zip(spec.outputs, ours(x, tt, y)):
+                err = rel_l2(got, want[out_name])
+                worst[out_name] = max(worst.get(out_name, 0.0), err)
+                assert err <= tol, f"{out_name} at t={t:g} y={labels}: rel-L2 {err:.3e}"
+    assert set(worst) == set(spec.outputs)
+    print(f"{label} eager vs official: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))

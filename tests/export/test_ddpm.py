@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 from edgediff.export.models import ddpm  # noqa: E402
 from edgediff.export.models.common import (CheckpointError, load_strict, read_checkpoint,  # noqa: E402
                                            sinusoidal_embedding, timestep_frequencies)
-from perturb import Rung1, fp16_rung2, perturb_, rel_l2  # noqa: E402
+from perturb import Rung1, assert_rung1, assert_rung2, perturb_, rel_l2  # noqa: E402
 
 TINY = ddpm.CONFIGS["tiny"]
 # Mid-size, unconditional, exercising the non-DDPM settings: multi-head attention, cos-first
@@ -236,14 +236,9 @@ def rung1(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["tiny", "small-mid"])
 def test_rung1_onnx_with_perturbed_weights(name, rung1, one_thread):
-    _, parity = rung1(name, _perturbed(name)[0], ddpm.spec(PERTURBED[name]))
-    assert parity.passed and parity.worst_rel_l2 <= 1e-5 and parity.worst_max_abs <= 1e-4, parity.summary()
-    print(f"ddpm {name} rung 1: {parity.summary()}")
+    assert_rung1(rung1, "ddpm", name, _perturbed(name)[0], ddpm.spec(PERTURBED[name]))
 
 
 def test_rung2_fp16_with_perturbed_weights(rung1, one_thread):
-    pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt (the fp16 extra) is not installed")
-    ours, spec = _perturbed("tiny")[0], ddpm.spec(PERTURBED["tiny"])
-    parity, record = fp16_rung2(ours, spec, rung1("tiny", ours, spec)[0])
-    assert parity.passed and parity.worst_rel_l2 <= 5e-3, parity.summary()
-    print(f"ddpm tiny rung 2: {parity.summary()}; FP32 islands {record['trials'][-1]['islands']}")
+    name = "tiny"
+    assert_rung2(rung1, "ddpm", name, _perturbed(name)[0], ddpm.spec(PERTURBED[name]))

@@ -8,7 +8,7 @@ import torch
 
 from edgediff.export.models import dit
 from official_dit import OfficialDiT
-from perturb import Rung1, fp16_rung2, perturb_, rel_l2
+from perturb import Rung1, assert_matches_learned_sigma_reference, assert_rung1, assert_rung2, perturb_
 
 
 def test_official_parameter_count():
@@ -104,25 +104,10 @@ def _perturbed(name: str):
 
 
 @pytest.mark.parametrize("name", list(PERTURBED))
-@torch.no_grad()
 def test_matches_official_forward_with_perturbed_weights(name, one_thread):
     ours, ref = _perturbed(name)
     spec = dit.spec(PERTURBED[name])
-    c = spec.sample_shape[0]
-    gen = torch.Generator().manual_seed(2)
-    worst = {}
-    for t in (0.0, 500.0, 999.0):
-        for labels in ([1, 4, 2], [spec.null_label] * 3):
-            x = torch.randn(3, *spec.sample_shape, generator=gen)
-            tt, y = torch.full((3,), t), torch.tensor(labels)
-            full = ref(x, tt, y)                                  # (N, C_out, H, W): eps then the variance value
-            want = {"eps": full[:, :c], "var": full[:, c:]}
-            for out_name, got in zip(spec.outputs, ours(x, tt, y)):
-                err = rel_l2(got, want[out_name])
-                worst[out_name] = max(worst.get(out_name, 0.0), err)
-                assert err <= 1e-5, f"{out_name} at t={t:g} y={labels}: rel-L2 {err:.3e}"
-    assert set(worst) == set(spec.outputs)
-    print(f"dit {name} eager vs official: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+    assert_matches_learned_sigma_reference(f"dit {name}", ours, ref, spec, ([1, 4, 2], [spec.null_label] * 3))
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +117,9 @@ def rung1(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(PERTURBED))
 def test_rung1_onnx_with_perturbed_weights(name, rung1, one_thread):
-    _, parity = rung1(name, _perturbed(name)[0], dit.spec(PERTURBED[name]))
-    assert parity.passed and parity.worst_rel_l2 <= 1e-5 and parity.worst_max_abs <= 1e-4, parity.summary()
-    print(f"dit {name} rung 1: {parity.summary()}")
+    assert_rung1(rung1, "dit", name, _perturbed(name)[0], dit.spec(PERTURBED[name]))
 
 
 def test_rung2_fp16_with_perturbed_weights(rung1, one_thread):
-    pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt (the fp16 extra) is not installed")
-    ours, spec = _perturbed("tiny")[0], dit.spec(PERTURBED["tiny"])
-    parity, record = fp16_rung2(ours, spec, rung1("tiny", ours, spec)[0])
-    assert parity.passed and parity.worst_rel_l2 <= 5e-3, parity.summary()
-    print(f"dit tiny rung 2: {parity.summary()}; FP32 islands {record['trials'][-1]['islands']}")
+    name = "tiny"
+    assert_rung2(rung1, "dit", name, _perturbed(name)[0], dit.spec(PERTURBED[name]))

@@ -11,7 +11,7 @@ from edgediff.export.models.common import load_strict, read_checkpoint
 from edgediff.export.models.validation import ConfigError
 from edgediff.runtime.schedules import Schedule
 from official_lucid import OfficialUnet
-from perturb import Rung1, perturb_, rel_l2
+from perturb import Rung1, assert_rung1, perturb_, rel_l2
 
 
 def test_parameter_count_of_the_readme_unet():
@@ -102,9 +102,7 @@ def _io_spec(name):
 
 @pytest.mark.parametrize("name", list(PERTURBED))
 def test_rung1_onnx_with_perturbed_weights(name, rung1, one_thread):
-    _, parity = rung1(name, _perturbed(name)[0], _io_spec(name))
-    assert parity.passed and parity.worst_rel_l2 <= 1e-5 and parity.worst_max_abs <= 1e-4, parity.summary()
-    print(f"lucid {name} rung 1: {parity.summary()}")
+    assert_rung1(rung1, "lucid", name, _perturbed(name)[0], _io_spec(name))
 
 
 # --- spec: time, schedules, refusals ----------------------------------------------------------
