@@ -43,7 +43,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outs = self.module(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in self.inputs))
+        outs = self.module(*(torch.from_numpy(np.array(feed[n])) for n in self.inputs))
         return [o.float().numpy() for o in outs]
 
 
