@@ -21,7 +21,6 @@ from edgediff.digits import judge as rt_judge
 from edgediff.export.reference import TorchBackend, build_reference, manifest_for
 from edgediff.runtime.manifest import Sampling
 from edgediff.runtime.samplers import DEFAULT_SAMPLER
-from edgediff.runtime.schedules import Schedule
 
 from . import data as digits
 
@@ -89,7 +88,7 @@ def _row(name, sampler, steps, guidance, result, outside, seconds) -> str:
 def _family_rows(fam, pipe, outside, per_class, long_per_class, guidance) -> list[str]:
     """The four rows of one family's bundle, opened as a Pipeline (its decoder decodes latents)."""
     bundle, backend, rows = pipe.bundle, pipe.backend, []
-    kind = Schedule.from_config(bundle.manifest.schedule).kind
+    kind = bundle.manifest.noise_schedule.kind
     default = DEFAULT_SAMPLER[kind]
     long_name = LONG_SAMPLER[kind]
     w = bundle.manifest.sampling.guidance if guidance is None else guidance

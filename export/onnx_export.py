@@ -16,7 +16,7 @@ from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.parity import ParityResult
 
 from .models.family import ModelSpec
-from .reference import example_feed, torch_outputs
+from .reference import TorchBackend, example_feed
 
 # Protobuf cannot hold more than 2 GiB; above ~1.8 GiB of weights the initializers go to a
 # side file (model.onnx.data) so the graph stays loadable.
@@ -77,33 +77,40 @@ def validate(module: torch.nn.Module, spec: ModelSpec, path: Path, tolerance: tu
     """docs/architecture.md rung 1: ORT vs PyTorch on fresh inputs at both ends of the time range,
     batch 1 and 3, with class labels and with the null label."""
     inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
-    backend = OrtBackend(path, inputs, list(spec.outputs))
-    result = ParityResult("pytorch-fp32", candidate, tolerance[0], tolerance[1])
     rng = np.random.default_rng(seed)
     label_kinds = ("class", "null") if spec.null_label is not None else ("class",)
-    for batch in (1, 3):
-        for t in (spec.time["min"], spec.time["max"]):
-            for labels in label_kinds:
-                feed = example_feed(spec, batch, float(t), labels, rng)
-                tag = f"batch={batch} t={t:g}" + (f" labels={labels}" if spec.conditional else "")
-                reference = torch_outputs(module, spec, feed)
-                check_output_shapes(reference, spec, batch, "the PyTorch reference")
-                # the candidate is held to the reference's (now known good) shapes by the gate
-                result.add(tag, reference, backend.infer(feed))
+    cases = [(f"batch={batch} t={t:g}" + (f" labels={labels}" if spec.conditional else ""),
+              example_feed(spec, batch, float(t), labels, rng))
+             for batch in (1, 3) for t in (spec.time["min"], spec.time["max"]) for labels in label_kinds]
+    return gate(TorchBackend.from_spec(module, spec), OrtBackend(path, inputs, list(spec.outputs)), cases,
+                {n: tuple(spec.sample_shape) for n in spec.outputs}, tolerance, candidate)
+
+
+def gate(reference, candidate, cases, row_shapes: dict[str, tuple], tolerance: tuple[float, float | None],
+         candidate_name: str) -> ParityResult:
+    """Rung 1's loop, shared by the denoiser and its companions: each ``(tag, feed)`` through
+    both backends; a reference whose outputs are not (batch, *row_shape) as the bundle
+    declares fails the export, and the candidate is gated against the reference."""
+    result = ParityResult("pytorch-fp32", candidate_name, *tolerance)
+    for tag, feed in cases:
+        reference_out = reference.infer(feed)
+        batch = next(iter(feed.values())).shape[0]
+        check_shapes(reference_out, {n: (batch, *shape) for n, shape in row_shapes.items()}, "the PyTorch reference")
+        # the candidate is held to the reference's (now known good) shapes by the gate
+        result.add(tag, reference_out, candidate.infer(feed))
     return result
 
 
-def check_output_shapes(outputs: dict[str, np.ndarray], spec: ModelSpec, batch: int, who: str) -> None:
-    """Every output must be (batch, *sample_shape), as bundle.json declares it: a model that
-    returns another shape (e.g. a patch size that crops the image) must not be exported."""
-    missing = [n for n in spec.outputs if n not in outputs]
+def check_shapes(outputs: dict[str, np.ndarray], expected: dict[str, tuple], who: str) -> None:
+    """Every output must have the shape bundle.json declares: a model that returns another
+    shape (e.g. a patch size that crops the image) must not be exported."""
+    missing = [n for n in expected if n not in outputs]
     if missing:
-        raise ExportError(f"{who} returns no {', '.join(map(repr, missing))} output (expected {spec.outputs})")
-    expected = (batch, *spec.sample_shape)
-    for name, value in outputs.items():
-        if tuple(value.shape) != expected:
-            raise ExportError(f"{who} returns {name!r} of shape {tuple(value.shape)}, but the bundle "
-                              f"declares (batch, *sample_shape) = {expected}")
+        raise ExportError(f"{who} returns no {', '.join(map(repr, missing))} output (expected {tuple(expected)})")
+    for name, want in expected.items():
+        if tuple(outputs[name].shape) != want:
+            raise ExportError(f"{who} returns {name!r} of shape {tuple(outputs[name].shape)}, but the bundle "
+                              f"declares {want}")
 
 
 class _quiet_exporter:

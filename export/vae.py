@@ -21,7 +21,7 @@ from edgediff.runtime.files import sha256_file, staged_dir, write_json_atomic
 from edgediff.runtime.manifest import Component
 from edgediff.runtime.parity import ParityResult
 
-from .onnx_export import ExportError, export_graph
+from .onnx_export import export_graph, gate
 from .reference import TorchBackend, component_feed
 from .vae_layouts import DEFAULT_SCALING_FACTOR, VAESource, build_vae, load_vae, read_vae
 
@@ -103,22 +103,11 @@ def validate_component(module: torch.nn.Module, inputs: dict, outputs: dict, pat
     uniform in [-1, 1]); the reference's shapes must be the declared ones."""
     from edgediff.runtime.backends.ort import OrtBackend
 
-    backend = OrtBackend(path, inputs, list(outputs))
-    reference = TorchBackend(module, inputs, list(outputs))
-    result = ParityResult("pytorch-fp32", candidate, *TOLERANCE)
     rng = np.random.default_rng(seed)
-    for batch in (1, 3):
-        for draw in range(2):
-            feed = component_feed(inputs, batch, rng)
-            ref = reference.infer(feed)
-            for name, value in ref.items():
-                want = (batch, *outputs[name]["shape"][1:])
-                if value.shape != want:
-                    raise ExportError(f"the PyTorch reference returns {name!r} of shape {value.shape}, "
-                                      f"the bundle declares {want}")
-            result.add(f"batch={batch} draw={draw}", ref, backend.infer(feed))
-    backend.close()
-    return result
+    cases = [(f"batch={batch} draw={draw}", component_feed(inputs, batch, rng)) for batch in (1, 3) for draw in range(2)]
+    with OrtBackend(path, inputs, list(outputs)) as backend:
+        return gate(TorchBackend(module, inputs, list(outputs)), backend, cases,
+                    {n: tuple(d["shape"][1:]) for n, d in outputs.items()}, TOLERANCE, candidate)
 
 
 # --- adding to a bundle ------------------------------------------------------------------

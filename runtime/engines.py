@@ -48,6 +48,12 @@ class BatchProfile:
         return f"b{self.min}-{self.opt}-{self.max}"
 
 
+def engine_batch(batch: int, guided: bool) -> int:
+    """The batch the model sees for ``batch`` samples: classifier-free guidance runs the
+    conditional and null halves in one call (the one place this rule is written)."""
+    return batch * (2 if guided else 1)
+
+
 def batch_profile(min_batch: int = 1, opt_batch: int = 8, max_batch: int | None = None,
                   guidance: bool = True) -> BatchProfile:
     """Engine batch profile from sample batch sizes (what ``generate --batch`` takes).
@@ -60,8 +66,7 @@ def batch_profile(min_batch: int = 1, opt_batch: int = 8, max_batch: int | None 
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise InvalidInput("need 1 ≤ --min-batch ≤ --opt-batch ≤ --max-batch, "
                          f"got {min_batch}/{opt_batch}/{max_batch}")
-    k = 2 if guidance else 1
-    return BatchProfile(min_batch, k * opt_batch, k * max_batch)
+    return BatchProfile(min_batch, engine_batch(opt_batch, guidance), engine_batch(max_batch, guidance))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ v-prediction); schema-1 bundles are read with that output renamed on the fly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,6 +134,14 @@ class Manifest(_NamedIO):
     def source_sha256(self) -> str | None:
         return self.source.get("sha256")
 
+    @functools.cached_property
+    def noise_schedule(self):
+        """The :class:`~edgediff.runtime.schedules.Schedule` of ``schedule``, built once (the
+        reader primes it with the one it built to validate the manifest)."""
+        from .schedules import Schedule
+
+        return Schedule.from_config(self.schedule)
+
     def component(self, name: str = "denoiser") -> Component:
         """The I/O and models of ``name``: the denoiser itself or one of its companions."""
         if name == "denoiser":
@@ -196,12 +205,14 @@ class Manifest(_NamedIO):
         _check_io(kw["outputs"], "outputs")
         kw["outputs"], kw["graph_outputs"] = _rename_legacy(kw["outputs"], version)
         _check_labels(kw.get("num_classes"), kw.get("null_label"), "y" in kw["inputs"])
-        _check_model(kw)
+        schedule = _check_model(kw)
         if kw.get("space", "pixel") not in SPACES:
             raise ManifestError(f"space must be one of {SPACES}, got {kw['space']!r}")
         for rel in (*kw["models"].values(), *kw.get("files", {})):
             _relative(rel)
-        return cls(**kw)
+        manifest = cls(**kw)
+        manifest.__dict__["noise_schedule"] = schedule      # cached_property's own slot
+        return manifest
 
 
 # --- validation helpers --------------------------------------------------------------------
@@ -254,7 +265,7 @@ def _rename_legacy(outputs: dict, version: int) -> tuple[dict, dict]:
 PREDICTIONS = {"epsilon": (("eps",), ("discrete", "vp_continuous")), "ddm_c_eps": (("c", "eps"), ("ddm_constant",))}
 
 
-def _check_model(kw: dict) -> None:
+def _check_model(kw: dict):
     """What the samplers rely on: a known prediction with its outputs and schedule kind, an
     x input of the sample shape, and a schedule that builds (bounded sizes, finite numbers)."""
     from .schedules import Schedule
@@ -278,6 +289,7 @@ def _check_model(kw: dict) -> None:
         raise ManifestError(f"schedule: {exc}") from None
     if schedule.kind not in kinds:
         raise ManifestError(f"a {prediction} model cannot use a {schedule.kind} schedule")
+    return schedule
 
 
 def _check_labels(num_classes, null_label, conditional: bool) -> None:

@@ -15,21 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .engines import engine_batch
 from .errors import InvalidInput
 from .images import to_uint8
 from .manifest import Manifest
 from .noise import SampleNoise
 from .samplers import DEFAULT_SAMPLER, get_sampler, init_noise_sigma, model_calls, sample
-from .schedules import Schedule
 
 # Outputs that are predictions linear in the model's guess, hence guided; others (DiT's
 # variance interpolation `var`) are taken from the conditional half.
 GUIDED_OUTPUTS = ("eps", "c")
-
-
-def engine_batch(batch: int, guidance: float) -> int:
-    """The batch the backend sees: guidance runs the conditional and null halves together."""
-    return batch * (2 if guidance != 1.0 else 1)
 
 
 class GuidedDenoiser:
@@ -106,7 +101,7 @@ class Settings:
 def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int | None = None,
                      guidance: float | None = None, **options) -> Settings:
     """User choices, else the bundle's recommended ones, else the schedule kind's usual."""
-    schedule = Schedule.from_config(manifest.schedule)
+    schedule = manifest.noise_schedule
     rec = manifest.sampling
     name = sampler or rec.sampler or DEFAULT_SAMPLER[schedule.kind]
     record = get_sampler(name, schedule)
@@ -131,7 +126,7 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
     """Sample ``n`` images (sample indices ``first .. first+n-1``) batch by batch.
     ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options)."""
     s = resolve_settings(manifest, sampler, steps, guidance, **options)
-    schedule = Schedule.from_config(manifest.schedule)
+    schedule = manifest.noise_schedule
     scale = init_noise_sigma(s.sampler, schedule, s.steps, **s.options)
     chunks = []
     for start in range(0, n, batch):
@@ -159,7 +154,7 @@ class _Counting:
 def total_model_calls(manifest: Manifest, n: int, batch: int, **choices) -> int:
     """Denoiser calls ``generate`` makes for these choices (a progress bar's total)."""
     s = resolve_settings(manifest, **choices)
-    calls = model_calls(s.sampler, Schedule.from_config(manifest.schedule), s.steps, **s.options)
+    calls = model_calls(s.sampler, manifest.noise_schedule, s.steps, **s.options)
     return -(-n // batch) * calls
 
 
@@ -205,7 +200,7 @@ class Pipeline:
         from .bundle import read_bundle
 
         bundle = read_bundle(path, verify=verify)
-        guided = 2.0 if bundle.manifest.null_label is not None else 1.0
+        guided = bundle.manifest.null_label is not None
         engine = load_backend(bundle, backend, precision, device=device, threads=threads, gpu=gpu,
                               max_batch=engine_batch(max_batch, guided))
         decoder = None

@@ -24,6 +24,7 @@ function plus one record. :func:`sampler_table` renders the records for the READ
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -184,8 +185,9 @@ class Sampler:
     model_calls: Callable[[int, dict], int] = lambda steps, opts: steps
     init_sigma: Callable[[Schedule, int, dict], float] = _unit_sigma
 
-    @property
+    @functools.cached_property
     def params(self) -> frozenset:
+        """The keyword options the function accepts (read once from its signature)."""
         return frozenset(inspect.signature(self.fn).parameters)
 
 
