@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,3 +91,15 @@ def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: s
             raise ParityError(f"{parity.summary()}; the bundle was left at {failed} for inspection")
         replace_dir(tmp, out, MANIFEST, "a bundle")
     return ExportResult(out, manifest, parity, n_params)
+
+
+def install_into_bundle(bundle, tmp: Path, parity_entries: dict, manifest: Manifest) -> Manifest:
+    """Move the staged files of ``tmp`` into ``bundle``, merge ``parity_entries`` into
+    parity.json, then write ``manifest`` with every file hashed (atomic renames). Readers keep
+    verifying against the old manifest until the last rename; it does not list the new files."""
+    for f in sorted(tmp.iterdir()):
+        f.replace(bundle.path / f.name)
+    parity_path = bundle.path / "parity.json"
+    old = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
+    write_json_atomic(parity_path, {**old, **parity_entries})
+    return finalize_manifest(bundle.path, manifest)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -25,8 +24,8 @@ import numpy as np
 import onnx
 
 from edgediff.runtime.backends.ort import OrtBackend
-from edgediff.runtime.bundle import finalize_manifest, read_bundle
-from edgediff.runtime.files import sha256_file, staged_dir, write_json_atomic
+from edgediff.runtime.bundle import read_bundle
+from edgediff.runtime.files import sha256_file, staged_dir
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.parity import ParityResult
 
@@ -360,14 +359,10 @@ def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calib
 
 
 def _install_fp16(bundle, tmp: Path, parity: ParityResult, record: dict, target: Target) -> None:
-    """Move the FP16 files in, then rewrite parity.json and bundle.json (atomic renames).
-    Readers keep verifying against the old manifest, which does not list the new files."""
-    for f in sorted(tmp.iterdir()):
-        f.replace(bundle.path / f.name)
+    """Move the FP16 files in and record them in the manifest (see install_into_bundle)."""
+    from .bundle import install_into_bundle
+
     name = target.component
-    parity_path = bundle.path / "parity.json"
-    results = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
-    write_json_atomic(parity_path, {**results, ("fp16" if name == "denoiser" else f"{name}.fp16"): parity.to_dict()})
     m, c = bundle.manifest, bundle.manifest.component(name)
     changes = dict(models={**c.models, "fp16": target.fp16_file}, precision={**c.precision, "fp16": record},
                    parity={**c.parity, "fp16": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}})
@@ -375,4 +370,4 @@ def _install_fp16(bundle, tmp: Path, parity: ParityResult, record: dict, target:
         m = m.replace(**changes)
     else:
         m = m.replace(components={**m.components, name: dataclasses.replace(c, **changes)})
-    finalize_manifest(bundle.path, m)
+    install_into_bundle(bundle, tmp, {("fp16" if name == "denoiser" else f"{name}.fp16"): parity.to_dict()}, m)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgediff.runtime.bundle import finalize_manifest, read_bundle
+from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.errors import InvalidInput
-from edgediff.runtime.files import sha256_file, staged_dir, write_json_atomic
+from edgediff.runtime.files import sha256_file, staged_dir
 from edgediff.runtime.manifest import Component
 from edgediff.runtime.parity import ParityResult
 
@@ -157,17 +157,14 @@ def _jsonable(config: dict) -> dict:
 
 
 def _install(bundle, tmp: Path, io: dict, results: dict, extra: dict) -> None:
-    """Move the graphs in, then rewrite parity.json and bundle.json (atomic renames); until
-    then readers verify against the old manifest, which does not list the new files."""
-    for f in sorted(tmp.iterdir()):
-        f.replace(bundle.path / f.name)
-    parity_path = bundle.path / "parity.json"
-    old = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
-    write_json_atomic(parity_path, {**old, **{f"{n}.fp32": r.to_dict() for n, r in results.items()}})
+    """Move the graphs in and record them as the bundle's components (see install_into_bundle)."""
+    from .bundle import install_into_bundle
+
     components = {n: Component(inputs=io[n][0], outputs=io[n][1], models={"fp32": FILES[n]},
                                parity={"fp32": {"passed": r.passed, "worst_rel_l2": r.worst_rel_l2}},
                                extra=extra) for n, r in results.items()}
-    finalize_manifest(bundle.path, bundle.manifest.replace(components=components))
+    install_into_bundle(bundle, tmp, {f"{n}.fp32": r.to_dict() for n, r in results.items()},
+                        bundle.manifest.replace(components=components))
 
 
 # --- the reference again (FP16 gate) -------------------------------------------------------
