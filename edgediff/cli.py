@@ -91,7 +91,8 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)),
               help="Sampler (default: the bundle's recommended one, else the schedule's usual one).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
-@click.option("-n", "num", default=64, show_default=True, type=click.IntRange(1, 1_000_000), help="Number of samples.")
+@click.option("-n", "num", type=click.IntRange(1, 1_000_000),
+              help="Number of samples (default 64); per condition image with --cond (default 4).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 4096), help="Samples per backend batch.")
 @click.option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes).")
 @click.option("--class", "one_class", type=int, help="A single class label for every sample.")
@@ -108,9 +109,14 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="Also save uint8 images (and float32 latents for latent models) and labels as .npz.")
 @click.option("--decode-batch", default=16, show_default=True, type=click.IntRange(1, 4096),
               help="Latents decoded per decoder call (latent bundles with a decoder).")
+@click.option("--cond", "cond_path", type=click.Path(exists=True),
+              help="Condition image(s) of an image-conditioned bundle: an image file, a directory of them, "
+                   "or an .npz with 'cond' (float (K, C, H, W) in [-1, 1] or uint8 (K, H, W, C)).")
+@click.option("--cond-size", help="Resize condition images to H,W (default: the bundle's condition size).")
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, seed, backend, precision, device,
-             threads, out, npz, decode_batch):
+             threads, out, npz, decode_batch, cond_path, cond_size):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
+    from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.images import check_outputs, save_outputs
     from edgediff.runtime.pipeline import Pipeline, total_model_calls
 
@@ -123,14 +129,17 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, s
     with Pipeline.from_bundle(bundle, backend, precision, device=device, threads=threads, max_batch=batch,
                               decode_batch=decode_batch) as pipe:
         check_outputs(bundle, pipe.manifest, pipe.decoder is not None, png=out, npz=npz)
+        cond = read_conditions(pipe, cond_path, cond_size)
+        num = num or (64 if cond is None else 4)
+        count = num * (1 if cond is None else len(cond))
         choice = dict(sampler=sampler, steps=steps, guidance=guidance)
-        total = total_model_calls(pipe.manifest, num, min(batch, num), **choice)
+        total = total_model_calls(pipe.manifest, count, min(batch, count), **choice)
         with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:
             result = pipe(num, classes=wanted, seed=seed, batch=batch, decode_batch=decode_batch,
-                          progress=bar.update, **choice)
+                          progress=bar.update, cond=cond, **choice)
         for line in save_outputs(pipe.manifest, result, png=out, npz=npz):
             click.echo(line)
-    click.echo(f"{num} samples in {time.perf_counter() - start:.1f} s")
+    click.echo(f"{count} samples in {time.perf_counter() - start:.1f} s")
 
 
 @cli.command()

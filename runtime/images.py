@@ -68,6 +68,22 @@ def check_outputs(bundle_path, manifest, has_decoder: bool, png=None, npz=None) 
         raise InvalidInput(f"{inside[0]} is inside the bundle; write outputs elsewhere")
 
 
+def _grid_rows(manifest, generation, images: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """The pictures of a grid and its row length: one row per condition image (the condition
+    first, then its samples), one column per class for few classes, else a square."""
+    if generation.conditions is not None:
+        from .conditions import condition_strip
+
+        n, h, w, c = images.shape
+        per = n // len(generation.conditions)
+        shown = condition_strip(generation.conditions, h, w, c)
+        rows = [np.concatenate([shown[k:k + 1], images[k * per:(k + 1) * per]]) for k in range(len(shown))]
+        return np.concatenate(rows), per + 1
+    classes = manifest.num_classes
+    nrow = min(classes, len(images)) if generation.labels is not None and classes and classes <= 16 else None
+    return images, nrow
+
+
 def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
     """Write the grid and/or archive of a :class:`~edgediff.runtime.pipeline.Generation`:
     uint8 ``images`` (pixel models, or decoded latents), float32 ``latents`` for latent
@@ -77,8 +93,7 @@ def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
         if images is None:
             raise InvalidInput("this latent bundle has no decoder: add one with `edgediff add-vae BUNDLE "
                                "--checkpoint VAE` to get images, or write only --npz latents")
-        classes = manifest.num_classes
-        nrow = min(classes, len(images)) if generation.labels is not None and classes and classes <= 16 else None
+        images, nrow = _grid_rows(manifest, generation, images)
         save_png(png, grid(images, nrow=nrow), upscale=max(1, 128 // images.shape[1]))
         lines.append(f"wrote {png}")
     if npz:
@@ -87,6 +102,9 @@ def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
             arrays["latents"] = generation.samples.astype(np.float32)
         if generation.labels is not None:
             arrays["labels"] = generation.labels
+        if generation.conditions is not None:
+            arrays["conditions"] = generation.conditions
+            arrays["cond_index"] = generation.cond_index
         save_npz(npz, **arrays)
         lines.append(f"wrote {npz}")
     return lines

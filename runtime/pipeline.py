@@ -7,7 +7,8 @@
 
 Classifier-free guidance is done here, never in the graph: the conditional and null-label
 halves go through the backend in one batched call and ε = ε_u + w·(ε_c − ε_u). Noise is
-per sample (:mod:`.noise`): results never depend on the batch size.
+per sample (:mod:`.noise`): results never depend on the batch size. Image-conditioned
+bundles (:mod:`.conditions`) encode each condition once and feed its features by name.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .conditions import COND_COMPONENT, ConditionFeatures, encode_conditions
 from .engines import engine_batch
 from .errors import InvalidInput
 from .images import to_uint8
@@ -28,10 +30,13 @@ GUIDED_OUTPUTS = ("eps", "c")
 
 
 class GuidedDenoiser:
-    """``denoise(x, t) -> dict`` over a backend, with labels and optional guidance."""
+    """``denoise(x, t) -> dict`` over a backend, with labels and optional guidance.
+    ``extra``: per-sample inputs fed unchanged at every call (condition features)."""
 
-    def __init__(self, backend, manifest: Manifest, labels: np.ndarray | None = None, guidance: float = 1.0):
+    def __init__(self, backend, manifest: Manifest, labels: np.ndarray | None = None, guidance: float = 1.0,
+                 extra: dict[str, np.ndarray] | None = None):
         self.backend = backend
+        self.extra = extra or {}
         self.conditional = manifest.conditional
         self.null = manifest.null_label
         if self.conditional and labels is None:
@@ -45,12 +50,14 @@ class GuidedDenoiser:
         n = x.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32), (n,))
         if not self.conditional:
-            return self.backend.infer({"x": x, "t": np.ascontiguousarray(t)})
+            return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), **self.extra})
         y = np.broadcast_to(self.labels, (n,))
         if self.guidance == 1.0:
-            return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), "y": np.ascontiguousarray(y)})
+            return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), "y": np.ascontiguousarray(y),
+                                       **self.extra})
+        twice = {k: np.concatenate([v, v]) for k, v in self.extra.items()}
         out = self.backend.infer({"x": np.concatenate([x, x]), "t": np.concatenate([t, t]),
-                                  "y": np.concatenate([y, np.full(n, self.null, dtype=np.int64)])})
+                                  "y": np.concatenate([y, np.full(n, self.null, dtype=np.int64)]), **twice})
         w = np.float32(self.guidance)
         return {k: (v[n:] + w * (v[:n] - v[n:]) if k in GUIDED_OUTPUTS else v[:n]) for k, v in out.items()}
 
@@ -61,6 +68,8 @@ class Generation:
     labels: np.ndarray | None      # (N,) int64
     latent: bool = False
     decoded_images: np.ndarray | None = None   # (N, H, W, C) uint8 from the bundle's decoder
+    conditions: np.ndarray | None = None       # (K, C, H, W) float32 condition images in [-1, 1]
+    cond_index: np.ndarray | None = None       # (N,) int64: the condition of each sample
 
     @property
     def images(self) -> np.ndarray | None:
@@ -122,9 +131,10 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
 
 def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None, steps: int | None = None,
              batch: int = 16, labels: np.ndarray | None = None, guidance: float | None = None, seed: int = 0,
-             first: int = 0, progress=None, **options) -> Generation:
+             first: int = 0, progress=None, conditions: ConditionFeatures | None = None, **options) -> Generation:
     """Sample ``n`` images (sample indices ``first .. first+n-1``) batch by batch.
-    ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options)."""
+    ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options).
+    ``conditions``: the encoded condition of each of the ``n`` samples (conditional bundles)."""
     s = resolve_settings(manifest, sampler, steps, guidance, **options)
     schedule = manifest.noise_schedule
     scale = init_noise_sigma(s.sampler, schedule, s.steps, **s.options)
@@ -132,7 +142,8 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
     for start in range(0, n, batch):
         size = min(batch, n - start)
         batch_labels = None if labels is None else labels[start:start + size]
-        denoise = GuidedDenoiser(backend, manifest, batch_labels, s.guidance)
+        extra = None if conditions is None else conditions.rows(start, start + size)
+        denoise = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra)
         if progress is not None:
             denoise = _Counting(denoise, progress)
         noise = SampleNoise(seed, range(first + start, first + start + size))
@@ -180,10 +191,12 @@ def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None) -> np.
 class Pipeline:
     """A bundle ready to generate: ``Pipeline.from_bundle(path)(n=8, classes=[3])``.
 
-    Torch-free; a context manager that closes its backend."""
+    Torch-free; a context manager that closes its backends. Image-conditioned bundles
+    (a ``cond_encoder`` component) take ``cond``: ``pipe(n=4, cond=images)`` draws ``n``
+    samples per condition image."""
 
-    def __init__(self, bundle, backend, decoder=None):
-        self.bundle, self.backend, self.decoder = bundle, backend, decoder
+    def __init__(self, bundle, backend, decoder=None, cond_encoder=None):
+        self.bundle, self.backend, self.decoder, self.cond_encoder = bundle, backend, decoder, cond_encoder
 
     @property
     def manifest(self) -> Manifest:
@@ -203,32 +216,64 @@ class Pipeline:
         guided = bundle.manifest.null_label is not None
         engine = load_backend(bundle, backend, precision, device=device, threads=threads, gpu=gpu,
                               max_batch=engine_batch(max_batch, guided))
-        decoder = None
-        if "decoder" in bundle.manifest.components:
-            models = bundle.manifest.component("decoder").models
-            decoder = load_backend(bundle, backend, precision if precision in models else "fp32", device=device,
-                                   threads=threads, gpu=gpu, max_batch=decode_batch, component="decoder")
-        return cls(bundle, engine, decoder)
+
+        def companion(name: str, batch: int):
+            if name not in bundle.manifest.components:
+                return None
+            models = bundle.manifest.component(name).models      # a companion may lack this precision
+            return load_backend(bundle, backend, precision if precision in models else "fp32", device=device,
+                                threads=threads, gpu=gpu, max_batch=batch, component=name)
+
+        return cls(bundle, engine, companion("decoder", decode_batch), companion(COND_COMPONENT, max_batch))
+
+    @property
+    def image_conditioned(self) -> bool:
+        return self.cond_encoder is not None
+
+    def encode_conditions(self, cond: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
+        """(K, C, H, W) conditions in [-1, 1] -> their features, one encoder row each."""
+        if not self.image_conditioned:
+            raise InvalidInput("this bundle's model takes no condition image (it has no cond_encoder)")
+        cond = np.asarray(cond)
+        if cond.ndim != 4 or cond.shape[0] < 1:
+            raise InvalidInput(f"conditions must be a (K, C, H, W) array, got shape {cond.shape}")
+        return encode_conditions(self.cond_encoder, np.ascontiguousarray(cond, dtype=np.float32), batch)
+
+    def _conditions(self, cond, n: int, batch: int):
+        if cond is None:
+            if self.image_conditioned:
+                raise InvalidInput("this bundle's model is image-conditioned: give condition images (--cond)")
+            return None, None
+        features = self.encode_conditions(cond, batch)
+        index = np.repeat(np.arange(len(cond), dtype=np.int64), n)     # n samples per condition, in order
+        return ConditionFeatures(features, index), index
 
     def __call__(self, n: int = 1, *, classes: list[int] | None = None, guidance: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: int = 0, batch: int = 16,
-                 first: int = 0, decode_batch: int = 16, progress=None, **options) -> Generation:
-        """Generate ``n`` samples; latent bundles with a decoder are decoded ``decode_batch``
-        at a time (``out.images``), their latents kept in ``out.samples``."""
+                 first: int = 0, decode_batch: int = 16, progress=None, cond: np.ndarray | None = None,
+                 **options) -> Generation:
+        """Generate ``n`` samples (per condition image, for image-conditioned bundles: ``cond``
+        is (K, C, H, W) in [-1, 1], each encoded once); latent bundles with a decoder are
+        decoded ``decode_batch`` at a time (``out.images``), latents kept in ``out.samples``."""
         for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
                                  ("first", first, 0), ("seed", seed, 0)):
             _check_int(name, value, low)
-        labels = resolve_labels(self.manifest, n, classes)
-        out = generate(self.backend, self.manifest, n, sampler=sampler, steps=steps, batch=batch,
-                       labels=labels, guidance=guidance, seed=seed, first=first, progress=progress, **options)
+        conditions, index = self._conditions(cond, n, batch)
+        total = n if index is None else len(index)
+        labels = resolve_labels(self.manifest, total, classes)
+        out = generate(self.backend, self.manifest, total, sampler=sampler, steps=steps, batch=batch,
+                       labels=labels, guidance=guidance, seed=seed, first=first, progress=progress,
+                       conditions=conditions, **options)
+        if index is not None:
+            out.conditions, out.cond_index = np.asarray(cond, dtype=np.float32), index
         if out.latent and self.decoder is not None:
             out.decoded_images = decode_images(self.decoder, out.samples, decode_batch)
         return out
 
     def close(self) -> None:
-        self.backend.close()
-        if self.decoder is not None:
-            self.decoder.close()
+        for backend in (self.backend, self.decoder, self.cond_encoder):
+            if backend is not None:
+                backend.close()
 
     def __enter__(self):
         return self
