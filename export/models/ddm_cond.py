@@ -221,7 +221,7 @@ SCHEMA = Schema("ddm_cond", {
     "learned_sinusoidal_cond": boolean(False), "random_fourier_features": boolean(False),
     "learned_sinusoidal_dim": pos_int(16), "window_sizes1": WINDOWS, "window_sizes2": WINDOWS,
     "fourier_scale": pos_float(16), "precondition": boolean(True),
-    "ckpt_path": choice(None, None), "ignore_keys": Field("strs", []),
+    "ckpt_path": Field("any", None, choices=(None,), words="null (give the weights with --checkpoint)"), "ignore_keys": Field("strs", []),
     # cfg keys (the official constructor reads them from the same yaml section)
     "cond_net": choice("swin", "swin", "effnet", "resnet", "small"), "cond_pe": boolean(False),
     "num_pos_feats": pos_int(128), "cond_feature_size": Field("size", [128, 128], lo=1),
