@@ -50,7 +50,8 @@ def recommended_sampling(family_name: str, spec, overrides: dict | None = None) 
     guided = spec.null_label is not None
     base = {"dit": {"guidance": 4.0 if guided else 1.0},
             "uvit": {"guidance": 1.0 + spec.extra.get("cfg_scale", 0.0) if guided else 1.0},
-            "ddm": {"steps": spec.extra.get("official_sampling_timesteps", 10)}}.get(family_name, {})
+            "ddm": {"steps": spec.extra.get("official_sampling_timesteps", 10)},
+            "ddm_cond": {"steps": spec.extra.get("official_sampling_timesteps", 10)}}.get(family_name, {})
     return Sampling(**{**base, **(overrides or {})})
 
 
