@@ -74,6 +74,9 @@ def export(family, config_path, size, checkpoint, out, opset, max_batch, precisi
     if vae_checkpoint:
         add_vae_to_bundle(str(result.path), vae_checkpoint, vae_config, vae_layout)
     add_to_bundle(str(result.path), precision, checkpoint)
+    for name in result.manifest.components:   # companions exported with the denoiser (cond_encoder)
+        if name not in ("decoder", "encoder"):
+            add_to_bundle(str(result.path), precision, checkpoint, component=name)
     click.echo(f"wrote {result.path} in {time.perf_counter() - start:.1f} s")
 
 

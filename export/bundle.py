@@ -14,6 +14,7 @@ from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, 
 from edgediff.runtime.manifest import Manifest, Sampling
 from edgediff.runtime.parity import ParityResult
 
+from .companions import component_records, export_companions, feature_source, validate_pair
 from .models import get_family
 from .onnx_export import export_onnx, validate
 from .reference import build_reference, manifest_for
@@ -49,7 +50,8 @@ def recommended_sampling(family_name: str, spec, overrides: dict | None = None) 
     guided = spec.null_label is not None
     base = {"dit": {"guidance": 4.0 if guided else 1.0},
             "uvit": {"guidance": 1.0 + spec.extra.get("cfg_scale", 0.0) if guided else 1.0},
-            "ddm": {"steps": spec.extra.get("official_sampling_timesteps", 10)}}.get(family_name, {})
+            "ddm": {"steps": spec.extra.get("official_sampling_timesteps", 10)},
+            "ddm_cond": {"steps": spec.extra.get("official_sampling_timesteps", 10)}}.get(family_name, {})
     return Sampling(**{**base, **(overrides or {})})
 
 
@@ -75,22 +77,38 @@ def export_bundle(family_name: str, config: dict, out: str | Path, checkpoint: s
     spec = get_family(family_name).spec(config)
     check_replaceable(out, MANIFEST, "a bundle")
     family, module = build_reference(family_name, config, checkpoint)
-    n_params = sum(p.numel() for p in module.parameters())
+    n_params = sum(p.numel() for p in family.official(module).parameters())
+    companions = family.companions(module, config) if family.companions else {}
+    features = feature_source(companions)
     with staged_dir(out) as stage:
         tmp = stage.path
         log(f"exporting {family.name} ({n_params / 1e6:.1f}M parameters) to ONNX opset {opset} ...")
-        export_onnx(module, spec, tmp / "model.onnx", opset=opset, max_batch=max_batch)
+        export_onnx(module, spec, tmp / "model.onnx", opset=opset, max_batch=max_batch, features=features)
         log("validating ONNX Runtime against PyTorch ...")
-        parity = validate(module, spec, tmp / "model.onnx", family.tolerance)
-        write_json_atomic(tmp / "parity.json", {"fp32": parity.to_dict()})
+        parity = validate(module, spec, tmp / "model.onnx", family.tolerance, features=features)
+        entries, failures = {"fp32": parity.to_dict()}, [] if parity.passed else [parity.summary()]
         manifest = _manifest(family, config, spec, checkpoint, opset, max_batch, sampling).replace(
             parity={"fp32": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}})
+        if companions:
+            manifest = _add_companions(family, module, spec, companions, tmp, manifest, entries, failures, log)
+        write_json_atomic(tmp / "parity.json", entries)
         manifest = finalize_manifest(tmp, manifest)
-        if not parity.passed:
+        if failures:
             failed = stage.keep_failed()
-            raise ParityError(f"{parity.summary()}; the bundle was left at {failed} for inspection")
+            raise ParityError(f"{'; '.join(failures)}; the bundle was left at {failed} for inspection")
         replace_dir(tmp, out, MANIFEST, "a bundle")
     return ExportResult(out, manifest, parity, n_params)
+
+
+def _add_companions(family, module, spec, companions, tmp, manifest, entries, failures, log) -> Manifest:
+    """Export the family's companion graphs (the condition encoder) beside model.onnx, validate
+    each and the split pair against the unsplit forward, record them in the manifest."""
+    results = export_companions(companions, tmp, manifest.opset or 21, manifest.max_batch, log=log)
+    log("validating the split pair (cond_encoder -> model) against the unsplit PyTorch forward ...")
+    pair = validate_pair(family.official(module), spec, companions, tmp, family.tolerance)
+    entries.update({f"{n}.fp32": r.to_dict() for n, r in results.items()}, **{"pair.fp32": pair.to_dict()})
+    failures.extend(f"{n}: {r.summary()}" for n, r in {**results, "pair": pair}.items() if not r.passed)
+    return manifest.replace(components=component_records(companions, results, pair, manifest.source))
 
 
 def install_into_bundle(bundle, tmp: Path, parity_entries: dict, manifest: Manifest) -> Manifest:

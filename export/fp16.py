@@ -327,9 +327,28 @@ def _reference(bundle, target: Target, checkpoint) -> tuple[Reference, str]:
         _, module = build_reference(m.family, m.config, weights)
         return (lambda feed: torch_outputs(module, spec, feed)), "pytorch-fp32"
     from .reference import TorchBackend
-    from .vae import component_module
+    from .vae import VIEWS, component_module
 
-    return TorchBackend(component_module(c, name, weights), c.inputs, c.output_names).infer, "pytorch-fp32"
+    if name not in VIEWS:      # a companion of the denoiser (cond_encoder): same weights, same config
+        family, module = build_reference(m.family, m.config, weights)
+        module = family.companions(module, m.config)[name][0]
+    else:
+        module = component_module(c, name, weights)
+    return TorchBackend(module, c.inputs, c.output_names).infer, "pytorch-fp32"
+
+
+def _bundle_features(bundle):
+    """Condition features for the denoiser's calibration and gate: the bundle's own FP32
+    condition encoder (rung-1 validated) on conditions ~ U(-1, 1); None without one."""
+    from edgediff.runtime.manifest import FEATURE_COMPONENT
+
+    from .reference import encoder_features
+
+    if FEATURE_COMPONENT not in bundle.manifest.components:
+        return None
+    c = bundle.manifest.components[FEATURE_COMPONENT]
+    backend = OrtBackend(bundle.model_path("fp32", FEATURE_COMPONENT), c.inputs, c.output_names)
+    return encoder_features(backend.infer, c.inputs)
 
 
 def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calibration_rows: int = 12,
@@ -338,7 +357,7 @@ def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calib
     (``decoder_fp16.onnx`` ...) to a bundle, gated; on failure leave it at BUNDLE.fp16.failed."""
     bundle = read_bundle(bundle_dir)
     m = bundle.manifest
-    target = (denoiser_target(get_family(m.family).spec(m.config)) if component == "denoiser"
+    target = (denoiser_target(get_family(m.family).spec(m.config), _bundle_features(bundle)) if component == "denoiser"
               else component_target(component, m.component(component)))
     reference, ref_name = _reference(bundle, target, checkpoint)
     path = Path(bundle_dir)

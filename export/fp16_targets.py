@@ -11,7 +11,7 @@ import numpy as np
 from edgediff.runtime.bundle import io_spec
 
 from .models.family import ModelSpec
-from .reference import calibration_feed, component_feed, schedule_points, trajectory_feed
+from .reference import Features, calibration_feed, component_feed, schedule_points, trajectory_feed
 
 FP16_FILE = "model_fp16.onnx"
 # FP32 island candidates (export/fp16.py CANDIDATES): an autoencoder has no t/y conditioning path.
@@ -39,17 +39,23 @@ class Target:
         return FP16_FILE if self.component == "denoiser" else f"{self.component}_fp16.onnx"
 
 
-def denoiser_target(spec: ModelSpec) -> Target:
+def denoiser_target(spec: ModelSpec, features: Features | None = None) -> Target:
+    """``features``: where condition features come from (ddm_cond: the bundle's condition
+    encoder on conditions in [-1, 1]); N(0, 1) draws when None."""
     def gate(points: int, seed: int) -> list:
         rng = np.random.default_rng(seed)
         kinds = ("class", "null") if spec.null_label is not None else ("class",)
         return [(f"t={p[0]:g}" + (f" labels={labels}" if spec.conditional else ""),
-                 trajectory_feed(spec, p, 2, labels, rng))
+                 trajectory_feed(spec, p, 2, labels, rng, features))
                 for p in schedule_points(spec, points) for labels in kinds]
 
-    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
-    return Target("denoiser", inputs, tuple(spec.outputs), lambda rows: calibration_feed(spec, rows), gate,
-                  DENOISER_ISLANDS, "signal(t)·x0 + noise(t)·ε along the bundle's schedule")
+    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape, spec.features)
+    drawn = "signal(t)·x0 + noise(t)·ε along the bundle's schedule"
+    if spec.features:
+        drawn += ("; condition features from the condition encoder on conditions ~ U(-1, 1)" if features
+                  else "; condition features ~ N(0, 1)")
+    return Target("denoiser", inputs, tuple(spec.outputs), lambda rows: calibration_feed(spec, rows, features=features),
+                  gate, DENOISER_ISLANDS, drawn)
 
 
 def component_target(name: str, component) -> Target:
@@ -60,7 +66,7 @@ def component_target(name: str, component) -> Target:
         return [(f"draw={i}", component_feed(component.inputs, 2, rng)) for i in range(points)]
 
     drawn = {"latents": "latents ~ N(0, 1) (scaled, as the denoiser samples them)",
-             "image": "images ~ U(-1, 1)"}
+             "image": "images ~ U(-1, 1)", "cond": "conditions ~ U(-1, 1)"}
     return Target(name, component.inputs, tuple(component.output_names),
                   lambda rows: component_feed(component.inputs, rows, np.random.default_rng(0)), gate,
                   COMPONENT_ISLANDS, "; ".join(drawn.get(n, n) for n in component.inputs))

@@ -32,9 +32,9 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 def export_onnx(module: torch.nn.Module, spec: ModelSpec, path: Path, opset: int = 21,
-                max_batch: int | None = None) -> list[Path]:
+                max_batch: int | None = None, features=None) -> list[Path]:
     """Trace a family's export view into ``path`` (docs/architecture.md I/O contract)."""
-    feed = example_feed(spec, 2, float(spec.time["max"]), "class", np.random.default_rng(0))
+    feed = example_feed(spec, 2, float(spec.time["max"]), "class", np.random.default_rng(0), features)
     args = {n: torch.from_numpy(feed[n]) for n in spec.inputs}
     return export_graph(module, args, list(spec.outputs), path, opset=opset, max_batch=max_batch)
 
@@ -73,14 +73,15 @@ def check_onnx(path: Path) -> None:
 
 
 def validate(module: torch.nn.Module, spec: ModelSpec, path: Path, tolerance: tuple[float, float],
-             seed: int = 0, candidate: str = "onnx-fp32 (onnxruntime CPU)") -> ParityResult:
+             seed: int = 0, candidate: str = "onnx-fp32 (onnxruntime CPU)", features=None) -> ParityResult:
     """docs/architecture.md rung 1: ORT vs PyTorch on fresh inputs at both ends of the time range,
-    batch 1 and 3, with class labels and with the null label."""
-    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
+    batch 1 and 3, with class labels and with the null label (``features``: the condition
+    features' source for a denoiser that takes them, see reference.encoder_features)."""
+    inputs, _ = io_spec(spec.inputs, spec.outputs, spec.sample_shape, spec.features)
     rng = np.random.default_rng(seed)
     label_kinds = ("class", "null") if spec.null_label is not None else ("class",)
     cases = [(f"batch={batch} t={t:g}" + (f" labels={labels}" if spec.conditional else ""),
-              example_feed(spec, batch, float(t), labels, rng))
+              example_feed(spec, batch, float(t), labels, rng, features))
              for batch in (1, 3) for t in (spec.time["min"], spec.time["max"]) for labels in label_kinds]
     return gate(TorchBackend.from_spec(module, spec), OrtBackend(path, inputs, list(spec.outputs)), cases,
                 {n: tuple(spec.sample_shape) for n in spec.outputs}, tolerance, candidate)

@@ -5,6 +5,7 @@ module, runs it as a backend, and makes the feeds that rung 1 (export validation
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ class TorchBackend(Backend):
 
     @classmethod
     def from_spec(cls, module: torch.nn.Module, spec: ModelSpec) -> "TorchBackend":
-        return cls(module, io_spec(spec.inputs, spec.outputs, spec.sample_shape)[0], spec.outputs)
+        return cls(module, io_spec(spec.inputs, spec.outputs, spec.sample_shape, spec.features)[0], spec.outputs)
 
     @torch.inference_mode()
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -56,7 +57,7 @@ def manifest_for(family_name: str, spec: ModelSpec, config: dict, sampling: Samp
                  **fields) -> Manifest:
     """The manifest a bundle of this model would carry (without files): what the runtime's
     generation loop needs to drive a reference module directly."""
-    inputs, outputs = io_spec(spec.inputs, spec.outputs, spec.sample_shape)
+    inputs, outputs = io_spec(spec.inputs, spec.outputs, spec.sample_shape, spec.features)
     return Manifest(family=family_name, config=config, inputs=inputs, outputs=outputs,
                     prediction=spec.prediction, time=spec.time, schedule=spec.schedule,
                     sample_shape=tuple(spec.sample_shape), num_classes=spec.num_classes,
@@ -65,10 +66,32 @@ def manifest_for(family_name: str, spec: ModelSpec, config: dict, sampling: Samp
 
 
 # --- feeds ---------------------------------------------------------------------------------
-def example_feed(spec: ModelSpec, batch: int, t: float, labels: str, rng: np.random.Generator) -> dict:
+# A source of condition features (ddm_cond): (batch, rng) -> {feature name: array}, e.g. the
+# condition encoder run on data-like conditions (``encoder_features``).
+Features = Callable[[int, np.random.Generator], dict]
+
+
+def feature_feed(spec: ModelSpec, batch: int, rng: np.random.Generator, features: Features | None) -> dict:
+    """The denoiser's feature inputs: from ``features`` when given, else N(0, 1) draws of the
+    declared shapes (enough for graph-vs-graph checks; gates on real data pass a source)."""
+    if not spec.features:
+        return {}
+    if features is not None:
+        return features(batch, rng)
+    return {n: rng.standard_normal((batch, *d["shape"][1:])).astype(np.float32) for n, d in spec.features.items()}
+
+
+def encoder_features(run: Callable[[dict], dict], cond_inputs: dict) -> Features:
+    """Features computed by a condition encoder (``run``: feed -> outputs, PyTorch or ORT) from
+    conditions drawn as the runtime feeds them (images in [-1, 1])."""
+    return lambda batch, rng: run(component_feed(cond_inputs, batch, rng))
+
+
+def example_feed(spec: ModelSpec, batch: int, t: float, labels: str, rng: np.random.Generator,
+                 features: Features | None = None) -> dict:
     """Inputs in the docs/architecture.md contract; ``labels`` is 'class' (random classes) or 'null'."""
     feed = {"x": rng.standard_normal((batch, *spec.sample_shape)).astype(np.float32),
-            "t": np.full((batch,), t, dtype=np.float32)}
+            "t": np.full((batch,), t, dtype=np.float32), **feature_feed(spec, batch, rng, features)}
     if spec.conditional:
         if labels == "null" and spec.null_label is not None:
             feed["y"] = np.full((batch,), spec.null_label, dtype=np.int64)
@@ -81,7 +104,8 @@ def component_feed(inputs: dict, batch: int, rng: np.random.Generator) -> dict:
     """Data-like inputs of an autoencoder component: ``latents`` unit-variance (as the
     denoiser samples them, the scale applied), ``image`` uniform in [-1, 1]."""
     draw = {"latents": lambda shape: rng.standard_normal(shape),
-            "image": lambda shape: rng.uniform(-1.0, 1.0, shape)}
+            "image": lambda shape: rng.uniform(-1.0, 1.0, shape),
+            "cond": lambda shape: rng.uniform(-1.0, 1.0, shape)}
     feed = {}
     for name, decl in inputs.items():
         if name not in draw:
@@ -101,13 +125,14 @@ def schedule_points(spec: ModelSpec, n: int) -> list[tuple[float, float, float]]
     return [(float(a), float(b), float(c)) for a, b, c in zip(t, signal, noise)]
 
 
-def trajectory_feed(spec: ModelSpec, point, batch: int, labels: str, rng: np.random.Generator) -> dict:
+def trajectory_feed(spec: ModelSpec, point, batch: int, labels: str, rng: np.random.Generator,
+                    features: Features | None = None) -> dict:
     """A feed at one schedule point; x0 is data-like (pixels in [-1, 1], unit-variance latents)."""
     t, signal, noise = point
     shape = (batch, *spec.sample_shape)
     x0 = rng.standard_normal(shape) if spec.space == "latent" else rng.uniform(-1.0, 1.0, shape)
     feed = {"x": (signal * x0 + noise * rng.standard_normal(shape)).astype(np.float32),
-            "t": np.full(batch, t, dtype=np.float32)}
+            "t": np.full(batch, t, dtype=np.float32), **feature_feed(spec, batch, rng, features)}
     if spec.conditional:
         null = labels == "null" and spec.null_label is not None
         feed["y"] = (np.full(batch, spec.null_label) if null
@@ -115,11 +140,12 @@ def trajectory_feed(spec: ModelSpec, point, batch: int, labels: str, rng: np.ran
     return feed
 
 
-def calibration_feed(spec: ModelSpec, rows: int = 12, seed: int = 0) -> dict:
+def calibration_feed(spec: ModelSpec, rows: int = 12, seed: int = 0, features: Features | None = None) -> dict:
     """One batch, one row per schedule point, labels alternating class / null."""
     rng = np.random.default_rng(seed)
     kinds = ("class", "null")
-    parts = [trajectory_feed(spec, p, 1, kinds[i % 2], rng) for i, p in enumerate(schedule_points(spec, rows))]
+    parts = [trajectory_feed(spec, p, 1, kinds[i % 2], rng, features)
+             for i, p in enumerate(schedule_points(spec, rows))]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

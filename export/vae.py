@@ -121,8 +121,9 @@ def add_vae(bundle_dir, checkpoint, config=None, layout: str | None = None, pref
     m = bundle.manifest
     if m.space != "latent":
         raise InvalidInput(f"{bundle.path} holds a {m.space}-space model: only latent bundles take an autoencoder")
-    if m.components:
-        raise InvalidInput(f"{bundle.path} already has {', '.join(m.components)}: export the bundle again "
+    have = [n for n in m.components if n in VIEWS]
+    if have:
+        raise InvalidInput(f"{bundle.path} already has {', '.join(have)}: export the bundle again "
                            "to change its autoencoder")
     source = read_vae(checkpoint, config, layout, prefix)
     check_latent_shape(source, m.sample_shape)
@@ -164,7 +165,7 @@ def _install(bundle, tmp: Path, io: dict, results: dict, extra: dict) -> None:
                                parity={"fp32": {"passed": r.passed, "worst_rel_l2": r.worst_rel_l2}},
                                extra=extra) for n, r in results.items()}
     install_into_bundle(bundle, tmp, {f"{n}.fp32": r.to_dict() for n, r in results.items()},
-                        bundle.manifest.replace(components=components))
+                        bundle.manifest.replace(components={**bundle.manifest.components, **components}))
 
 
 # --- the reference again (FP16 gate) -------------------------------------------------------

@@ -22,10 +22,13 @@ class BundleError(InvalidInput):
     """A bundle that is missing, malformed or altered."""
 
 
-def io_spec(spec_inputs: tuple[str, ...], outputs: tuple[str, ...], sample_shape) -> tuple[dict, dict]:
-    """Symbolic I/O declaration (docs/architecture.md contract): batch is the only dynamic axis."""
+def io_spec(spec_inputs: tuple[str, ...], outputs: tuple[str, ...], sample_shape,
+            features: dict | None = None) -> tuple[dict, dict]:
+    """Symbolic I/O declaration (docs/architecture.md contract): batch is the only dynamic axis.
+    ``features`` declares extra inputs computed by a companion graph (ddm_cond's condition features)."""
     x = {"dtype": "float32", "shape": ["batch", *sample_shape]}
-    known = {"x": x, "t": {"dtype": "float32", "shape": ["batch"]}, "y": {"dtype": "int64", "shape": ["batch"]}}
+    known = {"x": x, "t": {"dtype": "float32", "shape": ["batch"]}, "y": {"dtype": "int64", "shape": ["batch"]},
+             **(features or {})}
     return {n: known[n] for n in spec_inputs}, {n: dict(x) for n in outputs}
 
 

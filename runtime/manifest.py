@@ -93,7 +93,11 @@ class Component(_NamedIO):
         return cls(**kw)
 
 
-COMPONENTS = ("decoder", "encoder")     # the companions a bundle may carry besides the denoiser
+# the companions a bundle may carry besides the denoiser: the autoencoder's two halves, and
+# the condition encoder of image-conditioned models (ddm_cond), whose outputs are fed, by name,
+# to the denoiser inputs of the same names (once per condition, reused at every step)
+COMPONENTS = ("decoder", "encoder", "cond_encoder")
+FEATURE_COMPONENT = "cond_encoder"
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,7 @@ class Manifest(_NamedIO):
         if unknown:
             raise ManifestError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
         kw["components"] = {k: Component.from_dict(k, v) for k, v in comps.items()}
+        _check_pairing(kw["components"], kw["inputs"])
         kw["sample_shape"] = _shape(d["sample_shape"])
         _check_io(kw["inputs"], "inputs")
         _check_io(kw["outputs"], "outputs")
@@ -290,6 +295,23 @@ def _check_model(kw: dict):
     if schedule.kind not in kinds:
         raise ManifestError(f"a {prediction} model cannot use a {schedule.kind} schedule")
     return schedule
+
+
+def _check_pairing(components: dict, inputs: dict) -> None:
+    """A condition encoder's outputs are exactly the denoiser's inputs after x and t, same
+    names, same order, same declarations; without one, the denoiser takes no such inputs."""
+    extra = [n for n in inputs if n not in ("x", "t", "y")]
+    enc = components.get(FEATURE_COMPONENT)
+    if enc is None:
+        if extra:
+            raise ManifestError(f"inputs {', '.join(extra)} need a {FEATURE_COMPONENT} component to compute them")
+        return
+    if extra != list(enc.outputs):
+        raise ManifestError(f"components.{FEATURE_COMPONENT}.outputs {list(enc.outputs)} must be the denoiser's "
+                            f"inputs after x and t, in order; they are {extra}")
+    bad = [n for n in extra if enc.outputs[n] != inputs[n]]
+    if bad:
+        raise ManifestError(f"components.{FEATURE_COMPONENT} declares {', '.join(bad)} unlike the denoiser's inputs")
 
 
 def _check_labels(num_classes, null_label, conditional: bool) -> None:

@@ -17,6 +17,7 @@ _MODULES = {
     "uvit": "uvit",
     "ddpm": "ddpm",
     "ddm": "ddm",
+    "ddm_cond": "ddm_cond",
     "adm": "adm",
     "lucid": "lucid",
 }

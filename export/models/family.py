@@ -31,6 +31,9 @@ class ModelSpec:
     null_label: int | None = None                      # label meaning "no class" (guidance)
     space: str = "pixel"                               # "pixel" or "latent"
     extra: dict = field(default_factory=dict)
+    # x/t-independent inputs computed by a companion graph (ddm_cond's condition features):
+    # name -> {"dtype", "shape"} (batch symbolic), in graph order after x and t
+    features: dict = field(default_factory=dict)
 
     @property
     def conditional(self) -> bool:
@@ -38,7 +41,7 @@ class ModelSpec:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return ("x", "t", "y") if self.conditional else ("x", "t")
+        return ("x", "t", "y") if self.conditional else ("x", "t", *self.features)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class Family:
     configs: named official keyword-argument dicts (the CLI's ``--size`` choices).
     tolerance: (rel_l2, max_abs) parity gate for FP32 ONNX vs PyTorch (docs/architecture.md rung 1).
     fixture: name of a small config used by the registry-completeness tests.
+    companions(module, config) -> {component name: (module, inputs, outputs)}: graphs exported
+        beside the denoiser from the same weights (ddm_cond's ``cond_encoder``, whose outputs
+        are the denoiser's ``spec.features`` inputs); None for single-graph families.
     """
 
     name: str
@@ -63,3 +69,4 @@ class Family:
     official: Callable[["torch.nn.Module"], "torch.nn.Module"] = lambda m: m
     tolerance: tuple[float, float] = (1e-5, 1e-4)
     description: str = ""
+    companions: Callable[["torch.nn.Module", dict], dict] | None = None

@@ -8,6 +8,13 @@ from edgediff.export.models import FAMILIES, get_family
 from edgediff.runtime.bundle import read_bundle
 
 HERE = Path(__file__).parent
+# Fixture exports that take over a minute on 2 cores (ddm_cond: three U-Net paths, ~3400 traced
+# ops, plus its condition encoder and the pair check) run with the slow tests.
+SLOW = {"ddm_cond"}
+
+
+def _params():
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in FAMILIES]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -20,7 +27,7 @@ def test_family_is_complete(name):
     assert spec.outputs and spec.time["min"] < spec.time["max"]
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", _params())
 def test_fixture_exports_with_parity(name, tmp_path):
     family = FAMILIES[name]
     result = export_bundle(name, family.configs[family.fixture], tmp_path / "b", log=lambda m: None)
