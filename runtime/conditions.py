@@ -142,4 +142,9 @@ def read_conditions(pipe, source, size_text: str | None = None) -> np.ndarray | 
     if not pipe.image_conditioned:
         raise InvalidInput("--cond: this bundle's model takes no condition image (it has no cond_encoder)")
     shape = tuple(pipe.cond_encoder.inputs[COND_INPUT]["shape"][1:])
-    return load_conditions(source, shape, parse_size(size_text))
+    size = parse_size(size_text)
+    fixed = tuple(shape[1:])
+    if size is not None and all(isinstance(d, int) for d in fixed) and size != fixed:
+        raise InvalidInput(f"--cond-size {size[0]},{size[1]}: this bundle's condition encoder takes "
+                           f"{fixed[0]}x{fixed[1]} images only")
+    return load_conditions(source, shape, size)

@@ -93,8 +93,8 @@ def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
         if images is None:
             raise InvalidInput("this latent bundle has no decoder: add one with `edgediff add-vae BUNDLE "
                                "--checkpoint VAE` to get images, or write only --npz latents")
-        images, nrow = _grid_rows(manifest, generation, images)
-        save_png(png, grid(images, nrow=nrow), upscale=max(1, 128 // images.shape[1]))
+        shown, nrow = _grid_rows(manifest, generation, images)
+        save_png(png, grid(shown, nrow=nrow), upscale=max(1, 128 // images.shape[1]))
         lines.append(f"wrote {png}")
     if npz:
         arrays = {} if images is None else {"images": images}
