@@ -25,7 +25,8 @@ class BundleError(InvalidInput):
 def io_spec(spec_inputs: tuple[str, ...], outputs: tuple[str, ...], sample_shape) -> tuple[dict, dict]:
     """Symbolic I/O declaration (docs/architecture.md contract): batch is the only dynamic axis."""
     x = {"dtype": "float32", "shape": ["batch", *sample_shape]}
-    known = {"x": x, "t": {"dtype": "float32", "shape": ["batch"]}, "y": {"dtype": "int64", "shape": ["batch"]}}
+    known = {"x": x, "t": {"dtype": "float32", "shape": ["batch"]}, "y": {"dtype": "int64", "shape": ["batch"]},
+             "x_self_cond": dict(x)}      # self-conditioning: the previous step's x0 estimate
     return {n: known[n] for n in spec_inputs}, {n: dict(x) for n in outputs}
 
 

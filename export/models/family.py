@@ -24,13 +24,14 @@ class ModelSpec:
 
     sample_shape: tuple[int, int, int]                 # (C, H, W)
     outputs: tuple[str, ...]                           # e.g. ("eps",) or ("eps", "var")
-    prediction: str                                    # "epsilon" or "ddm_c_eps"
+    prediction: str                                    # "epsilon", "sample", "v_prediction" or "ddm_c_eps"
     time: dict
     schedule: dict
     num_classes: int | None = None                     # None: unconditional
     null_label: int | None = None                      # label meaning "no class" (guidance)
     space: str = "pixel"                               # "pixel" or "latent"
     extra: dict = field(default_factory=dict)
+    extra_inputs: tuple[str, ...] = ()                 # after x, t[, y]: "x_self_cond" (lucid)
 
     @property
     def conditional(self) -> bool:
@@ -38,7 +39,7 @@ class ModelSpec:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return ("x", "t", "y") if self.conditional else ("x", "t")
+        return (("x", "t", "y") if self.conditional else ("x", "t")) + tuple(self.extra_inputs)
 
 
 @dataclass(frozen=True)
