@@ -264,13 +264,8 @@ class LucidExport(nn.Module):
     def __init__(self, model: Unet):
         super().__init__()
         self.model = model
-        if model.self_condition:
-            self.forward = self._self_conditioned
 
-    def forward(self, x, t):
-        return (self.model(x, t),)
-
-    def _self_conditioned(self, x, t, x_self_cond):
+    def forward(self, x, t, x_self_cond=None):
         return (self.model(x, t, x_self_cond),)
 
 

@@ -142,3 +142,28 @@ def test_predict_is_the_only_conversion_and_stable_at_high_noise():
     assert none is None and np.array_equal(e, np.ones_like(x))
     e, x0 = predict({"x0": x}, x, 0.6, 0.8)
     assert np.array_equal(x0, x) and rel(e, (x - 0.6 * x) / 0.8) < 1e-6
+
+
+def _manifest(prediction, outputs, schema, **extra):
+    from edgediff.runtime.manifest import Manifest
+
+    x = {"dtype": "float32", "shape": ["batch", 1, 8, 8]}
+    return Manifest.from_dict({
+        "family": "lucid", "config": {}, "inputs": {"x": x, "t": {"dtype": "float32", "shape": ["batch"]}, **extra},
+        "outputs": {n: x for n in outputs}, "prediction": prediction, "time": {},
+        "schedule": {"num_train_timesteps": 100, "beta_schedule": "sigmoid"}, "sample_shape": [1, 8, 8],
+        "models": {"fp32": "model.onnx"}, "schema_version": schema})
+
+
+def test_v_output_means_v_prediction_from_schema_2_and_variance_in_schema_1():
+    from edgediff.runtime.manifest import ManifestError
+
+    m = _manifest("v_prediction", ["v"], 2, x_self_cond={"dtype": "float32", "shape": ["batch", 1, 8, 8]})
+    assert m.output_names == ["v"] and m.graph_outputs == {} and m.input_names[-1] == "x_self_cond"
+    legacy = _manifest("epsilon", ["eps", "v"], 1)               # DiT's variance output, schema 1
+    assert legacy.output_names == ["eps", "var"] and legacy.graph_outputs == {"var": "v"}
+    with pytest.raises(ManifestError, match="prediction must be one of epsilon, ddm_c_eps"):
+        _manifest("v_prediction", ["v"], 1)                     # schema 1 had no v-prediction
+    with pytest.raises(ManifestError, match="needs output"):
+        _manifest("sample", ["eps"], 2)
+    assert _manifest("sample", ["x0"], 2).noise_schedule.betas.size == 100
