@@ -78,6 +78,7 @@ def load(fraction: float = HELD_OUT, seed: int = SPLIT_SEED) -> Digits:
 DIGITS_SAMPLING: dict[str, dict] = {
     "ddpm": {"guidance": 2.0}, "uvit": {"guidance": 2.0}, "dit": {"guidance": 2.0},
     "ddm": {"guidance": 1.25, "steps": 20},
+    "lucid": {},
     # measured through PyTorch, 20 dpmpp_2m steps, n = 1000: w = 1 97.1% / FD 3.1, w = 1.25 99.2% / FD 4.9,
     # w = 1.5 99.7% / FD 12.7, w = 2 99.9% / FD 33.1 (real held-out digits: 98.3% / FD 4.1)
     "dit_latent": {"guidance": 1.25},
@@ -134,5 +135,11 @@ DIGITS_CONFIGS: dict[str, dict] = {
         "model_type": "DhariwalUNet", "model_channels": 16, "channel_mult": [1, 2, 2],
         "channel_mult_emb": 4, "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.0,
         "label_dropout": 0.1, "augment_dim": 0,
+    },
+    # lucidrains' Unet is unconditional (no labels, so no guidance): trained as GaussianDiffusion
+    # trains by default, v-prediction on the sigmoid schedule; linear attention at 16 and 8, full at 4.
+    "lucid": {
+        "dim": 16, "dim_mults": [1, 2, 4], "channels": 1, "attn_heads": 2, "attn_dim_head": 16,
+        "image_size": SIZE, "timesteps": 1000, "objective": "pred_v", "beta_schedule": "sigmoid",
     },
 }

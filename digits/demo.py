@@ -98,6 +98,6 @@ def run_demo(family: str = DEFAULT_FAMILY, cache: str | Path = "build", png: str
     with Pipeline.from_bundle(path, max_batch=100) as pipe:      # latent bundles: with their decoder
         result, images = rt_judge.judge_backend(pipe.backend, pipe.manifest, per_class=10, steps=steps,
                                                 guidance=guidance, seed=seed, batch=100, decoder=pipe.decoder)
-    labels = rt_judge.class_order_labels(10, pipe.manifest.num_classes)
+    labels = rt_judge.class_order_labels(10, pipe.manifest.num_classes) if pipe.manifest.conditional else None
     save_outputs(pipe.manifest, Generation(images, labels), png=png)     # images: pixels or decoded latents
     return DemoResult(pipe.bundle.path, Path(png), result, time.perf_counter() - start)

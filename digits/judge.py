@@ -4,7 +4,9 @@ samples from the real digits? Torch-free: a small NumPy MLP whose weights ship i
 scikit-learn's digits at 16×16, the data the digits models learn).
 
 Two figures, each with the same figure for held-out real digits as the baseline:
-- accuracy: the share of samples the judge classifies as their requested label;
+- accuracy: the share of samples the judge classifies as their requested label; for an
+  unconditional model (lucid), which requests none, the share the judge recognises as some
+  digit with probability ≥ 0.9 (``recognised``), per class the share of samples judged that digit;
 - Fréchet distance (FD) between Gaussians fitted to the judge's penultimate features of
   the samples and of the real train split (FID's formula in a digits feature space).
 FD shrinks as n grows, so the baseline is computed at the same n (held-out subsets).
@@ -21,6 +23,7 @@ from edgediff.runtime.errors import InvalidInput
 JUDGE_PATH = Path(__file__).parent / "assets" / "judge.npz"
 SIZE = 16
 _BASELINE_DRAWS = 5     # held-out subsets averaged for a baseline FD at a smaller n
+CONFIDENT = 0.9         # unconditional samples: "recognised" when the judge is this sure of a class
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,11 @@ class JudgeResult:
     baseline_accuracy: float        # the same figures for n held-out real digits
     baseline_fd: float
     per_class: tuple[float, ...]    # accuracy of each class (nan where a class has no sample)
+    conditional: bool = True        # False: accuracy is the recognised share, per_class the class shares
 
     def summary(self) -> str:
-        return (f"judge: class accuracy {100 * self.accuracy:.1f}% (real held-out "
+        what = "class accuracy" if self.conditional else f"recognised (p ≥ {CONFIDENT:g})"
+        return (f"judge: {what} {100 * self.accuracy:.1f}% (real held-out "
                 f"{100 * self.baseline_accuracy:.1f}%), FD {self.fd:.2f} (real held-out "
                 f"{self.baseline_fd:.2f}), n={self.n}")
 
@@ -98,10 +103,18 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * cross)
 
 
-def _baseline(weights: dict, n: int) -> tuple[float, float]:
-    """Accuracy on all held-out digits; FD of held-out subsets of size n (averaged)."""
+def recognised(logits: np.ndarray) -> np.ndarray:
+    """Samples the judge assigns to some class with softmax probability ≥ CONFIDENT."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    return (1.0 / np.exp(z).sum(axis=1)) >= CONFIDENT                  # the top class's probability
+
+
+def _baseline(weights: dict, n: int, conditional: bool = True) -> tuple[float, float]:
+    """Accuracy (or the recognised share) on all held-out digits; FD of held-out subsets of
+    size n (averaged)."""
     feats, logits = forward(weights, as_images(weights["held_images"]))
-    accuracy = float(np.mean(logits.argmax(axis=1) == weights["held_labels"]))
+    accuracy = float(np.mean(logits.argmax(axis=1) == weights["held_labels"] if conditional
+                             else recognised(logits)))
     mu, cov = weights["ref_mu"], weights["ref_cov"]
     if n >= len(feats):
         return accuracy, frechet_distance(*feature_stats(feats), mu, cov)
@@ -111,22 +124,27 @@ def _baseline(weights: dict, n: int) -> tuple[float, float]:
     return accuracy, float(np.mean(fds))
 
 
-def judge(images: np.ndarray, labels: np.ndarray, weights: dict | None = None) -> JudgeResult:
-    """Judge samples of requested ``labels`` (see :func:`as_images` for image layouts)."""
+def judge(images: np.ndarray, labels: np.ndarray | None, weights: dict | None = None) -> JudgeResult:
+    """Judge samples of requested ``labels`` (see :func:`as_images` for image layouts);
+    ``labels=None``: samples of an unconditional model (recognised share, class shares)."""
     weights = load_judge() if weights is None else weights
     x = as_images(images)
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if labels.shape[0] != x.shape[0]:
-        raise InvalidInput(f"{x.shape[0]} images but {labels.shape[0]} labels")
     if x.shape[0] < 2:
         raise InvalidInput("the judge needs at least 2 images (the FD needs a covariance)")
     feats, logits = forward(weights, x)
-    hit = logits.argmax(axis=1) == labels
-    per_class = tuple(float(hit[labels == k].mean()) if np.any(labels == k) else float("nan")
-                      for k in range(logits.shape[1]))
+    if labels is None:
+        hit, guess = recognised(logits), logits.argmax(axis=1)
+        per_class = tuple(float(np.mean(guess == k)) for k in range(logits.shape[1]))
+    else:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labels.shape[0] != x.shape[0]:
+            raise InvalidInput(f"{x.shape[0]} images but {labels.shape[0]} labels")
+        hit = logits.argmax(axis=1) == labels
+        per_class = tuple(float(hit[labels == k].mean()) if np.any(labels == k) else float("nan")
+                          for k in range(logits.shape[1]))
     fd = frechet_distance(*feature_stats(feats), weights["ref_mu"], weights["ref_cov"])
-    base_acc, base_fd = _baseline(weights, x.shape[0])
-    return JudgeResult(int(x.shape[0]), float(hit.mean()), fd, base_acc, base_fd, per_class)
+    base_acc, base_fd = _baseline(weights, x.shape[0], labels is not None)
+    return JudgeResult(int(x.shape[0]), float(hit.mean()), fd, base_acc, base_fd, per_class, labels is not None)
 
 
 # --- judging a bundle or an archive of samples ---------------------------------------------
@@ -141,23 +159,24 @@ _BATCH = 250            # samples per generation batch
 def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | None = None,
                   steps: int | None = None, guidance: float | None = None, seed: int = 0, batch: int = _BATCH,
                   decoder=None, **options):
-    """Generate ``per_class`` samples of every class and judge them: (JudgeResult, images),
+    """Generate ``per_class`` samples of every class (an unconditional model: 10·per_class
+    samples) and judge them: (JudgeResult, images),
     images (N, C, H, W) float in [-1, 1]. A latent model's samples are decoded first by
     ``decoder`` (a bundle's decoder backend, e.g. ``Pipeline.decoder``, or anything with its
     ``infer({"latents"}) -> {"image"}`` contract). Unset sampler/steps/guidance: the bundle's
     recommended ones. ``options`` go to the sampler."""
     from edgediff.runtime.pipeline import decode, generate
 
-    if not manifest.conditional:
-        raise InvalidInput("the digits judge needs a class-conditional model")
     out_shape = (manifest.component("decoder").outputs["image"]["shape"][1:] if manifest.space == "latent"
                  and "decoder" in manifest.components else list(manifest.sample_shape))
     if (manifest.space != "latent" or "decoder" in manifest.components) and out_shape != [1, SIZE, SIZE]:
         raise InvalidInput(f"the digits judge reads 1×{SIZE}×{SIZE} digits; this model makes {out_shape}")
     if manifest.space == "latent" and decoder is None:
         raise InvalidInput("a latent model's samples must be decoded before judging: the bundle has no decoder")
-    labels = class_order_labels(per_class, manifest.num_classes)
-    gen = generate(backend, manifest, len(labels), sampler=sampler, steps=steps, batch=batch,
+    # an unconditional model draws as many samples, unlabelled
+    labels = class_order_labels(per_class, manifest.num_classes) if manifest.conditional else None
+    n = len(labels) if manifest.conditional else 10 * per_class
+    gen = generate(backend, manifest, n, sampler=sampler, steps=steps, batch=batch,
                    labels=labels, guidance=guidance, seed=seed, **options)
     images = decode(decoder, gen.samples, batch) if gen.latent else gen.samples
     return judge(images, labels), images

@@ -9,6 +9,8 @@
   only the variance output v (log var = frac·log beta + (1 - frac)·log posterior var,
   frac = (v + 1)/2). L_vlb's 1/T-per-step estimate times lambda = 1e-3 times T = 1000
   gives weight 1 per sampled step (DiT: vb scaled by num_timesteps / 1000).
+- ``lucid``: lucidrains' GaussianDiffusion.p_losses: the MSE of the pred_noise / pred_x0 /
+  pred_v target weighted per step by 1 / snr / snr/(snr + 1); unconditional (``y`` unused).
 - ``ddm``: the decoupled model (Huang et al. 2023, arXiv 2306.13720): t ~ U(eps, 1),
   x_t = x0 + c·t + sqrt(t)·eps with c = -x0, and the sum of the two regressions
   w_c·|c_pred - c|² + w_eps·|eps_pred - eps|² (means over pixels). The official pixel
@@ -133,11 +135,44 @@ def ddm_loss(eps: float = 1e-4, weighting: bool = True):
     return loss
 
 
+def lucid_loss(sched: DiscreteSchedule, objective: str, self_condition: bool = False):
+    """lucidrains GaussianDiffusion.p_losses: the MSE of the objective's target (noise, x0 or
+    v = sqrt(abar)·eps - sqrt(1 - abar)·x0), per sample times its loss_weight: 1, snr or
+    snr/(snr + 1) (no min-SNR clamp, its default). With self-conditioning, half of the
+    batches first predict x0 without gradient and condition on it, as upstream does."""
+    snr = sched.sqrt_abar ** 2 / sched.sqrt_1m_abar ** 2
+    weight = {"pred_noise": torch.ones_like(snr), "pred_x0": snr, "pred_v": snr / (snr + 1)}[objective]
+
+    def x0_of(out, x_t, n):
+        a, s = _bcast(sched.sqrt_abar[n]), _bcast(sched.sqrt_1m_abar[n])
+        return {"pred_noise": lambda: (x_t - s * out) / a, "pred_x0": lambda: out,
+                "pred_v": lambda: a * x_t - s * out}[objective]()
+
+    def loss(module, x0, y, gen):
+        x_t, n, eps = sched.noised(x0, gen)
+        t = sched.model_time(n)
+        extra = ()
+        if self_condition:
+            cond = torch.zeros_like(x_t)
+            if torch.rand((), generator=gen) < 0.5:
+                with torch.no_grad():
+                    cond = x0_of(module(x_t, t, cond)[0], x_t, n)
+            extra = (cond,)
+        pred = module(x_t, t, *extra)[0]
+        a, s = _bcast(sched.sqrt_abar[n]), _bcast(sched.sqrt_1m_abar[n])
+        target = {"pred_noise": eps, "pred_x0": x0, "pred_v": a * eps - s * x0}[objective]
+        return (_mean_flat((pred - target) ** 2) * weight[n]).mean()
+    return loss
+
+
 def objective_for(family: str, spec) -> callable:
     """The loss a family trains with, given its ModelSpec (for the schedule)."""
     if family in ("ddpm", "uvit", "dit"):
         sched = DiscreteSchedule(spec.schedule)
         return hybrid_loss(sched) if "var" in spec.outputs else epsilon_loss(sched)   # var: DiT's learned sigma
+    if family == "lucid":
+        return lucid_loss(DiscreteSchedule(spec.schedule), spec.extra["objective"],
+                          "x_self_cond" in spec.inputs)
     if family == "ddm":
         return ddm_loss(eps=float(spec.schedule.get("eps", 1e-4)))
     raise InvalidInput(f"no training objective for family {family!r}")

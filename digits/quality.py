@@ -76,7 +76,11 @@ class OutsideClassifier:
         small = digits.downsample2x((np.clip(x.reshape(len(x), 16, 16), -1, 1) + 1) / 2)   # (N, 8, 8)
         return small.reshape(len(x), -1)
 
-    def accuracy(self, samples: np.ndarray, labels: np.ndarray) -> float:
+    def accuracy(self, samples: np.ndarray, labels: np.ndarray | None) -> float:
+        """Share classified as ``labels``; unlabelled samples (an unconditional model): the
+        share on which the SVM agrees with the judge's class."""
+        if labels is None:
+            labels = rt_judge.forward(rt_judge.load_judge(), rt_judge.as_images(samples))[1].argmax(axis=1)
         return float(np.mean(self.svc.predict(self._features(samples)) == labels))
 
 
@@ -96,7 +100,7 @@ def _family_rows(fam, pipe, outside, per_class, long_per_class, guidance) -> lis
             (default, 20, w, long_per_class), (long_name, 1000, w, long_per_class)]
     for sampler, steps, w, n in runs:
         start = time.perf_counter()
-        labels = rt_judge.class_order_labels(n)
+        labels = rt_judge.class_order_labels(n) if bundle.manifest.conditional else None
         result, samples = rt_judge.judge_backend(backend, bundle.manifest, n, sampler=sampler, steps=steps,
                                                  guidance=w, batch=200, decoder=pipe.decoder)
         rows.append(_row(fam, sampler, steps, w, result, outside.accuracy(samples, labels),

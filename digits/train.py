@@ -56,6 +56,7 @@ TRAINING: dict[str, Hyper] = {
     "dit": Hyper(steps=5000, batch=64, lr=2e-3),
     "ddm": Hyper(steps=2000, batch=64, lr=2e-3),
     "dit_latent": Hyper(steps=5000, batch=64, lr=2e-3),
+    "lucid": Hyper(steps=1800, batch=64, lr=2e-3),
 }
 
 
@@ -97,7 +98,7 @@ def build_model(family_name: str, config: dict, seed: int):
     if family_name == "dit":
         _dit_init(family.official(module))
     spec = family.spec(config)
-    if spec.null_label is None:
+    if spec.conditional and spec.null_label is None:
         raise InvalidInput(f"the {family_name} digits config needs a null label for guidance")
     return family, module.train(), spec
 
@@ -127,6 +128,8 @@ def _batch(data: digits.Digits, h: Hyper, null: int, gen: torch.Generator):
     idx = torch.randint(0, len(data.train_y), (h.batch,), generator=gen)
     x0 = torch.from_numpy(data.train_x)[idx]                                # (B, 1, 16, 16)
     y = torch.from_numpy(data.train_y)[idx]                                 # (B,)
+    if null is None:                                                        # unconditional (lucid)
+        return x0, y
     drop = torch.rand(h.batch, generator=gen) < h.label_dropout
     return x0, torch.where(drop, torch.full_like(y, null), y)
 

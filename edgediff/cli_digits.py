@@ -20,7 +20,7 @@ FAMILY_NAMES = tuple(DIGITS_CONFIGS)
 @click.command()
 @click.option("--family", type=click.Choice(FAMILY_NAMES),
               help="Which shipped digits model to run (default: dit; dit_latent: a latent DiT decoded by "
-                   "the digits autoencoder).")
+                   "the digits autoencoder; lucid: unconditional, v-prediction).")
 @click.option("--out", default="demo.png", show_default=True, type=click.Path(dir_okay=False), help="PNG grid.")
 @click.option("--cache", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Where the exported bundle is kept (build/digits-FAMILY).")
@@ -71,7 +71,7 @@ def digits():
 @click.option("--vae", type=click.Path(exists=True, file_okay=False),
               help="Latent models: the autoencoder whose latents to learn (default: the shipped digits/assets/vae).")
 def train_digits(family, out, steps, seed, threads, vae):
-    """Train a small class-conditional model of FAMILY on scikit-learn's digits."""
+    """Train a small digits model of FAMILY on scikit-learn's digits (class-conditional; lucid: unconditional)."""
     from edgediff.digits.train import train
 
     result = train(family, out, steps=steps, seed=seed, threads=threads, vae=vae)

@@ -97,6 +97,14 @@ def example_feed(spec: ModelSpec, batch: int, t: float, labels: str, rng: np.ran
             feed["y"] = np.full((batch,), spec.null_label, dtype=np.int64)
         else:
             feed["y"] = rng.integers(0, spec.num_classes, size=batch).astype(np.int64)
+    return _self_cond(spec, feed, rng)
+
+
+def _self_cond(spec: ModelSpec, feed: dict, rng: np.random.Generator) -> dict:
+    """A self-conditioned model's extra input: an x0 estimate, data-like (the runtime feeds
+    the previous step's clipped x0; zeros at the first step)."""
+    if "x_self_cond" in spec.inputs:
+        feed["x_self_cond"] = rng.uniform(-1.0, 1.0, feed["x"].shape).astype(np.float32)
     return feed
 
 
@@ -137,7 +145,7 @@ def trajectory_feed(spec: ModelSpec, point, batch: int, labels: str, rng: np.ran
         null = labels == "null" and spec.null_label is not None
         feed["y"] = (np.full(batch, spec.null_label) if null
                      else rng.integers(0, spec.num_classes, batch)).astype(np.int64)
-    return feed
+    return _self_cond(spec, feed, rng)
 
 
 def calibration_feed(spec: ModelSpec, rows: int = 12, seed: int = 0, features: Features | None = None) -> dict:

@@ -28,6 +28,7 @@ def io_spec(spec_inputs: tuple[str, ...], outputs: tuple[str, ...], sample_shape
     ``features`` declares extra inputs computed by a companion graph (ddm_cond's condition features)."""
     x = {"dtype": "float32", "shape": ["batch", *sample_shape]}
     known = {"x": x, "t": {"dtype": "float32", "shape": ["batch"]}, "y": {"dtype": "int64", "shape": ["batch"]},
+             "x_self_cond": dict(x),      # self-conditioning: the previous step's x0 estimate
              **(features or {})}
     return {n: known[n] for n in spec_inputs}, {n: dict(x) for n in outputs}
 

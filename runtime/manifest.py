@@ -266,8 +266,13 @@ def _rename_legacy(outputs: dict, version: int) -> tuple[dict, dict]:
             {new: old for old, new in renames.items()})
 
 
-# prediction -> the outputs the samplers read, and the schedule kinds that produce it
-PREDICTIONS = {"epsilon": (("eps",), ("discrete", "vp_continuous")), "ddm_c_eps": (("c", "eps"), ("ddm_constant",))}
+# prediction -> the outputs the samplers read, and the schedule kinds that produce it. The
+# names are diffusers' prediction_type (lucidrains: pred_noise, pred_x0, pred_v); the output
+# of a v_prediction model is ``v`` (schema 2 on; schema 1's ``v`` was DiT's variance, ``var``).
+_VP_KINDS = ("discrete", "vp_continuous")
+PREDICTIONS = {"epsilon": (("eps",), _VP_KINDS), "sample": (("x0",), _VP_KINDS),
+               "v_prediction": (("v",), _VP_KINDS), "ddm_c_eps": (("c", "eps"), ("ddm_constant",))}
+LEGACY_PREDICTIONS = {1: ("epsilon", "ddm_c_eps")}      # schema -> the predictions it knew
 
 
 def _check_model(kw: dict):
@@ -276,8 +281,12 @@ def _check_model(kw: dict):
     from .schedules import Schedule
 
     prediction = kw["prediction"]
-    if prediction not in PREDICTIONS:
-        raise ManifestError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    known = LEGACY_PREDICTIONS.get(kw.get("schema_version", SCHEMA_VERSION), tuple(PREDICTIONS))
+    if prediction not in known:
+        raise ManifestError(f"prediction must be one of {', '.join(known)}, got {prediction!r}")
+    stated = kw["schedule"].get("prediction_type", prediction)
+    if stated != prediction:
+        raise ManifestError(f"schedule.prediction_type {stated!r} contradicts prediction {prediction!r}")
     needs, kinds = PREDICTIONS[prediction]
     missing = [n for n in needs if n not in kw["outputs"]]
     if missing:

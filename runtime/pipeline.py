@@ -23,10 +23,11 @@ from .images import to_uint8
 from .manifest import Manifest
 from .noise import SampleNoise
 from .samplers import DEFAULT_SAMPLER, get_sampler, init_noise_sigma, model_calls, sample
+from .self_cond import INPUT as SELF_COND, SelfConditioned
 
 # Outputs that are predictions linear in the model's guess, hence guided; others (DiT's
 # variance interpolation `var`) are taken from the conditional half.
-GUIDED_OUTPUTS = ("eps", "c")
+GUIDED_OUTPUTS = ("eps", "c", "x0", "v")
 
 
 class GuidedDenoiser:
@@ -46,18 +47,20 @@ class GuidedDenoiser:
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.guidance = float(guidance)
 
-    def __call__(self, x: np.ndarray, t) -> dict[str, np.ndarray]:
+    def __call__(self, x: np.ndarray, t, **extra) -> dict[str, np.ndarray]:
+        """``extra``: further per-sample inputs (``x_self_cond``), the same for both halves,
+        beside the fixed ones given at construction (condition features)."""
+        extra = {**self.extra, **extra}
         n = x.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32), (n,))
         if not self.conditional:
-            return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), **self.extra})
+            return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), **extra})
         y = np.broadcast_to(self.labels, (n,))
         if self.guidance == 1.0:
-            return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), "y": np.ascontiguousarray(y),
-                                       **self.extra})
-        twice = {k: np.concatenate([v, v]) for k, v in self.extra.items()}
+            return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), "y": np.ascontiguousarray(y), **extra})
         out = self.backend.infer({"x": np.concatenate([x, x]), "t": np.concatenate([t, t]),
-                                  "y": np.concatenate([y, np.full(n, self.null, dtype=np.int64)]), **twice})
+                                  "y": np.concatenate([y, np.full(n, self.null, dtype=np.int64)]),
+                                  **{k: np.concatenate([v, v]) for k, v in extra.items()}})
         w = np.float32(self.guidance)
         return {k: (v[n:] + w * (v[:n] - v[n:]) if k in GUIDED_OUTPUTS else v[:n]) for k, v in out.items()}
 
@@ -115,7 +118,8 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
     name = sampler or rec.sampler or DEFAULT_SAMPLER[schedule.kind]
     record = get_sampler(name, schedule)
     wanted = {"variance": manifest.option("variance"),
-              "clip_sample": manifest.option("clip_sample", manifest.space == "pixel")}
+              "clip_sample": manifest.option("clip_sample", manifest.space == "pixel"),
+              "use_clipped_model_output": manifest.option("use_clipped_model_output")}
     opts = {k: v for k, v in wanted.items() if k in record.params and v is not None}
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.floating))):
         raise InvalidInput(f"guidance must be a number, got {guidance!r}")
@@ -144,6 +148,8 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
         batch_labels = None if labels is None else labels[start:start + size]
         extra = None if conditions is None else conditions.rows(start, start + size)
         denoise = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra)
+        if SELF_COND in manifest.inputs:                # fresh state per batch
+            denoise = SelfConditioned(denoise, schedule, manifest.option("clip_sample", manifest.space == "pixel"))
         if progress is not None:
             denoise = _Counting(denoise, progress)
         noise = SampleNoise(seed, range(first + start, first + start + size))

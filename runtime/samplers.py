@@ -33,7 +33,7 @@ import numpy as np
 
 from .schedules import SCHEDULE_KINDS, Schedule, spaced_timesteps
 from .sampler_ddm import ddm_model_calls, sample_ddm
-from .solvers import (call, eps_of, noise_source, outputs, report, sample_dpm_solver,
+from .solvers import (call, noise_source, outputs, predict, report, sample_dpm_solver,
                       sample_dpmpp_2m, sample_euler, sample_heun, sigma_grid)
 from .errors import InvalidInput
 
@@ -43,6 +43,13 @@ __all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "Sampler", "sample", "init_noise_sigma
 
 def _clip(x0, clip_sample, clip_sample_range):
     return np.clip(x0, -clip_sample_range, clip_sample_range) if clip_sample else x0
+
+
+def _var_of(out, x):
+    """The variance-interpolation output of a learned-sigma model (dict, tuple or eps|var)."""
+    if isinstance(out, dict) and "eps" not in out:
+        return outputs(out, x, ("var",))[0]
+    return outputs(out, x, ("eps", "var"))[1]
 
 
 # --- DDPM ------------------------------------------------------------------------------
@@ -75,16 +82,17 @@ def sample_ddpm(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     std = np.sqrt(beta if variance == "fixed_large" else post_var)
     log_beta, log_post = np.log(beta), np.log(post_var)
     draw = noise_source(noise, x.dtype)
-    names = ("eps", "var") if variance == "learned_range" else ("eps",)
     for i, t in enumerate(ts):
-        out = outputs(call(denoise, x, schedule.model_time(t)), x, names)
-        x0 = float(c_x0[0][i]) * x - float(c_x0[1][i]) * out[0]
+        raw = call(denoise, x, schedule.model_time(t))
+        eps, x0 = predict(raw, x, float(np.sqrt(a_t[i])), float(np.sqrt(1.0 - a_t[i])))
+        if x0 is None:
+            x0 = float(c_x0[0][i]) * x - float(c_x0[1][i]) * eps
         x0 = _clip(x0, clip_sample, clip_sample_range)
         x_new = float(c_mean[0][i]) * x0 + float(c_mean[1][i]) * x
         if t > 0:
             z = draw(i, x.shape)
             if variance == "learned_range":
-                frac = (out[1] + 1.0) * 0.5
+                frac = (_var_of(raw, x) + 1.0) * 0.5
                 sd = np.exp(0.5 * (frac * float(log_beta[i]) + (1.0 - frac) * float(log_post[i])))
                 x_new = x_new + sd.astype(x.dtype, copy=False) * z
             else:
@@ -109,7 +117,8 @@ def sample_ddim(denoise, x, schedule: Schedule, steps: int, noise=None, *, eta=0
     n_train = schedule.num_train_timesteps
     ts = spaced_timesteps(n_train, steps, timestep_spacing, steps_offset)
     ac = schedule.alphas_cumprod
-    prev = ts - n_train // steps
+    # lucidrains' grid steps to the next grid point; diffusers' always to t - N // steps
+    prev = np.append(ts[1:], -1) if timestep_spacing == "lucid" else ts - n_train // steps
     a_t = ac[ts]
     a_p = np.where(prev >= 0, ac[np.maximum(prev, 0)], 1.0 if set_alpha_to_one else ac[0])
     std = eta * np.sqrt((1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p))
@@ -117,8 +126,10 @@ def sample_ddim(denoise, x, schedule: Schedule, steps: int, noise=None, *, eta=0
     sa_t, sb_t, sa_p = np.sqrt(a_t), np.sqrt(1.0 - a_t), np.sqrt(a_p)
     draw = noise_source(noise, x.dtype)
     for i, t in enumerate(ts):
-        eps = eps_of(call(denoise, x, schedule.model_time(t)), x)
-        x0 = _clip((x - float(sb_t[i]) * eps) / float(sa_t[i]), clip_sample, clip_sample_range)
+        eps, x0 = predict(call(denoise, x, schedule.model_time(t)), x, float(sa_t[i]), float(sb_t[i]))
+        if x0 is None:
+            x0 = (x - float(sb_t[i]) * eps) / float(sa_t[i])
+        x0 = _clip(x0, clip_sample, clip_sample_range)
         if use_clipped_model_output:  # Glide: re-derive eps from the clipped x0
             eps = (x - float(sa_t[i]) * x0) / float(sb_t[i])
         x = float(sa_p[i]) * x0 + float(c_dir[i]) * eps
@@ -148,8 +159,9 @@ def sample_euler_maruyama(denoise, x, schedule: Schedule, steps: int, noise=None
     c_eps = (0.5 if ode else 1.0) * beta / sigma * dt  # -g²·score (·1/2 for the ODE)
     std = np.where((s > 0) & (not ode), np.sqrt(beta * -dt), 0.0)
     draw = noise_source(noise, x.dtype)
+    alpha = schedule.alpha_sigma(t)[0]
     for i in range(steps):
-        e = eps_of(call(denoise, x, schedule.model_time(t[i])), x)
+        e = predict(call(denoise, x, schedule.model_time(t[i])), x, float(alpha[i]), float(sigma[i]))[0]
         x = float(c_x[i]) * x + float(c_eps[i]) * e
         if std[i] > 0:
             x = x + float(std[i]) * draw(i, x.shape)

@@ -46,8 +46,10 @@ from .errors import InvalidInput
 __all__ = ["Schedule", "VPSchedule", "DiscreteSchedule", "VPContinuousSchedule",
            "DDMConstantSchedule", "spaced_timesteps", "SCHEDULE_KINDS", "BETA_SCHEDULES"]
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 DEFAULT_KIND = "discrete"  # a config without ``type``
+# lucidrains' schedule_fn_kwargs of the sigmoid schedule (config key -> argument)
+_SIGMOID_KEYS = {"sigmoid_start": "start", "sigmoid_end": "end", "sigmoid_tau": "tau"}
 
 # diffusers scheduler keys that become per-sampler defaults (config key -> option name).
 _SAMPLER_KEYS = {
@@ -63,9 +65,9 @@ _SAMPLER_KEYS = {
     "solver_order": "solver_order",
     "solver_type": "solver_type",
 }
+_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")     # diffusers' names
 # diffusers keys we accept only at the value that keeps our maths exact.
 _PINNED_KEYS = {
-    "prediction_type": "epsilon",
     "thresholding": False,
     "rescale_betas_zero_snr": False,
     "use_karras_sigmas": False,
@@ -79,8 +81,25 @@ _PINNED_KEYS = {
 }
 
 
-def _betas(schedule: str, n: int, beta_start: float, beta_end: float) -> np.ndarray:
-    """Betas in float64, same formulas as diffusers (which then rounds them to float32)."""
+def _sigmoid_betas(n: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0) -> np.ndarray:
+    """Jabri et al. 2022 (arXiv 2212.11972, Fig. 8) sigmoid schedule, as lucidrains'
+    sigmoid_beta_schedule: abar(s) ∝ sigmoid(end/tau) - sigmoid((s·(end - start) + start)/tau)
+    on s = i/n, normalised to abar(0) = 1, betas from the ratios clipped to [0, 0.999]. The two
+    end values are float32 there (``torch.tensor(start / tau).sigmoid()``), so they are here."""
+    def sig32(v):
+        return np.float64(np.float32(1.0) / (np.float32(1.0) + np.exp(np.float32(-v))))
+    s = np.linspace(0.0, n, n + 1, dtype=np.float64) / n
+    v_start, v_end = sig32(start / tau), sig32(end / tau)
+    abar = (v_end - 1.0 / (1.0 + np.exp(-((s * (end - start) + start) / tau)))) / (v_end - v_start)
+    abar = abar / abar[0]
+    return np.clip(1.0 - abar[1:] / abar[:-1], 0.0, 0.999)
+
+
+def _betas(schedule: str, n: int, beta_start: float, beta_end: float, **sigmoid) -> np.ndarray:
+    """Betas in float64, same formulas as diffusers (which then rounds them to float32);
+    ``sigmoid``: lucidrains' schedule (``sigmoid_start``/``_end``/``_tau`` keys)."""
+    if schedule == "sigmoid":
+        return _sigmoid_betas(n, **sigmoid)
     if schedule == "linear":
         return np.linspace(beta_start, beta_end, n, dtype=np.float64)
     if schedule == "scaled_linear":  # latent-diffusion schedule: linear in sqrt(beta)
@@ -97,7 +116,9 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leadi
                      continuous: bool = False) -> np.ndarray:
     """Descending model timesteps for ``steps`` sampling steps, as diffusers' set_timesteps.
 
-    ``spacing`` is one of linspace / leading / trailing (Lin et al. 2023, Table 2).
+    ``spacing`` is one of linspace / leading / trailing (Lin et al. 2023, Table 2), or
+    ``lucid``: lucidrains' ddim_sample grid, int(linspace(-1, N-1, steps+1)) in float32
+    (truncated; its final -1 is the "after the last step" marker, so it is dropped here).
     ``extended`` reproduces DPMSolverMultistepScheduler (an N+1 grid whose last point is
     dropped); ``continuous`` reproduces Euler/Heun (float32 linspace, not rounded).
     """
@@ -105,6 +126,10 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leadi
     if not 1 <= steps <= n:
         raise InvalidInput(f"steps must be in [1, {n}], got {steps}")
     m = steps + 1 if extended else steps
+    if spacing == "lucid":
+        if extended or continuous:
+            raise InvalidInput("timestep_spacing 'lucid' is lucidrains' DDIM grid: for the ddpm and ddim samplers only")
+        return np.trunc(_linspace_f32(-1.0, n - 1.0, steps + 1))[::-1][:-1].astype(np.int64)
     if spacing == "linspace":
         if continuous:
             return np.linspace(0, n - 1, m, dtype=np.float32)[::-1].copy()
@@ -118,6 +143,17 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leadi
     if extended and spacing != "trailing":
         ts = ts[:-1]
     return ts.astype(np.float32 if continuous else np.int64).copy()
+
+
+def _linspace_f32(start: float, end: float, m: int) -> np.ndarray:
+    """torch.linspace in float32 on the CPU: the first half counted up from ``start``, the
+    second down from ``end``, with a float32 step (so truncating it gives torch's integers)."""
+    f = np.float32
+    step = f((f(end) - f(start)) / f(m - 1))
+    i = np.arange(m)
+    up = f(start) + step * i.astype(np.float32)
+    down = f(end) - step * (m - 1 - i).astype(np.float32)
+    return np.where(i < m // 2, up, down)
 
 
 def _kind_only(name: str, doc: str):
@@ -145,6 +181,7 @@ class Schedule(ABC):
     kind: str | None = None                # the registry key; set by each kind
     default_sampler: str | None = None     # the sampler `generate` uses when nothing names one
     config_keys: frozenset[str] = frozenset()  # the kind's own config keys (besides ``type``)
+    prediction_types: tuple[str, ...] = ()     # diffusers prediction_type values it can carry
     num_train_timesteps: int | None = None
 
     def __init__(self, *, t_min: float, t_max: float,
@@ -166,7 +203,8 @@ class Schedule(ABC):
         eps (the training range, recorded only).
         Recognised diffusers sampler options (clip_sample, timestep_spacing, steps_offset,
         variance_type, ...) become ``sampler_defaults``; options our maths cannot honour
-        (prediction_type other than epsilon, karras sigmas, thresholding...) raise.
+        (karras sigmas, thresholding...) raise; ``prediction_type`` (epsilon, sample,
+        v_prediction) is the bundle's ``prediction`` and must agree with it.
         Called on a kind's class, ``type`` defaults to that kind and must be it.
         """
         cfg = dict(config)
@@ -187,6 +225,10 @@ class Schedule(ABC):
                 if value != _PINNED_KEYS[key]:
                     raise InvalidInput(f"{key}={value!r} is not supported "
                                      f"(only {_PINNED_KEYS[key]!r})")
+            elif key == "prediction_type":      # the model's business: samplers read its outputs
+                if value not in kind_cls.prediction_types:
+                    raise InvalidInput(f"prediction_type={value!r} is not one of {kind_cls.prediction_types} "
+                                       f"(for a {kind} schedule)")
             elif key != "type" and key not in kind_cls.config_keys:
                 ignored.append(key)
         return kind_cls.from_kind_config(cfg, sampler_defaults=defaults, config=cfg,
@@ -235,6 +277,8 @@ class Schedule(ABC):
 class VPSchedule(Schedule):
     """Variance-preserving kinds: alpha_t² + sigma_t² = 1, given by ``log_alpha``."""
 
+    prediction_types = _PREDICTION_TYPES
+
     @abstractmethod
     def log_alpha(self, t):
         """log alpha_t of a continuous time t."""
@@ -271,7 +315,7 @@ class DiscreteSchedule(VPSchedule):
     kind = "discrete"
     default_sampler = "dpmpp_2m"          # what generate uses when nothing names a sampler
     config_keys = frozenset({"num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                             "trained_betas", "model_time_offset"})
+                             "trained_betas", "model_time_offset", *_SIGMOID_KEYS})
 
     def __init__(self, betas, *, model_time_offset: float = 0.0, t_min: float | None = None,
                  t_max: float = 1.0, **common):
@@ -297,7 +341,8 @@ class DiscreteSchedule(VPSchedule):
         else:
             betas = _betas(cfg.get("beta_schedule", "linear"),
                            int(cfg.get("num_train_timesteps", 1000)),
-                           float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02)))
+                           float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02)),
+                           **{arg: float(cfg[key]) for key, arg in _SIGMOID_KEYS.items() if key in cfg})
         return cls(betas, model_time_offset=cfg.get("model_time_offset", 0), **common)
 
     def _describe(self):

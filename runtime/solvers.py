@@ -5,7 +5,11 @@ options..., callback=None) -> x0`` in the k-diffusion style: all schedule maths
 (float64) is precomputed once per call, the loop only does array arithmetic in the
 caller's dtype. ``denoise(x, t)`` gets ``t`` as a float32 vector [B] in the model's own
 time convention and returns the noise prediction: an ndarray (``eps``), a dict of named
-outputs (``{"eps": ..., "var": ...}``), or a tuple in the documented order.
+outputs (``{"eps": ..., "var": ...}``), or a tuple in the documented order. A dict may
+carry ``x0`` (x0-prediction, diffusers' "sample") or ``v`` (v-prediction, Salimans & Ho
+2022) instead of ``eps``: :func:`predict` is the one place that turns any of them into
+(eps, x0) at the step's marginal x = alpha·x0 + sigma·eps, so no sampler has
+per-prediction code.
 
 The solvers here are deterministic (``noise`` is accepted and unused):
 ``dpmpp_2m`` (diffusers DPMSolverMultistepScheduler), ``euler`` (EulerDiscreteScheduler),
@@ -21,7 +25,7 @@ from .schedules import Schedule, spaced_timesteps
 from .errors import InvalidInput
 
 __all__ = ["sample_dpmpp_2m", "sample_euler", "sample_heun", "sample_dpm_solver",
-           "noise_source", "outputs", "eps_of", "sigma_grid"]
+           "noise_source", "outputs", "eps_of", "predict", "sigma_grid", "PREDICTION_OUTPUTS"]
 
 
 # --- shared helpers ------------------------------------------------------------------
@@ -89,6 +93,28 @@ def eps_of(out, x):
     return outputs(out, x, ("eps",))[0]
 
 
+# The output that names each prediction type (diffusers' prediction_type).
+PREDICTION_OUTPUTS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+def predict(out, x, alpha: float, sigma: float):
+    """(eps, x0) of one denoiser call at the marginal x = alpha·x0 + sigma·eps.
+
+    An ``eps`` output gives (eps, None): the sampler derives x0 with its own coefficients
+    (so the ε paths keep their exact numerics). ``v`` = alpha·eps - sigma·x0 gives
+    eps = sigma·x + alpha·v and x0 = alpha·x - sigma·v, both without cancellation, so
+    nothing divides by a vanishing alpha at high noise; ``x0`` gives eps = (x - alpha·x0)/sigma.
+    """
+    if isinstance(out, dict) and "eps" not in out:
+        if "v" in out:
+            v = np.asarray(out["v"])
+            return sigma * x + alpha * v, alpha * x - sigma * v
+        if "x0" in out:
+            x0 = np.asarray(out["x0"])
+            return (x - alpha * x0) / sigma, x0
+    return eps_of(out, x), None
+
+
 def report(callback, i, total, t, x, denoised=None):
     """k-diffusion style progress callback: a dict with i, total, t (model time), x, denoised."""
     if callback is not None:
@@ -140,8 +166,9 @@ def sample_dpmpp_2m(denoise, x, schedule: Schedule, steps: int, noise=None, *,
                         or final_sigmas_type == "zero")
     x0_prev = None
     for i in range(n):
-        eps = eps_of(call(denoise, x, schedule.model_time(ts[i])), x)
-        x0 = (x - float(sigma[i]) * eps) / float(alpha[i])
+        eps, x0 = predict(call(denoise, x, schedule.model_time(ts[i])), x, float(alpha[i]), float(sigma[i]))
+        if x0 is None:
+            x0 = (x - float(sigma[i]) * eps) / float(alpha[i])
         if solver_order == 1 or i == 0 or (i == n - 1 and last_first_order):
             x = float(ratio[i]) * x + float(b[i]) * x0
         else:
@@ -175,8 +202,10 @@ def sample_euler(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     c_in = 1.0 / np.sqrt(sig**2 + 1.0)
     for i in range(len(ts)):
         t = schedule.model_time(ts[i])
-        eps = eps_of(call(denoise, x * float(c_in[i]), t), x)
-        denoised = x - float(sig[i]) * eps
+        x_in = x * float(c_in[i])
+        eps, denoised = predict(call(denoise, x_in, t), x_in, float(c_in[i]), float(sig[i] * c_in[i]))
+        if denoised is None:
+            denoised = x - float(sig[i]) * eps
         x = x + float(sig[i + 1] - sig[i]) * eps  # derivative (x - denoised)/sigma is eps
         report(callback, i, len(ts), t, x, denoised)
     return x
@@ -194,8 +223,11 @@ def sample_heun(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     c_in = 1.0 / np.sqrt(sig**2 + 1.0)
 
     def slope(xi, k):  # (x - denoised) / sigma at grid point k
-        eps = eps_of(call(denoise, xi * float(c_in[k]), schedule.model_time(ts[k])), xi)
-        denoised = xi - float(sig[k]) * eps
+        x_in = xi * float(c_in[k])
+        eps, denoised = predict(call(denoise, x_in, schedule.model_time(ts[k])), x_in, float(c_in[k]),
+                                float(sig[k] * c_in[k]))
+        if denoised is None:
+            denoised = xi - float(sig[k]) * eps
         if clip_sample:
             denoised = np.clip(denoised, -clip_sample_range, clip_sample_range)
         return (xi - denoised) / float(sig[k]), denoised
@@ -304,11 +336,11 @@ def sample_dpm_solver(denoise, x, schedule: Schedule, steps: int, noise=None, *,
     plan = _dpm_plan(schedule, steps, method, order, skip_type, t_start, t_end)
 
     def model(xi, t):  # noise or data prediction at continuous time t
-        eps = eps_of(call(denoise, xi, schedule.continuous_model_time(t)), xi)
+        a, sg = schedule.alpha_sigma(t)
+        eps, x0 = predict(call(denoise, xi, schedule.continuous_model_time(t)), xi, float(a), float(sg))
         if not data_pred:
             return eps
-        a, sg = schedule.alpha_sigma(t)
-        return (xi - float(sg) * eps) / float(a)
+        return (xi - float(sg) * eps) / float(a) if x0 is None else x0
 
     for i, (s, t, k, r1, r2, s1, s2) in enumerate(plan):
         ratio, c1, c2 = _dpm_coeffs(schedule, s, t, data_pred)

@@ -24,7 +24,7 @@ class ModelSpec:
 
     sample_shape: tuple[int, int, int]                 # (C, H, W)
     outputs: tuple[str, ...]                           # e.g. ("eps",) or ("eps", "var")
-    prediction: str                                    # "epsilon" or "ddm_c_eps"
+    prediction: str                                    # "epsilon", "sample", "v_prediction" or "ddm_c_eps"
     time: dict
     schedule: dict
     num_classes: int | None = None                     # None: unconditional
@@ -34,6 +34,7 @@ class ModelSpec:
     # x/t-independent inputs computed by a companion graph (ddm_cond's condition features):
     # name -> {"dtype", "shape"} (batch symbolic), in graph order after x and t
     features: dict = field(default_factory=dict)
+    extra_inputs: tuple[str, ...] = ()                 # after x, t[, y]: "x_self_cond" (lucid)
 
     @property
     def conditional(self) -> bool:
@@ -41,7 +42,8 @@ class ModelSpec:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return ("x", "t", "y") if self.conditional else ("x", "t", *self.features)
+        head = ("x", "t", "y") if self.conditional else ("x", "t")
+        return head + tuple(self.features) + tuple(self.extra_inputs)
 
 
 @dataclass(frozen=True)

@@ -258,14 +258,15 @@ class Unet(nn.Module):
 
 
 class LucidExport(nn.Module):
-    """Export view: forward(x, t) -> (eps,) (self-conditioning, where built, sees zeros)."""
+    """Export view: forward(x, t) -> (prediction,); with self-conditioning forward(x, t,
+    x_self_cond), the runtime feeding the previous step's x0 estimate (zeros at the first)."""
 
     def __init__(self, model: Unet):
         super().__init__()
         self.model = model
 
-    def forward(self, x, t):
-        return (self.model(x, t),)
+    def forward(self, x, t, x_self_cond=None):
+        return (self.model(x, t, x_self_cond),)
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -319,10 +320,9 @@ _UNET_KEYS = [k for k in SCHEMA.fields if k not in ("image_size", "timesteps", "
 
 CONFIGS = {
     # README: Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=True), GaussianDiffusion(image_size=128,
-    # timesteps=1000). The README's diffusion keeps its defaults (pred_v, sigmoid), which the runtime
-    # cannot sample yet: this names the same network trained with pred_noise and linear betas.
+    # timesteps=1000) with the diffusion's defaults, pred_v and sigmoid.
     "readme-128": {"dim": 64, "dim_mults": [1, 2, 4, 8], "flash_attn": True, "image_size": 128,
-                   "timesteps": 1000, "objective": "pred_noise", "beta_schedule": "linear"},
+                   "timesteps": 1000, "objective": "pred_v", "beta_schedule": "sigmoid"},
     "tiny": {"dim": 16, "dim_mults": [1, 2], "channels": 1, "image_size": 8, "attn_heads": 2,
              "attn_dim_head": 8, "objective": "pred_noise", "beta_schedule": "linear"},
 }
@@ -345,6 +345,10 @@ def build(config: dict) -> LucidExport:
     return LucidExport(Unet(**unet_kwargs(check_config(config)))).eval()
 
 
+# GaussianDiffusion's objective -> (the runtime's prediction type, the output's name)
+OBJECTIVES = {"pred_noise": ("epsilon", "eps"), "pred_x0": ("sample", "x0"), "pred_v": ("v_prediction", "v")}
+
+
 def _schedule(cfg: dict) -> dict:
     n = cfg["timesteps"]
     if cfg["beta_schedule"] == "linear":
@@ -355,9 +359,10 @@ def _schedule(cfg: dict) -> dict:
     if cfg["beta_schedule"] == "cosine":
         # cosine_beta_schedule(T, s=0.008): 1 - abar(i+1)/abar(i), clipped to 0.999; the
         # normalisation by abar(0) cancels in the ratio, so this is diffusers' squaredcos_cap_v2
+        # (equal to the last float64 bit or two)
         return {"num_train_timesteps": n, "beta_schedule": "squaredcos_cap_v2"}
-    raise ConfigError("lucid config: beta_schedule 'sigmoid' (GaussianDiffusion's default) is not supported "
-                      "by the runtime yet; export a 'linear' or 'cosine' model")
+    # sigmoid_beta_schedule(T) at its defaults (start -3, end 3, tau 1)
+    return {"num_train_timesteps": n, "beta_schedule": "sigmoid"}
 
 
 def spec(config: dict) -> ModelSpec:
@@ -366,27 +371,25 @@ def spec(config: dict) -> ModelSpec:
     unstated = [k for k in ("objective", "beta_schedule") if k not in config]
     if unstated:   # GaussianDiffusion defaults to pred_v + sigmoid: a silent default would mislabel
         fail(f"say {' and '.join(unstated)} (how the checkpoint was trained; GaussianDiffusion's defaults "
-             "are pred_v and sigmoid, which the runtime does not sample yet)")
-    if cfg["objective"] != "pred_noise":
-        fail(f"objective {cfg['objective']!r} is not supported by the runtime yet (it lacks that prediction "
-             "type); only 'pred_noise' exports")
-    if cfg["self_condition"]:
-        fail("self_condition=true is not supported by the runtime yet (it has no self-conditioning input)")
+             "are pred_v and sigmoid)")
     if cfg["learned_variance"] or (cfg["out_dim"] not in (None, cfg["channels"])):
         fail("learned_variance / out_dim != channels is not supported (GaussianDiffusion needs out_dim == channels)")
     if cfg["learned_sinusoidal_cond"] or cfg["random_fourier_features"]:
         fail("learned_sinusoidal_cond / random_fourier_features are for the continuous-time trainers, whose time "
              "convention the runtime lacks; GaussianDiffusion refuses them too")
-    schedule = _schedule(cfg)
+    prediction, output = OBJECTIVES[cfg["objective"]]
     size, n = cfg["image_size"], cfg["timesteps"]
     return ModelSpec(
         sample_shape=(cfg["channels"], size, size),
-        outputs=("eps",),
-        prediction="epsilon",
+        outputs=(output,),
+        prediction=prediction,
         time={"convention": "discrete", "min": 0, "max": n - 1},
-        schedule=schedule,
+        schedule=_schedule(cfg),
+        extra_inputs=("x_self_cond",) if cfg["self_condition"] else (),
         extra={"variance": "fixed_small", "objective": cfg["objective"],
-               "lucid_beta_schedule": cfg["beta_schedule"]},
+               "lucid_beta_schedule": cfg["beta_schedule"],
+               # GaussianDiffusion.ddim_sample re-derives the noise from the clipped x0
+               "use_clipped_model_output": True},
     )
 
 

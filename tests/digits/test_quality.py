@@ -38,3 +38,23 @@ def test_shipped_weights_through_torch_draw_the_requested_digits(family, outside
     labels = rt_judge.class_order_labels(5)
     assert result.n == 50 and result.accuracy >= 0.9
     assert outside.accuracy(samples, labels) >= 0.9
+
+
+def test_shipped_unconditional_v_model_draws_recognisable_varied_digits(outside, one_thread):
+    """lucid: unconditional, v-prediction on the sigmoid schedule; 50 samples, 10 steps: the
+    judge recognises most, the SVM agrees with its class, and the classes vary."""
+    name, config, module, spec = quality.load_trained(shipped("lucid"))
+    manifest = quality.trained_manifest(name, config, spec)
+    assert (manifest.prediction, manifest.conditional) == ("v_prediction", False)
+    backend = quality.TorchBackend.from_spec(module, spec)
+    result, samples = rt_judge.judge_backend(backend, manifest, per_class=5, steps=10, batch=50)
+    assert result.n == 50 and not result.conditional and result.accuracy >= 0.7
+    assert sum(share > 0 for share in result.per_class) >= 7 and sum(result.per_class) == pytest.approx(1.0)
+    assert outside.accuracy(samples, None) >= 0.7
+
+
+def test_judge_of_unlabelled_real_digits_is_its_baseline():
+    held = rt_judge.load_judge()
+    result = rt_judge.judge(held["held_images"], None)
+    assert result.accuracy == result.baseline_accuracy >= 0.9 and "recognised" in result.summary()
+    assert sum(result.per_class) == pytest.approx(1.0) and min(result.per_class) > 0.05

@@ -57,9 +57,9 @@ def test_family_trains_and_saves_loadable_weights(family, data, tmp_path, one_th
     load_strict(get_family(family).official(fresh), read_checkpoint(out / "model.safetensors"))
     x = torch.randn(2, 1, 16, 16)
     t = torch.tensor([0.5, 0.9]) if family == "ddm" else torch.tensor([10.0, 900.0])
-    y = torch.tensor([3, 10])
+    args = (x, t, torch.tensor([3, 10])) if fam.spec(config).conditional else (x, t)   # lucid: unconditional
     with torch.no_grad():
-        for a, b in zip(fresh(x, t, y), module.eval()(x, t, y)):
+        for a, b in zip(fresh(*args), module.eval()(*args)):
             torch.testing.assert_close(a, b)
 
 
@@ -86,6 +86,29 @@ def test_ddm_loss_is_zero_for_the_true_targets():
         return -x0, torch.randn(x0.shape, generator=g)
 
     assert objectives.ddm_loss()(oracle, x0, None, gen).item() == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["pred_noise", "pred_x0", "pred_v"])
+@pytest.mark.parametrize("self_condition", [False, True])
+def test_lucid_loss_is_zero_for_the_true_target(objective, self_condition):
+    """GaussianDiffusion.p_losses' targets: the drawn noise, x0, or v = sqrt(abar)·eps -
+    sqrt(1 - abar)·x0 at the drawn step (an oracle that replays the draws)."""
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    sched = objectives.DiscreteSchedule({"num_train_timesteps": 1000, "beta_schedule": "sigmoid"})
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+
+    def oracle(x_t, t, *cond):
+        assert len(cond) == self_condition
+        g = torch.Generator()
+        g.set_state(state)
+        n = torch.randint(0, 1000, (4,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a, s = (v[n][:, None, None, None] for v in (sched.sqrt_abar, sched.sqrt_1m_abar))
+        return ({"pred_noise": eps, "pred_x0": x0, "pred_v": a * eps - s * x0}[objective],)
+
+    loss = objectives.lucid_loss(sched, objective, self_condition)(oracle, x0, None, gen)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
 
 
 @pytest.mark.parametrize("family", sorted(p.name for p in ASSETS.glob("*") if (p / "model.safetensors").is_file()))

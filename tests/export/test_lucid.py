@@ -93,11 +93,13 @@ def rung1(tmp_path_factory):
 
 
 def _io_spec(name):
-    """The bundle spec refuses self-conditioning and Fourier time features (the runtime lacks
-    them); the network's x, t -> eps graph is still checked under a spec of the same shape."""
-    cfg = {k: v for k, v in PERTURBED[name].items()
-           if k not in ("self_condition", "random_fourier_features", "learned_sinusoidal_cond")}
-    return lucid.spec({"objective": "pred_noise", "beta_schedule": "linear", **cfg})
+    """The bundle spec refuses Fourier time features (the runtime lacks their time convention);
+    the network's graph is still checked under a spec of the same shape. Self-conditioning
+    exports, with x_self_cond as a third input."""
+    cfg = {k: v for k, v in PERTURBED[name].items() if k not in ("random_fourier_features", "learned_sinusoidal_cond")}
+    spec = lucid.spec({"objective": "pred_v", "beta_schedule": "sigmoid", **cfg})
+    assert spec.inputs == (("x", "t", "x_self_cond") if cfg.get("self_condition") else ("x", "t"))
+    return spec
 
 
 @pytest.mark.parametrize("name", list(PERTURBED))
@@ -108,31 +110,50 @@ def test_rung1_onnx_with_perturbed_weights(name, rung1, one_thread):
 # --- spec: time, schedules, refusals ----------------------------------------------------------
 
 def _lucid_betas(kind: str, n: int) -> np.ndarray:
-    """GaussianDiffusion's linear_beta_schedule / cosine_beta_schedule, in float64."""
+    """GaussianDiffusion's linear / cosine / sigmoid beta schedules, in float64 (the sigmoid's
+    end values are float32 there: torch.tensor(±3.).sigmoid())."""
     if kind == "linear":
         scale = 1000 / n
         return np.linspace(scale * 1e-4, scale * 0.02, n)
     steps = np.linspace(0, n, n + 1) / n
-    abar = np.cos((steps + 0.008) / 1.008 * math.pi * 0.5) ** 2
+    if kind == "cosine":
+        abar = np.cos((steps + 0.008) / 1.008 * math.pi * 0.5) ** 2
+    else:
+        lo, hi = (float(torch.tensor(v).sigmoid()) for v in (-3.0, 3.0))
+        abar = (hi - 1 / (1 + np.exp(-(steps * 6 - 3)))) / (hi - lo)
     abar = abar / abar[0]
     return np.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "sigmoid"])
 @pytest.mark.parametrize("n", [1000, 250])
 def test_schedule_is_gaussian_diffusions(kind, n):
     spec = lucid.spec(dict(lucid.CONFIGS["tiny"], beta_schedule=kind, timesteps=n))
     assert spec.time == {"convention": "discrete", "min": 0, "max": n - 1}
     assert spec.prediction == "epsilon" and spec.outputs == ("eps",)
     betas = Schedule.from_config(spec.schedule).betas
-    np.testing.assert_allclose(betas, _lucid_betas(kind, n), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(betas, _lucid_betas(kind, n), rtol=1e-11, atol=2e-15)
+
+
+@pytest.mark.parametrize("objective, prediction, output", [
+    ("pred_noise", "epsilon", "eps"), ("pred_x0", "sample", "x0"), ("pred_v", "v_prediction", "v")])
+@pytest.mark.parametrize("self_condition", [False, True])
+def test_objectives_and_self_conditioning_reach_the_bundle(objective, prediction, output, self_condition):
+    """The objective names the prediction type and the output (``v``: v-prediction, never
+    DiT's variance, which schema 2 calls ``var``); self-conditioning adds the x_self_cond input."""
+    from edgediff.export.reference import manifest_for
+
+    cfg = dict(lucid.CONFIGS["tiny"], objective=objective, self_condition=self_condition)
+    spec = lucid.spec(cfg)
+    assert (spec.prediction, spec.outputs) == (prediction, (output,))
+    assert spec.inputs == ("x", "t", "x_self_cond")[:3 if self_condition else 2]
+    manifest = manifest_for("lucid", spec, cfg)
+    assert manifest.prediction == prediction and manifest.output_names == [output]
+    assert manifest.inputs.get("x_self_cond", manifest.inputs["x"]) == manifest.inputs["x"]
+    assert manifest.option("use_clipped_model_output") is True        # ddim_sample's re-derived noise
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"objective": "pred_v"}, "objective 'pred_v' is not supported by the runtime yet"),
-    ({"objective": "pred_x0"}, "objective 'pred_x0' is not supported by the runtime yet"),
-    ({"beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid'"),
-    ({"self_condition": True}, "self_condition=true is not supported"),
     ({"learned_variance": True}, "learned_variance"),
     ({"out_dim": 2}, "out_dim != channels"),
     ({"random_fourier_features": True}, "continuous-time trainers"),
@@ -205,3 +226,51 @@ def test_export_needs_the_training_objective_and_schedule_stated():
     with pytest.raises(ValueError, match="say objective and beta_schedule"):
         lucid.spec(base)
     assert lucid.spec({**base, "objective": "pred_noise", "beta_schedule": "cosine"}).schedule
+    assert lucid.spec({**base, "objective": "pred_v", "beta_schedule": "sigmoid"}).prediction == "v_prediction"
+
+
+# --- a v-prediction, sigmoid, self-conditioned bundle end to end --------------------------------
+
+def test_self_conditioned_v_bundle_generates_like_pytorch(tmp_path, one_thread):
+    """Exported with x_self_cond, sampled through the pipeline on ONNX Runtime and on the
+    PyTorch module (rung 5), the runtime feeding zeros first, then the previous call's clipped x0."""
+    from safetensors.torch import save_file
+
+    from edgediff.export.bundle import export_bundle
+    from edgediff.export.reference import TorchBackend
+    from edgediff.runtime import read_bundle
+    from edgediff.runtime.backends import load_backend
+    from edgediff.runtime.parity import rel_l2 as np_rel_l2
+    from edgediff.runtime.pipeline import generate
+
+    cfg = dict(lucid.CONFIGS["tiny"], objective="pred_v", beta_schedule="sigmoid", self_condition=True, timesteps=100)
+    torch.manual_seed(0)
+    module = lucid.build(cfg)
+    perturb_(module.model, seed=1)
+    save_file(module.model.state_dict(), tmp_path / "w.safetensors")
+    export_bundle("lucid", cfg, tmp_path / "b", checkpoint=tmp_path / "w.safetensors", log=lambda m: None)
+    bundle = read_bundle(tmp_path / "b")
+    m = bundle.manifest
+    assert (m.prediction, m.output_names, m.input_names) == ("v_prediction", ["v"], ["x", "t", "x_self_cond"])
+    assert m.schedule["beta_schedule"] == "sigmoid" and m.option("use_clipped_model_output") is True
+
+    class Spy(TorchBackend):
+        feeds: list = []
+
+        def infer_impl(self, feed):
+            self.feeds.append((feed["x"].copy(), feed["t"].copy(), feed["x_self_cond"].copy()))
+            return super().infer_impl(feed)
+
+    for sampler in ("ddim", "dpmpp_2m", "heun"):
+        kw = dict(sampler=sampler, steps=6, batch=2, seed=3)
+        ort_run = generate(load_backend(bundle, "ort"), m, 2, **kw)
+        Spy.feeds = []
+        ref_run = generate(Spy(module, m.inputs, m.output_names), m, 2, **kw)
+        assert np.isfinite(ort_run.samples).all() and np_rel_l2(ref_run.samples, ort_run.samples) <= 1e-4
+        (x1, t1, c1), (_, _, c2) = Spy.feeds[:2]
+        assert not c1.any() and c2.any()
+        sched = m.noise_schedule
+        a, s = np.sqrt(sched.alphas_cumprod[int(t1[0])]), np.sqrt(1 - sched.alphas_cumprod[int(t1[0])])
+        with torch.no_grad():
+            v = module(torch.from_numpy(x1), torch.from_numpy(t1), torch.from_numpy(c1))[0].numpy()
+        np.testing.assert_allclose(c2, np.clip(a * x1 - s * v, -1, 1), atol=1e-5)

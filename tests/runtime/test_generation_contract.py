@@ -117,7 +117,9 @@ def test_pipeline_output_and_lifecycle(ddpm_bundle):
     ({"sampling": {"steps": 0}}, "sampling.steps"),
     ({"schema_version": 99}, "schema version 99"),
     ({"schema_version": True}, "schema version True"),
-    ({"prediction": "v_prediction"}, "prediction must be one of"),
+    ({"prediction": "velocity"}, "prediction must be one of"),
+    ({"prediction": "v_prediction"}, "a v_prediction model needs output"),      # its output is v
+    ({"prediction": "v_prediction", "schema_version": 1}, "prediction must be one of"),
     ({"prediction": "ddm_c_eps"}, "needs output"),
     ({"schedule": {"type": "ddm_constant"}}, "cannot use a ddm_constant schedule"),
     ({"schedule": {"num_train_timesteps": 10**9}}, "num_train_timesteps"),

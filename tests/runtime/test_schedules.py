@@ -95,8 +95,8 @@ def test_sampler_defaults_pinned_and_ignored_keys():
                                   "timestep_spacing": "trailing"}
     assert set(s.ignored_keys) == {"_class_name", "skip_prk_steps"}
     assert s.to_config() == cfg
-    for bad in ({"prediction_type": "v_prediction"}, {"use_karras_sigmas": True},
-                {"thresholding": True}, {"beta_schedule": "sigmoid"}, {"type": "edm"}):
+    for bad in ({"prediction_type": "velocity"}, {"use_karras_sigmas": True},
+                {"thresholding": True}, {"beta_schedule": "sigmoid2"}, {"type": "edm"}):
         with pytest.raises(ValueError):
             Schedule.from_config({**LINEAR, **bad})
 
