@@ -309,7 +309,7 @@ def _check_model(kw: dict):
 def _check_pairing(components: dict, inputs: dict) -> None:
     """A condition encoder's outputs are exactly the denoiser's inputs after x and t, same
     names, same order, same declarations; without one, the denoiser takes no such inputs."""
-    extra = [n for n in inputs if n not in ("x", "t", "y")]
+    extra = [n for n in inputs if n not in ("x", "t", "y", "x_self_cond")]    # self-cond: fed by the runtime
     enc = components.get(FEATURE_COMPONENT)
     if enc is None:
         if extra:
