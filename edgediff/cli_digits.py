@@ -27,12 +27,13 @@ FAMILY_NAMES = tuple(DIGITS_CONFIGS)
 @click.option("--guidance", type=float, help="Guidance scale w (default: the bundle's recommended one).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
 def demo(family, out, cache, guidance, seed):
-    """Export the embedded digits model, draw ten of each class on ONNX Runtime, judge them."""
+    """Export the embedded digits model, draw ten of each class (or 100 unconditional samples) on ONNX Runtime, judge them."""
     from edgediff.digits.demo import DEFAULT_FAMILY, run_demo
 
     result = run_demo(family or DEFAULT_FAMILY, cache=cache, png=out, guidance=guidance, seed=seed,
                       log=lambda msg: click.echo(msg, err=True))
-    click.echo(f"wrote {result.png} (rows: classes 0-9) from {result.bundle}")
+    rows = "rows: classes 0-9" if result.judge.conditional else "unconditional: 100 samples"
+    click.echo(f"wrote {result.png} ({rows}) from {result.bundle}")
     click.echo(result.judge.summary())
     click.echo(f"done in {result.seconds:.1f} s")
 

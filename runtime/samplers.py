@@ -9,7 +9,8 @@
 integer steps for discrete schedules, ``999·t`` for U-ViT's VP SDE, ``t`` for DDM) and
 returns ``eps`` as an ndarray, or a dict of named outputs: ``{"eps", "var"}`` for DiT's
 learned sigma (``ddpm`` with ``variance="learned_range"``), ``{"c", "eps"}`` for the
-decoupled model (``ddm``); tuples are read in that order. Guidance belongs in
+decoupled model (``ddm``), ``{"x0"}`` / ``{"v"}`` for x0- / v-prediction models (every VP
+sampler, through ``solvers.predict``); tuples are read in that order. Guidance belongs in
 ``denoise``; samplers only call it.
 
 Randomness enters only through ``noise``: a ``np.random.Generator`` (drawn in step order,
