@@ -84,6 +84,10 @@ DIGITS_SAMPLING: dict[str, dict] = {
     "dit_latent": {"guidance": 1.25},
 }
 
+# Image-conditioned digits models: name -> their task (digits/inpaint.py: a digit with a
+# random 6×6 square blanked is the condition; the model draws the whole digit).
+CONDITIONED: dict[str, str] = {"ddm_cond": "inpaint"}
+
 # Digits models are keyed by name; a name that is not a model family says which family it is.
 MODEL_FAMILY: dict[str, str] = {"dit_latent": "dit"}
 # Latent digits models: name -> the shipped autoencoder (digits/assets/NAME, diffusers'
@@ -141,5 +145,13 @@ DIGITS_CONFIGS: dict[str, dict] = {
     "lucid": {
         "dim": 16, "dim_mults": [1, 2, 4], "channels": 1, "attn_heads": 2, "attn_dim_head": 16,
         "image_size": SIZE, "timesteps": 1000, "objective": "pred_v", "beta_schedule": "sigmoid",
+    },
+    # DDM's conditional dual U-Net (cond_unet.Unet) with edgediff's small condition encoder
+    # (features at 16, 8, 4, 2 of a 16×16 condition): the inpainting task, no labels.
+    "ddm_cond": {
+        "dim": 16, "dim_mults": [1, 2, 2, 2], "channels": 1, "cond_in_dim": 1, "cond_net": "small",
+        "small_width": 8, "small_stride": 1, "window_sizes1": [[2, 2], [2, 2], [1, 1], [1, 1]],
+        "window_sizes2": [[2, 2], [1, 1], [1, 1], [1, 1]], "fourier_scale": 16,
+        "sample_size": [SIZE, SIZE], "cond_size": [SIZE, SIZE], "space": "pixel",
     },
 }

@@ -57,3 +57,13 @@ def judge_pipeline(pipe, per_condition: int = 1, *, seed: int = 0, steps: int | 
         conds, labels = conds[:limit], labels[:limit]
     out = pipe(per_condition, cond=conds, seed=seed, steps=steps, sampler=sampler, batch=120, progress=progress)
     return judge(out.samples, labels[out.cond_index])
+
+
+def mask_batch(x0, gen):
+    """The training-time twin of :func:`mask_digits` on a torch batch (corners drawn from the
+    torch generator ``gen``, so a seeded run repeats)."""
+    import torch
+
+    top, left = torch.randint(0, digits.SIZE - HOLE + 1, (2, len(x0)), generator=gen).numpy()
+    inside = torch.from_numpy(hole_mask(top, left))
+    return torch.where(inside, torch.tensor(FILL, dtype=x0.dtype), x0)

@@ -173,6 +173,6 @@ def objective_for(family: str, spec) -> callable:
     if family == "lucid":
         return lucid_loss(DiscreteSchedule(spec.schedule), spec.extra["objective"],
                           "x_self_cond" in spec.inputs)
-    if family == "ddm":
+    if family in ("ddm", "ddm_cond"):
         return ddm_loss(eps=float(spec.schedule.get("eps", 1e-4)))
     raise InvalidInput(f"no training objective for family {family!r}")

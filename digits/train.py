@@ -29,6 +29,7 @@ from edgediff.export.models import get_family
 from edgediff.runtime.files import check_replaceable, public_mode, replace_dir, staged_dir
 
 from . import data as digits
+from .inpaint import FILL, HOLE, mask_batch
 from .objectives import objective_for
 from edgediff.runtime.errors import InvalidInput
 
@@ -57,6 +58,7 @@ TRAINING: dict[str, Hyper] = {
     "ddm": Hyper(steps=2000, batch=64, lr=2e-3),
     "dit_latent": Hyper(steps=5000, batch=64, lr=2e-3),
     "lucid": Hyper(steps=1800, batch=64, lr=2e-3),
+    "ddm_cond": Hyper(steps=1200, batch=64, lr=2e-3, label_dropout=0.0),
 }
 
 
@@ -170,10 +172,15 @@ def fit(family_name: str, config: dict, h: Hyper, seed: int = 0, data: digits.Di
     data = data or training_data(family_name)
     loss_fn = objective_for(family.name, spec)
     gen = torch.Generator().manual_seed(seed)
+    conditioned = family_name in digits.CONDITIONED
+    # an image-conditioned model trains through its unsplit forward(x, t, cond)
+    net = family.official(module) if conditioned else module
 
     def step_loss(step):
         x0, y = _batch(data, h, spec.null_label, gen)
-        return loss_fn(module, x0, y, gen)
+        if conditioned:
+            y = mask_batch(x0, gen)                  # the condition takes the labels' place
+        return loss_fn(net, x0, y, gen)
 
     model, curve, losses, run, seconds = optimise(module, h, step_loss, f"train {family_name}", progress)
     return model, family, TrainResult(None, float(run[0]), seconds, curve, losses)
@@ -236,6 +243,9 @@ def train(family_name: str, out: str | Path | None, *, steps: int | None = None,
               "seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "hyper": asdict(h), "loss_curve": result.curve,
               "data": {"train": "sklearn load_digits, 80% per-class split (seed 0), 8x8 -> 16x16 bilinear, [-1, 1]"}}
+    if family_name in digits.CONDITIONED:
+        record["data"]["condition"] = (f"the digit with a random {HOLE}x{HOLE} square set to {FILL} "
+                                       "(digits/inpaint.py), drawn per batch")
     if latent:
         from .vae import autoencoder_record
 
