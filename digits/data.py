@@ -82,6 +82,7 @@ DIGITS_SAMPLING: dict[str, dict] = {
     # measured through PyTorch, 20 dpmpp_2m steps, n = 1000: w = 1 97.1% / FD 3.1, w = 1.25 99.2% / FD 4.9,
     # w = 1.5 99.7% / FD 12.7, w = 2 99.9% / FD 33.1 (real held-out digits: 98.3% / FD 4.1)
     "dit_latent": {"guidance": 1.25},
+    "ddm_cond": {"steps": 10},          # DDM-Public's sampling_timesteps
 }
 
 # Image-conditioned digits models: name -> their task (digits/inpaint.py: a digit with a

@@ -49,14 +49,14 @@ def held_conditions(seed: int = CONDITION_SEED) -> tuple[np.ndarray, np.ndarray]
 
 
 def judge_pipeline(pipe, per_condition: int = 1, *, seed: int = 0, steps: int | None = None,
-                   sampler: str | None = None, limit: int | None = None, progress=None) -> JudgeResult:
+                   sampler: str | None = None, limit: int | None = None, progress=None):
     """Inpaint the held-out conditions through an image-conditioned bundle's pipeline and
-    judge the results against the digits the conditions were cut from."""
+    judge the results against the digits the conditions were cut from: (JudgeResult, Generation)."""
     conds, labels = held_conditions()
     if limit is not None:
         conds, labels = conds[:limit], labels[:limit]
     out = pipe(per_condition, cond=conds, seed=seed, steps=steps, sampler=sampler, batch=120, progress=progress)
-    return judge(out.samples, labels[out.cond_index])
+    return judge(out.samples, labels[out.cond_index]), out
 
 
 def mask_batch(x0, gen):

@@ -10,15 +10,17 @@ import json
 
 import click
 
-from edgediff.digits.data import DIGITS_CONFIGS
+from edgediff.digits.data import CONDITIONED, DIGITS_CONFIGS
 from edgediff.digits.judge import JUDGE_PATH
 from edgediff.runtime.samplers import SAMPLERS
 
 FAMILY_NAMES = tuple(DIGITS_CONFIGS)
+# the class-judged models (demo, quality table); image-conditioned ones have `digits inpaint`
+JUDGED_NAMES = tuple(n for n in DIGITS_CONFIGS if n not in CONDITIONED)
 
 
 @click.command()
-@click.option("--family", type=click.Choice(FAMILY_NAMES),
+@click.option("--family", type=click.Choice(JUDGED_NAMES),
               help="Which shipped digits model to run (default: dit; dit_latent: a latent DiT decoded by "
                    "the digits autoencoder; lucid: unconditional, v-prediction).")
 @click.option("--out", default="demo.png", show_default=True, type=click.Path(dir_okay=False), help="PNG grid.")
@@ -114,7 +116,7 @@ def check(path, sampler, steps, per_class, guidance, vae):
 
 
 @digits.command("quality-table")
-@click.option("--families", default=",".join(FAMILY_NAMES), show_default=True,
+@click.option("--families", default=",".join(JUDGED_NAMES), show_default=True,
               help="Comma-separated digits families to table.")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2),
               help="Samples per class for the 20-step rows.")
@@ -130,9 +132,9 @@ def quality_table(families, per_class, long_per_class, guidance, cache):
     from edgediff.digits.quality import table
 
     names = [f.strip() for f in families.split(",") if f.strip()]
-    unknown = sorted(set(names) - set(FAMILY_NAMES))
+    unknown = sorted(set(names) - set(JUDGED_NAMES))
     if unknown:
-        raise click.BadParameter(f"unknown families {unknown}; choose from {', '.join(FAMILY_NAMES)}",
+        raise click.BadParameter(f"unknown families {unknown}; choose from {', '.join(JUDGED_NAMES)}",
                                  param_hint="--families")
     click.echo("\n".join(table(names, per_class, long_per_class, guidance, Path(cache))))
 
@@ -148,6 +150,35 @@ def train_judge(out, epochs, seed):
 
     result = train_and_save(out, epochs, seed)
     click.echo(f"wrote {out}; held-out accuracy {100 * result.accuracy:.2f}%, FD {result.fd:.3f}")
+
+
+@digits.command("inpaint")
+@click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--limit", type=click.IntRange(2), help="Only the first N held-out conditions (default: all 360).")
+@click.option("--per-condition", default=1, show_default=True, type=click.IntRange(1), help="Samples per condition.")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the bundle's recommended one).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG grid: each condition beside its samples.")
+@click.option("--cache", default="build", show_default=True, type=click.Path(file_okay=False),
+              help="Where the shipped model's bundle is kept (build/digits-ddm_cond), without BUNDLE.")
+def inpaint(bundle, limit, per_condition, sampler, steps, seed, out, cache):
+    """Inpaint held-out digits (a random 6x6 square blanked) with the image-conditioned model
+    (BUNDLE, default: the shipped ddm_cond weights) and judge the share drawn as the right digit."""
+    from pathlib import Path
+
+    from edgediff.digits.demo import ensure_bundle
+    from edgediff.digits.inpaint import judge_pipeline
+    from edgediff.runtime.images import save_outputs
+    from edgediff.runtime.pipeline import Pipeline
+
+    path = bundle or ensure_bundle("ddm_cond", Path(cache) / "digits-ddm_cond", log=lambda m: click.echo(m, err=True))
+    with Pipeline.from_bundle(path, max_batch=120) as pipe:
+        result, gen = judge_pipeline(pipe, per_condition, seed=seed, steps=steps, sampler=sampler, limit=limit)
+        lines = save_outputs(pipe.manifest, gen, png=out) if out else []
+    click.echo(result.summary())
+    for line in lines:
+        click.echo(line)
 
 
 DIGITS_COMMANDS = (demo, evaluate, digits)

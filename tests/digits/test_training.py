@@ -9,7 +9,7 @@ import torch
 
 from edgediff.export.models import FAMILIES, get_family
 from edgediff.export.models.common import load_strict, read_checkpoint
-from edgediff.digits import data as digits, objectives, train
+from edgediff.digits import data as digits, inpaint, objectives, train
 from edgediff.digits.demo import ASSETS, shipped
 
 TRAINABLE = [f for f in digits.DIGITS_CONFIGS if f in FAMILIES]
@@ -56,11 +56,28 @@ def test_family_trains_and_saves_loadable_weights(family, data, tmp_path, one_th
     fresh = get_family(family).build(config)
     load_strict(get_family(family).official(fresh), read_checkpoint(out / "model.safetensors"))
     x = torch.randn(2, 1, 16, 16)
-    t = torch.tensor([0.5, 0.9]) if family == "ddm" else torch.tensor([10.0, 900.0])
+    t = torch.tensor([0.5, 0.9]) if family.startswith("ddm") else torch.tensor([10.0, 900.0])
     args = (x, t, torch.tensor([3, 10])) if fam.spec(config).conditional else (x, t)   # lucid: unconditional
+    if family in digits.CONDITIONED:        # the unsplit forward, conditioned on an inpainting input
+        fresh, module, args = fam.official(fresh), fam.official(module), (x, t, inpaint.mask_digits(
+            data.held_x[:2], np.random.default_rng(0)))
+        args = (x, t, torch.from_numpy(args[2]))
     with torch.no_grad():
         for a, b in zip(fresh(*args), module.eval()(*args)):
             torch.testing.assert_close(a, b)
+
+
+def test_inpainting_masks_one_square_alike_in_numpy_and_torch(data):
+    x = data.held_x[:50]
+    inside = inpaint.hole_mask(*inpaint.random_corners(50, np.random.default_rng(1)))
+    assert (inside.reshape(50, -1).sum(1) == inpaint.HOLE ** 2).all()       # one whole square each
+    masked = inpaint.mask_digits(x, np.random.default_rng(1))
+    assert (masked[inside] == inpaint.FILL).all() and np.array_equal(masked[~inside], x[~inside])
+    top, left = torch.randint(0, 16 - inpaint.HOLE + 1, (2, 50), generator=torch.Generator().manual_seed(0)).numpy()
+    tb = inpaint.mask_batch(torch.from_numpy(x), torch.Generator().manual_seed(0)).numpy()
+    np.testing.assert_array_equal(tb, np.where(inpaint.hole_mask(top, left), inpaint.FILL, x))
+    conds, labels = inpaint.held_conditions()
+    assert conds.shape == data.held_x.shape and np.array_equal(labels, data.held_y)
 
 
 def test_hybrid_loss_pieces():
