@@ -10,13 +10,16 @@ from edgediff.runtime.backends import load_backend
 from edgediff.runtime.parity import rel_l2
 from edgediff.runtime.pipeline import generate, resolve_labels
 
+from conditioned import check_conditioned_trajectory
+
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_trajectory_matches_pytorch(name, fixture_bundle):
-    if FAMILIES[name].companions:
-        pytest.skip(f"{name} denoises from condition features: its trajectory needs `generate --cond` "
-                    "(the runtime's conditioning path), tested with it")
     _, module, path, _ = fixture_bundle(name)
+    if FAMILIES[name].companions:
+        # condition features: the runtime's path (encoder once, features cached) against the
+        # official unsplit forward recomputing the condition at every step
+        return check_conditioned_trajectory(module, path)
     bundle = read_bundle(path)
     kw = dict(steps=8, batch=3, seed=3, labels=resolve_labels(bundle.manifest, 3, None),
               guidance=2.0 if bundle.manifest.null_label is not None else 1.0)
