@@ -43,15 +43,17 @@ def demo(family, out, cache, guidance, seed):
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2), help="Samples per class.")
 @click.option("--guidance", type=float, help="Guidance scale w (default: the bundle's recommended one).")
+@click.option("--classifier-scale", type=float, default=0.0, show_default=True,
+              help="Classifier guidance scale s with the bundle's classifier (edgediff add-classifier).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def evaluate(source, sampler, steps, per_class, guidance, seed, precision, as_json):
+def evaluate(source, sampler, steps, per_class, guidance, classifier_scale, seed, precision, as_json):
     """Judge digits samples: a BUNDLE (sampled here on ONNX Runtime) or a samples .npz."""
     from edgediff.digits.judge import evaluate as run
 
     result = run(source, per_class=per_class, sampler=sampler, steps=steps, guidance=guidance,
-                 seed=seed, precision=precision)
+                 seed=seed, precision=precision, classifier_scale=classifier_scale)
     click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 

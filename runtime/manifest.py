@@ -93,7 +93,7 @@ class Component(_NamedIO):
         return cls(**kw)
 
 
-COMPONENTS = ("decoder", "encoder")     # the companions a bundle may carry besides the denoiser
+COMPONENTS = ("decoder", "encoder", "classifier")     # the companions a bundle may carry besides the denoiser
 
 
 @dataclass(frozen=True)

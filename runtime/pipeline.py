@@ -6,8 +6,9 @@
     out.images                                         # (8, H, W, C) uint8
 
 Classifier-free guidance is done here, never in the graph: the conditional and null-label
-halves go through the backend in one batched call and ε = ε_u + w·(ε_c − ε_u). Noise is
-per sample (:mod:`.noise`): results never depend on the batch size.
+halves go through the backend in one batched call and ε = ε_u + w·(ε_c − ε_u). Classifier
+guidance (the bundle's ``classifier`` component) wraps that denoiser (:mod:`.guidance`). Noise
+is per sample (:mod:`.noise`): results never depend on the batch size.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from .engines import engine_batch
 from .errors import InvalidInput
+from .guidance import ClassifierGuided, classifier_guidance, effective_options
 from .images import to_uint8
 from .manifest import Manifest
 from .noise import SampleNoise
@@ -122,22 +124,29 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
 
 def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None, steps: int | None = None,
              batch: int = 16, labels: np.ndarray | None = None, guidance: float | None = None, seed: int = 0,
-             first: int = 0, progress=None, **options) -> Generation:
+             first: int = 0, progress=None, classifier=None, classifier_scale: float = 0.0,
+             **options) -> Generation:
     """Sample ``n`` images (sample indices ``first .. first+n-1``) batch by batch.
-    ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options)."""
+    ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options).
+    ``classifier_scale`` ≠ 0 guides with ``classifier`` (a backend of the bundle's classifier)."""
     s = resolve_settings(manifest, sampler, steps, guidance, **options)
     schedule = manifest.noise_schedule
+    guide = classifier_guidance(classifier, classifier_scale, labels, s.sampler)
     scale = init_noise_sigma(s.sampler, schedule, s.steps, **s.options)
     chunks = []
     for start in range(0, n, batch):
         size = min(batch, n - start)
         batch_labels = None if labels is None else labels[start:start + size]
-        denoise = GuidedDenoiser(backend, manifest, batch_labels, s.guidance)
+        denoise, opts = GuidedDenoiser(backend, manifest, batch_labels, s.guidance), s.options
+        if guide:
+            denoise = ClassifierGuided(denoise, classifier, batch_labels, classifier_scale, schedule, s.sampler,
+                                       s.steps, effective_options(s.sampler, schedule, s.options))
+            opts = denoise.sampler_options(opts)
         if progress is not None:
             denoise = _Counting(denoise, progress)
         noise = SampleNoise(seed, range(first + start, first + start + size))
         x_T = noise.initial(manifest.sample_shape, scale)
-        chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **s.options))
+        chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **opts))
     return Generation(np.concatenate(chunks), labels, manifest.space == "latent")
 
 
@@ -163,13 +172,15 @@ def _check_int(name: str, value, low: int) -> None:
         raise InvalidInput(f"{name} must be an integer ≥ {low}, got {value!r}")
 
 
-def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None) -> np.ndarray | None:
-    """Labels for ``n`` samples: the given classes cycled, or every class in turn."""
-    if not manifest.conditional:
+def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None,
+                   classifier_classes: int | None = None) -> np.ndarray | None:
+    """Labels for ``n`` samples: the given classes cycled, or every class in turn. An
+    unconditional model guided by a classifier takes the classifier's classes."""
+    if not manifest.conditional and classifier_classes is None:
         if classes:
             raise InvalidInput("this bundle's model is unconditional: drop --class/--classes")
         return None
-    k = manifest.num_classes
+    k = manifest.num_classes or classifier_classes
     classes = list(classes) if classes else list(range(k))
     bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < k]
     if bad:
@@ -182,8 +193,8 @@ class Pipeline:
 
     Torch-free; a context manager that closes its backend."""
 
-    def __init__(self, bundle, backend, decoder=None):
-        self.bundle, self.backend, self.decoder = bundle, backend, decoder
+    def __init__(self, bundle, backend, decoder=None, classifier=None):
+        self.bundle, self.backend, self.decoder, self.classifier = bundle, backend, decoder, classifier
 
     @property
     def manifest(self) -> Manifest:
@@ -208,27 +219,38 @@ class Pipeline:
             models = bundle.manifest.component("decoder").models
             decoder = load_backend(bundle, backend, precision if precision in models else "fp32", device=device,
                                    threads=threads, gpu=gpu, max_batch=decode_batch, component="decoder")
-        return cls(bundle, engine, decoder)
+        classifier = None
+        if "classifier" in bundle.manifest.components:
+            models = bundle.manifest.component("classifier").models
+            classifier = load_backend(bundle, backend, precision if precision in models else "fp32", device=device,
+                                      threads=threads, gpu=gpu, max_batch=max_batch, component="classifier")
+        return cls(bundle, engine, decoder, classifier)
 
     def __call__(self, n: int = 1, *, classes: list[int] | None = None, guidance: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: int = 0, batch: int = 16,
-                 first: int = 0, decode_batch: int = 16, progress=None, **options) -> Generation:
+                 first: int = 0, decode_batch: int = 16, progress=None, classifier_scale: float = 0.0,
+                 **options) -> Generation:
         """Generate ``n`` samples; latent bundles with a decoder are decoded ``decode_batch``
-        at a time (``out.images``), their latents kept in ``out.samples``."""
+        at a time (``out.images``), their latents kept in ``out.samples``. ``classifier_scale``
+        s ≠ 0 adds classifier guidance (the bundle's classifier, :mod:`.guidance`)."""
         for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
                                  ("first", first, 0), ("seed", seed, 0)):
             _check_int(name, value, low)
-        labels = resolve_labels(self.manifest, n, classes)
+        guided = bool(classifier_guidance(self.classifier, classifier_scale))
+        labels = resolve_labels(self.manifest, n, classes,
+                                self.manifest.component("classifier").extra["num_classes"] if guided else None)
         out = generate(self.backend, self.manifest, n, sampler=sampler, steps=steps, batch=batch,
-                       labels=labels, guidance=guidance, seed=seed, first=first, progress=progress, **options)
+                       labels=labels, guidance=guidance, seed=seed, first=first, progress=progress,
+                       classifier=self.classifier, classifier_scale=classifier_scale, **options)
         if out.latent and self.decoder is not None:
             out.decoded_images = decode_images(self.decoder, out.samples, decode_batch)
         return out
 
     def close(self) -> None:
         self.backend.close()
-        if self.decoder is not None:
-            self.decoder.close()
+        for companion in (self.decoder, self.classifier):
+            if companion is not None:
+                companion.close()
 
     def __enter__(self):
         return self
