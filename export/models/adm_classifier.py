@@ -151,8 +151,11 @@ class ClassifierGrad(nn.Module):
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             logits = self.classifier(x_in, t)                        # (N, K)
-            chosen = torch.log_softmax(logits, dim=-1).gather(1, y[:, None])    # (N, 1)
-            (grad,) = torch.autograd.grad(chosen.sum(), x_in)
+            # picked by a one-hot product, not a gather: the gather's backward is a scatter-add,
+            # which ONNX Runtime's CPU provider cannot run in FP16
+            picked = torch.nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)    # (N, K)
+            chosen = (torch.log_softmax(logits, dim=-1) * picked).sum()
+            (grad,) = torch.autograd.grad(chosen, x_in)
         return (grad,)                                               # (N, C, H, W)
 
 

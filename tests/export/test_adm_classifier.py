@@ -218,3 +218,12 @@ def test_add_classifier_to_a_bundle_and_its_refusals(fixture_bundle, tmp_path, o
         guided = pipe(n=2, classes=[3], steps=3, sampler="ddim", seed=0, classifier_scale=50.0)
     assert np.isfinite(guided.samples).all()
     assert not np.allclose(base.samples, guided.samples)
+
+    # rung 2: the FP16 gradient graph against torch.autograd with the same weights
+    pytest.importorskip("modelopt")
+    from edgediff.export.fp16 import add_fp16
+
+    fp16 = add_fp16(bundle, checkpoint=tmp_path / "c.safetensors", component="classifier", log=lambda m: None)
+    assert fp16.passed and fp16.worst_rel_l2 <= 5e-3, fp16.summary()
+    comp = read_bundle(bundle, verify=True).manifest.component("classifier")
+    assert comp.models["fp16"] == "classifier_fp16.onnx" and comp.parity["fp16"]["passed"]
