@@ -138,6 +138,23 @@ def quality_table(families, per_class, long_per_class, guidance, cache):
     click.echo("\n".join(table(names, per_class, long_per_class, guidance, Path(cache))))
 
 
+@digits.command("train-classifier")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for model.safetensors, config.json, train.json (the shipped one: digits/assets/classifier).")
+@click.option("--steps", type=click.IntRange(1), help="Training steps (default: the shipped classifier's 2000).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of initialisation and batches.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch CPU threads.")
+def train_classifier(out, steps, seed, threads):
+    """Train the noisy-image digits classifier (ADM EncoderUNetModel) for classifier guidance."""
+    from edgediff.digits.classifier import train_classifier as run
+
+    record = run(out, steps=steps, seed=seed, threads=threads)
+    click.echo(f"wrote {out}: final loss {record['final_loss']:.4f} in {record['seconds']:.0f} s; held-out accuracy "
+               f"by noise step {record['held_out_accuracy_by_step']}")
+    click.echo(f"add it to a digits bundle: edgediff add-classifier BUNDLE --checkpoint {out}/model.safetensors "
+               f"--config {out}/config.json")
+
+
 @digits.command("train-judge")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help=f"Where to write the judge's weights (.npz); the shipped judge is {JUDGE_PATH.name} in digits/assets.")

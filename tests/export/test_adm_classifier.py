@@ -227,3 +227,17 @@ def test_add_classifier_to_a_bundle_and_its_refusals(fixture_bundle, tmp_path, o
     assert fp16.passed and fp16.worst_rel_l2 <= 5e-3, fp16.summary()
     comp = read_bundle(bundle, verify=True).manifest.component("classifier")
     assert comp.models["fp16"] == "classifier_fp16.onnx" and comp.parity["fp16"]["passed"]
+
+
+def test_cli_named_sizes_and_exclusive_options(tmp_path, capsys):
+    from edgediff.cli import main
+    from edgediff.cli_classifier import NAMED
+
+    assert NAMED == list(ac.CONFIGS)
+    (tmp_path / "w.pt").write_bytes(b"")
+    (tmp_path / "c.json").write_text("{}")
+    for extra in (["--size", "tiny", "--config", str(tmp_path / "c.json")], []):
+        with pytest.raises(SystemExit) as exc:
+            main(["add-classifier", str(tmp_path), "--checkpoint", str(tmp_path / "w.pt"), *extra])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 1 and err == "error: give exactly one of --config FILE or --size NAME"
