@@ -207,7 +207,7 @@ def test_add_classifier_to_a_bundle_and_its_refusals(fixture_bundle, tmp_path, o
     for config, words in ((T, "already has a classifier"),
                           (dict(T, out_channels=7), "the classifier has 7 classes, the model 10"),
                           (dict(T, image_size=32), "the classifier takes [3, 32, 32] images")):
-        with pytest.raises(clf.InvalidInput, match=r".*") as err:
+        with pytest.raises(clf.InvalidInput) as err:
             clf.add_classifier(bundle, tmp_path / "c.safetensors", config, log=lambda m: None)
         assert words in str(err.value), str(err.value)
     # the runtime guides with it (torch-free path)
