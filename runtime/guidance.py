@@ -142,6 +142,8 @@ class ClassifierGuided:
     def __call__(self, x: np.ndarray, t) -> dict[str, np.ndarray]:
         out = self.denoise(x, t)
         out = dict(out) if isinstance(out, dict) else {"eps": np.asarray(out)}
+        if "eps" not in out:
+            raise InvalidInput(f"classifier guidance needs a model that predicts eps; this one gives {sorted(out)}")
         n = self.steps_of(np.broadcast_to(np.asarray(t, dtype=np.float32), (x.shape[0],)))
         a = self.abar[n][:, None, None, None]                           # (B, 1, 1, 1) float64
         eps = out["eps"].astype(np.float64)

@@ -186,6 +186,10 @@ def test_refusals():
         classifier_guidance(FakeClassifier(), 1.0, LABELS, "euler")
     with pytest.raises(InvalidInput, match="needs class labels"):
         classifier_guidance(FakeClassifier(), 1.0, None, "ddim")
+    opts = effective_options("ddim", SCHED, {})
+    x0_model = ClassifierGuided(lambda x, t: {"x0": x}, FakeClassifier(), LABELS, 1.0, SCHED, "ddim", 4, opts)
+    with pytest.raises(InvalidInput, match="predicts eps"):
+        x0_model(_x_T(), np.full(3, 500.0, np.float32))
     vp = Schedule.from_config({"type": "vp_continuous"})
     with pytest.raises(InvalidInput):
         ClassifierGuided(fake_model, FakeClassifier(), LABELS, 1.0, vp, "ddim", 10, {})
