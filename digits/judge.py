@@ -199,9 +199,9 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(source: str | Path, *, per_class: int = 100, sampler: str | None = None, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, backend: str = "ort",
-             precision: str = "fp32") -> JudgeResult:
+             precision: str = "fp32", classifier_scale: float = 0.0) -> JudgeResult:
     """Judge a samples archive (.npz), or a bundle's samples generated here (unset sampling
-    choices: the bundle's recommended ones)."""
+    choices: the bundle's recommended ones; ``classifier_scale`` guides with its classifier)."""
     source = Path(source)
     if source.is_file():
         return judge(*read_samples(source))
@@ -209,4 +209,5 @@ def evaluate(source: str | Path, *, per_class: int = 100, sampler: str | None = 
 
     with Pipeline.from_bundle(source, backend=backend, precision=precision, max_batch=_BATCH) as pipe:
         return judge_backend(pipe.backend, pipe.manifest, per_class, sampler=sampler, steps=steps,
-                             guidance=guidance, seed=seed, batch=_BATCH, decoder=pipe.decoder)[0]
+                             guidance=guidance, seed=seed, batch=_BATCH, decoder=pipe.decoder,
+                             classifier=pipe.classifier, classifier_scale=classifier_scale)[0]

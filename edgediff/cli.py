@@ -10,6 +10,7 @@ import click
 from tqdm.auto import tqdm
 
 from edgediff import __version__
+from edgediff.cli_classifier import COMMANDS as CLASSIFIER_COMMANDS
 from edgediff.cli_digits import DIGITS_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
@@ -100,6 +101,9 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes).")
 @click.option("--class", "one_class", type=int, help="A single class label for every sample.")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale w (default: the bundle's recommended).")
+@click.option("--classifier-scale", type=float, default=0.0, show_default=True,
+              help="Classifier guidance scale s (guided-diffusion's classifier_scale); needs the bundle's classifier "
+                   "(edgediff add-classifier) and the ddpm, ddim or dpmpp_2m sampler.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(list(BACKENDS)), help="Backend.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
@@ -116,8 +120,8 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="Condition image(s) of an image-conditioned bundle: an image file, a directory of them, "
                    "or an .npz with 'cond' (float (K, C, H, W) in [-1, 1] or uint8 (K, H, W, C)).")
 @click.option("--cond-size", help="Resize condition images to H,W (default: the bundle's condition size).")
-def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, seed, backend, precision, device,
-             threads, out, npz, decode_batch, cond_path, cond_size):
+def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, backend,
+             precision, device, threads, out, npz, decode_batch, cond_path, cond_size):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
     from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.images import check_outputs, save_outputs
@@ -139,7 +143,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, s
         total = total_model_calls(pipe.manifest, count, min(batch, count), **choice)
         with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:
             result = pipe(num, classes=wanted, seed=seed, batch=batch, decode_batch=decode_batch,
-                          progress=bar.update, cond=cond, **choice)
+                          progress=bar.update, cond=cond, classifier_scale=classifier_scale, **choice)
         for line in save_outputs(pipe.manifest, result, png=out, npz=npz):
             click.echo(line)
     click.echo(f"{count} samples in {time.perf_counter() - start:.1f} s")
@@ -158,7 +162,7 @@ def families():
         click.echo("  sizes: " + ", ".join(family.configs))
 
 
-for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *DIGITS_COMMANDS):
+for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *DIGITS_COMMANDS):
     cli.add_command(_command)
 
 

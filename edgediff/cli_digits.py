@@ -46,15 +46,17 @@ def demo(family, out, cache, guidance, seed):
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2), help="Samples per class.")
 @click.option("--guidance", type=float, help="Guidance scale w (default: the bundle's recommended one).")
+@click.option("--classifier-scale", type=float, default=0.0, show_default=True,
+              help="Classifier guidance scale s with the bundle's classifier (edgediff add-classifier).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def evaluate(source, sampler, steps, per_class, guidance, seed, precision, as_json):
+def evaluate(source, sampler, steps, per_class, guidance, classifier_scale, seed, precision, as_json):
     """Judge digits samples: a BUNDLE (sampled here on ONNX Runtime) or a samples .npz."""
     from edgediff.digits.judge import evaluate as run
 
     result = run(source, per_class=per_class, sampler=sampler, steps=steps, guidance=guidance,
-                 seed=seed, precision=precision)
+                 seed=seed, precision=precision, classifier_scale=classifier_scale)
     click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 
@@ -137,6 +139,23 @@ def quality_table(families, per_class, long_per_class, guidance, cache):
         raise click.BadParameter(f"unknown families {unknown}; choose from {', '.join(JUDGED_NAMES)}",
                                  param_hint="--families")
     click.echo("\n".join(table(names, per_class, long_per_class, guidance, Path(cache))))
+
+
+@digits.command("train-classifier")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory for model.safetensors, config.json, train.json (the shipped one: digits/assets/classifier).")
+@click.option("--steps", type=click.IntRange(1), help="Training steps (default: the shipped classifier's 2000).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of initialisation and batches.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch CPU threads.")
+def train_classifier(out, steps, seed, threads):
+    """Train the noisy-image digits classifier (ADM EncoderUNetModel) for classifier guidance."""
+    from edgediff.digits.classifier import train_classifier as run
+
+    record = run(out, steps=steps, seed=seed, threads=threads)
+    click.echo(f"wrote {out}: final loss {record['final_loss']:.4f} in {record['seconds']:.0f} s; held-out accuracy "
+               f"by noise step {record['held_out_accuracy_by_step']}")
+    click.echo(f"add it to a digits bundle: edgediff add-classifier BUNDLE --checkpoint {out}/model.safetensors "
+               f"--config {out}/config.json")
 
 
 @digits.command("train-judge")

@@ -29,7 +29,7 @@ from edgediff.runtime.files import sha256_file, staged_dir
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.parity import ParityResult
 
-from .fp16_targets import Target, as_target, component_target, denoiser_target
+from .fp16_targets import Target, as_target, classifier_target, component_target, denoiser_target
 from .models import get_family
 from .models.family import ModelSpec
 from .onnx_export import EXTERNAL_DATA_BYTES
@@ -326,6 +326,10 @@ def _reference(bundle, target: Target, checkpoint) -> tuple[Reference, str]:
         spec = get_family(m.family).spec(m.config)
         _, module = build_reference(m.family, m.config, weights)
         return (lambda feed: torch_outputs(module, spec, feed)), "pytorch-fp32"
+    if name == "classifier":        # autograd must run: no inference mode
+        from .classifier import GradBackend, component_module as classifier_module
+
+        return GradBackend(classifier_module(c, weights), c.inputs, c.output_names).infer, "pytorch-fp32 (autograd)"
     from .reference import TorchBackend
     from .vae import VIEWS, component_module
 
@@ -358,6 +362,7 @@ def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calib
     bundle = read_bundle(bundle_dir)
     m = bundle.manifest
     target = (denoiser_target(get_family(m.family).spec(m.config), _bundle_features(bundle)) if component == "denoiser"
+              else classifier_target(m.component(component), m.noise_schedule) if component == "classifier"
               else component_target(component, m.component(component)))
     reference, ref_name = _reference(bundle, target, checkpoint)
     path = Path(bundle_dir)

@@ -72,5 +72,26 @@ def component_target(name: str, component) -> Target:
                   COMPONENT_ISLANDS, "; ".join(drawn.get(n, n) for n in component.inputs))
 
 
+def classifier_target(component, schedule) -> Target:
+    """The classifier-guidance gradient (``classifier_grad.onnx``): noised data-like x at
+    training steps across the schedule, random labels, as the runtime feeds it."""
+    from .classifier import noised_feed
+
+    config = component.extra["config"]
+    steps = lambda n: np.linspace(0, schedule.num_train_timesteps - 1, n).round().astype(int)   # noqa: E731
+
+    def calibration(rows: int) -> dict:
+        rng = np.random.default_rng(0)
+        parts = [noised_feed(config, schedule, 1, int(s), rng) for s in steps(rows)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def gate(points: int, seed: int) -> list:
+        rng = np.random.default_rng(seed)
+        return [(f"t={s}", noised_feed(config, schedule, 2, int(s), rng)) for s in steps(points)]
+
+    return Target("classifier", component.inputs, tuple(component.output_names), calibration, gate,
+                  DENOISER_ISLANDS, "sqrt(abar)·x0 + sqrt(1 - abar)·ε, x0 ~ U(-1, 1), at steps across the schedule")
+
+
 def as_target(what: ModelSpec | Target) -> Target:
     return what if isinstance(what, Target) else denoiser_target(what)

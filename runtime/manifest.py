@@ -95,8 +95,9 @@ class Component(_NamedIO):
 
 # the companions a bundle may carry besides the denoiser: the autoencoder's two halves, and
 # the condition encoder of image-conditioned models (ddm_cond), whose outputs are fed, by name,
-# to the denoiser inputs of the same names (once per condition, reused at every step)
-COMPONENTS = ("decoder", "encoder", "cond_encoder")
+# to the denoiser inputs of the same names (once per condition, reused at every step), and the
+# classifier-guidance gradient (classifier_grad.onnx)
+COMPONENTS = ("decoder", "encoder", "cond_encoder", "classifier")
 FEATURE_COMPONENT = "cond_encoder"
 
 

@@ -6,8 +6,9 @@
     out.images                                         # (8, H, W, C) uint8
 
 Classifier-free guidance is done here, never in the graph: the conditional and null-label
-halves go through the backend in one batched call and ε = ε_u + w·(ε_c − ε_u). Noise is
-per sample (:mod:`.noise`): results never depend on the batch size. Image-conditioned
+halves go through the backend in one batched call and ε = ε_u + w·(ε_c − ε_u). Classifier
+guidance (the bundle's ``classifier`` component) wraps that denoiser (:mod:`.guidance`). Noise
+is per sample (:mod:`.noise`): results never depend on the batch size. Image-conditioned
 bundles (:mod:`.conditions`) encode each condition once and feed its features by name.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from .conditions import COND_COMPONENT, ConditionFeatures, encode_conditions
 from .engines import engine_batch
 from .errors import InvalidInput
+from .guidance import ClassifierGuided, classifier_guidance, effective_options
 from .images import to_uint8
 from .manifest import Manifest
 from .noise import SampleNoise
@@ -135,26 +137,33 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
 
 def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None, steps: int | None = None,
              batch: int = 16, labels: np.ndarray | None = None, guidance: float | None = None, seed: int = 0,
-             first: int = 0, progress=None, conditions: ConditionFeatures | None = None, **options) -> Generation:
+             first: int = 0, progress=None, conditions: ConditionFeatures | None = None, classifier=None,
+             classifier_scale: float = 0.0, **options) -> Generation:
     """Sample ``n`` images (sample indices ``first .. first+n-1``) batch by batch.
     ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options).
-    ``conditions``: the encoded condition of each of the ``n`` samples (conditional bundles)."""
+    ``conditions``: the encoded condition of each of the ``n`` samples (conditional bundles).
+    ``classifier_scale`` ≠ 0 guides with ``classifier`` (a backend of the bundle's classifier)."""
     s = resolve_settings(manifest, sampler, steps, guidance, **options)
     schedule = manifest.noise_schedule
+    guide = classifier_guidance(classifier, classifier_scale, labels, s.sampler)
     scale = init_noise_sigma(s.sampler, schedule, s.steps, **s.options)
     chunks = []
     for start in range(0, n, batch):
         size = min(batch, n - start)
         batch_labels = None if labels is None else labels[start:start + size]
         extra = None if conditions is None else conditions.rows(start, start + size)
-        denoise = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra)
+        denoise, opts = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra), s.options
         if SELF_COND in manifest.inputs:                # fresh state per batch
             denoise = SelfConditioned(denoise, schedule, manifest.option("clip_sample", manifest.space == "pixel"))
+        if guide:
+            denoise = ClassifierGuided(denoise, classifier, batch_labels, classifier_scale, schedule, s.sampler,
+                                       s.steps, effective_options(s.sampler, schedule, s.options))
+            opts = denoise.sampler_options(opts)
         if progress is not None:
             denoise = _Counting(denoise, progress)
         noise = SampleNoise(seed, range(first + start, first + start + size))
         x_T = noise.initial(manifest.sample_shape, scale)
-        chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **s.options))
+        chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **opts))
     return Generation(np.concatenate(chunks), labels, manifest.space == "latent")
 
 
@@ -180,13 +189,15 @@ def _check_int(name: str, value, low: int) -> None:
         raise InvalidInput(f"{name} must be an integer ≥ {low}, got {value!r}")
 
 
-def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None) -> np.ndarray | None:
-    """Labels for ``n`` samples: the given classes cycled, or every class in turn."""
-    if not manifest.conditional:
+def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None,
+                   classifier_classes: int | None = None) -> np.ndarray | None:
+    """Labels for ``n`` samples: the given classes cycled, or every class in turn. An
+    unconditional model guided by a classifier takes the classifier's classes."""
+    if not manifest.conditional and classifier_classes is None:
         if classes:
             raise InvalidInput("this bundle's model is unconditional: drop --class/--classes")
         return None
-    k = manifest.num_classes
+    k = manifest.num_classes or classifier_classes
     classes = list(classes) if classes else list(range(k))
     bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < k]
     if bad:
@@ -201,8 +212,9 @@ class Pipeline:
     (a ``cond_encoder`` component) take ``cond``: ``pipe(n=4, cond=images)`` draws ``n``
     samples per condition image."""
 
-    def __init__(self, bundle, backend, decoder=None, cond_encoder=None):
-        self.bundle, self.backend, self.decoder, self.cond_encoder = bundle, backend, decoder, cond_encoder
+    def __init__(self, bundle, backend, decoder=None, cond_encoder=None, classifier=None):
+        self.bundle, self.backend, self.decoder = bundle, backend, decoder
+        self.cond_encoder, self.classifier = cond_encoder, classifier
 
     @property
     def manifest(self) -> Manifest:
@@ -230,7 +242,8 @@ class Pipeline:
             return load_backend(bundle, backend, precision if precision in models else "fp32", device=device,
                                 threads=threads, gpu=gpu, max_batch=batch, component=name)
 
-        return cls(bundle, engine, companion("decoder", decode_batch), companion(COND_COMPONENT, max_batch))
+        return cls(bundle, engine, companion("decoder", decode_batch), companion(COND_COMPONENT, max_batch),
+                   companion("classifier", max_batch))
 
     @property
     def image_conditioned(self) -> bool:
@@ -257,19 +270,23 @@ class Pipeline:
     def __call__(self, n: int = 1, *, classes: list[int] | None = None, guidance: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: int = 0, batch: int = 16,
                  first: int = 0, decode_batch: int = 16, progress=None, cond: np.ndarray | None = None,
-                 **options) -> Generation:
+                 classifier_scale: float = 0.0, **options) -> Generation:
         """Generate ``n`` samples (per condition image, for image-conditioned bundles: ``cond``
         is (K, C, H, W) in [-1, 1], each encoded once); latent bundles with a decoder are
-        decoded ``decode_batch`` at a time (``out.images``), latents kept in ``out.samples``."""
+        decoded ``decode_batch`` at a time (``out.images``), latents kept in ``out.samples``.
+        ``classifier_scale`` s ≠ 0 adds classifier guidance (the bundle's classifier, :mod:`.guidance`)."""
         for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
                                  ("first", first, 0), ("seed", seed, 0)):
             _check_int(name, value, low)
         conditions, index = self._conditions(cond, n, batch)
         total = n if index is None else len(index)
-        labels = resolve_labels(self.manifest, total, classes)
+        guided = bool(classifier_guidance(self.classifier, classifier_scale))
+        labels = resolve_labels(self.manifest, total, classes,
+                                self.manifest.component("classifier").extra["num_classes"] if guided else None)
         out = generate(self.backend, self.manifest, total, sampler=sampler, steps=steps, batch=batch,
                        labels=labels, guidance=guidance, seed=seed, first=first, progress=progress,
-                       conditions=conditions, **options)
+                       conditions=conditions, classifier=self.classifier, classifier_scale=classifier_scale,
+                       **options)
         if index is not None:
             out.conditions, out.cond_index = np.asarray(cond, dtype=np.float32), index
         if out.latent and self.decoder is not None:
@@ -277,7 +294,7 @@ class Pipeline:
         return out
 
     def close(self) -> None:
-        for backend in (self.backend, self.decoder, self.cond_encoder):
+        for backend in (self.backend, self.decoder, self.cond_encoder, self.classifier):
             if backend is not None:
                 backend.close()
 

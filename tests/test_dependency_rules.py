@@ -12,14 +12,15 @@ NO_EXPORT = "or m.startswith('edgediff.export') or m.startswith('edgediff.calibr
 
 @pytest.mark.parametrize("mod", ["edgediff.runtime", "edgediff.runtime.bundle", "edgediff.runtime.parity",
                                  "edgediff.runtime.backends.ort", "edgediff.runtime.engines",
-                                 "edgediff.runtime.backends.trt"])
+                                 "edgediff.runtime.backends.trt", "edgediff.runtime.pipeline",
+                                 "edgediff.runtime.guidance"])
 def test_runtime_imports_neither_torch_nor_export(mod):
     proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra=NO_EXPORT)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"{mod} pulled in: {proc.stdout.strip()} {proc.stderr[-300:]}"
 
 
-@pytest.mark.parametrize("mod", ["edgediff.calibration", "edgediff.cli", "edgediff.cli_precision"])
+@pytest.mark.parametrize("mod", ["edgediff.calibration", "edgediff.cli", "edgediff.cli_precision", "edgediff.cli_classifier"])
 def test_imports_no_torch(mod):
     """The CLI lists families from the torch-free registry; torch loads only inside export."""
     proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra="")], capture_output=True, text=True)

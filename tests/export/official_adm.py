@@ -1,8 +1,9 @@
 """An independent, deliberately plain ADM forward used as the parity reference in the tests.
 
 Source: openai/guided-diffusion at commit 22e0df8183507e13a7813f8d38d51b072ca1e67c, files
-``guided_diffusion/unet.py`` (``UNetModel``, ``ResBlock``, ``AttentionBlock``,
-``QKVAttentionLegacy``, ``QKVAttention``, ``Upsample``, ``Downsample``) and
+``guided_diffusion/unet.py`` (``UNetModel``, ``EncoderUNetModel``, ``AttentionPool2d``,
+``ResBlock``, ``AttentionBlock``, ``QKVAttentionLegacy``, ``QKVAttention``, ``Upsample``,
+``Downsample``) and
 ``guided_diffusion/nn.py`` (``GroupNorm32``, ``timestep_embedding``, ``zero_module``). Written
 anew from those files' numerics; it shares no code with ``edgediff.export.models`` on purpose:
 a bug there cannot hide here.
@@ -11,7 +12,10 @@ Checked once, outside the test suite, against the real upstream files (unet.py, 
 fp16_util.py copied to /tmp with an empty ``logger`` stub), official init then ``perturb_``,
 t in {0, 500, 999}, batch 3, on the two configs of test_adm.py, the ``tiny`` fixture and tiny
 with conv_resample=False (average-pool / plain nearest resampling): worst rel-L2 0.0
-(bit-identical, torch 2.x CPU) on all four.
+(bit-identical, torch 2.x CPU) on all four. ``OfficialEncoder`` (the noisy-image classifier)
+was checked the same way against upstream ``EncoderUNetModel`` on the four configs of
+test_adm_classifier.py (pools attention, adaptive, spatial, spatial_v2): logits and the
+autograd input gradient bit-identical (rel-L2 0.0).
 
 Only the module tree mirrors upstream, so that the state-dict keys are the checkpoint keys
 (``time_embed.0``, ``label_emb``, ``input_blocks.I.J.in_layers.2``, ``...emb_layers.1``,
@@ -143,6 +147,76 @@ class OfficialADM(nn.Module):
         return _conv(self.out[2], F.silu(_gn(self.out[0], h)))
 
 
+class OfficialEncoder(nn.Module):
+    """EncoderUNetModel: UNetModel's input half and middle block, then a pooling head."""
+
+    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
+                 attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2,
+                 use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=-1,
+                 num_heads_upsample=-1, use_scale_shift_norm=False, resblock_updown=False,
+                 use_new_attention_order=False, pool="adaptive"):
+        super().__init__()
+        assert dims == 2
+        self.mc, self.pool = model_channels, pool
+        E = 4 * model_channels
+        self.time_embed = _seq(nn.Linear(model_channels, E), nn.SiLU(), nn.Linear(E, E))
+        ssn = use_scale_shift_norm
+        ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([_seq(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        feature = ch
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [_res(ch, E, int(mult * model_channels), ssn, "res")]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(_attn(ch, num_heads, num_head_channels, use_new_attention_order))
+                self.input_blocks.append(_seq(*layers))
+                feature += ch
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(_seq(_res(ch, E, ch, ssn, "res_down") if resblock_updown
+                                              else _down(ch, conv_resample)))
+                feature += ch
+                ds *= 2
+        self.middle_block = _seq(_res(ch, E, ch, ssn, "res"),
+                                 _attn(ch, num_heads, num_head_channels, use_new_attention_order),
+                                 _res(ch, E, ch, ssn, "res"))
+        feature += ch
+        if pool == "adaptive":
+            self.out = _seq(_norm(ch), nn.SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
+                            _zeroed(nn.Conv2d(ch, out_channels, 1)), nn.Flatten())
+        elif pool == "attention":
+            assert num_head_channels != -1
+            spatial = image_size // ds
+            pool_node = _node(qkv_proj=nn.Conv1d(ch, 3 * ch, 1), c_proj=nn.Conv1d(ch, out_channels, 1))
+            pool_node.positional_embedding = nn.Parameter(torch.randn(ch, spatial ** 2 + 1) / ch ** 0.5)
+            pool_node.heads = ch // num_head_channels
+            self.out = _seq(_norm(ch), nn.SiLU(), pool_node)
+        elif pool == "spatial":
+            self.out = _seq(nn.Linear(feature, 2048), nn.ReLU(), nn.Linear(2048, out_channels))
+        else:
+            assert pool == "spatial_v2"
+            self.out = _seq(nn.Linear(feature, 2048), nn.GroupNorm(32, 2048), nn.SiLU(), nn.Linear(2048, out_channels))
+
+    def forward(self, x, timesteps):
+        emb = _mlp(self.time_embed, _timestep_embedding(timesteps, self.mc))
+        means, h = [], x
+        for stage in self.input_blocks:
+            h = _stage(stage, h, emb)
+            means.append(h.mean(dim=(2, 3)))
+        h = _stage(self.middle_block, h, emb)
+        means.append(h.mean(dim=(2, 3)))
+        out = self.out
+        if self.pool.startswith("spatial"):
+            z = _lin(out[0], torch.cat(means, dim=-1))
+            z = F.relu(z) if self.pool == "spatial" else F.silu(_gn(out[1], z))
+            return _lin(out[-1], z)
+        h = F.silu(_gn(out[0], h))
+        if self.pool == "adaptive":
+            return F.conv2d(h.mean(dim=(2, 3), keepdim=True), out[3].weight, out[3].bias).flatten(1)
+        return _attention_pool(out[2], h)
+
+
 # --- the computation ----------------------------------------------------------------------------
 
 def _timestep_embedding(t, dim, max_period=10000):
@@ -231,3 +305,20 @@ def _attention(blk, x):
     a = torch.einsum("bts,bcs->bct", w, v).reshape(bs, -1, length)
     h = F.conv1d(a, blk.proj_out.weight, blk.proj_out.bias)
     return (x + h).reshape(b, c, hh, ww)
+
+
+def _attention_pool(pool, x):
+    """CLIP's attention pool: [mean, tokens] + positions, q/k/v-then-heads attention, token 0."""
+    b, c = x.shape[:2]
+    x = x.reshape(b, c, -1)
+    x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + pool.positional_embedding[None]
+    qkv = F.conv1d(x, pool.qkv_proj.weight, pool.qkv_proj.bias)
+    bs, width, length = qkv.shape
+    H = pool.heads
+    ch = width // (3 * H)
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    q, k, v = qkv.chunk(3, dim=1)
+    w = torch.einsum("bct,bcs->bts", (q * scale).reshape(bs * H, ch, length), (k * scale).reshape(bs * H, ch, length))
+    w = torch.softmax(w.float(), dim=-1)
+    a = torch.einsum("bts,bcs->bct", w, v.reshape(bs * H, ch, length)).reshape(bs, -1, length)
+    return F.conv1d(a, pool.c_proj.weight, pool.c_proj.bias)[:, :, 0]
