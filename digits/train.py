@@ -117,6 +117,10 @@ class Ema:
         d = min(self.decay, (1 + step) / (10 + step))
         for s, p in zip(self.shadow.parameters(), module.parameters()):
             s.lerp_(p.detach(), 1.0 - d)
+        # buffers (BatchNorm running statistics: ddm_cond's relation layers) are the live
+        # model's; left at their initial values, the saved model would normalise wrongly
+        for s, b in zip(self.shadow.buffers(), module.buffers()):
+            s.copy_(b)
 
 
 def _lr(h: Hyper, step: int) -> float:

@@ -174,3 +174,16 @@ def test_train_replaces_its_own_output(tmp_path, one_thread):
     second = train.train("dit", tmp_path / "run", steps=3, threads=None, progress=False, batch=4, warmup=1)
     assert first.path == second.path and json.loads((second.path / "train.json").read_text())["steps"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_ema_keeps_the_live_batchnorm_statistics():
+    """The EMA copy must carry buffers (BatchNorm running stats), not only parameters: the
+    ddm_cond relation layers normalise with them at inference."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 1), torch.nn.BatchNorm2d(4))
+    ema = train.Ema(net, 0.999)
+    net.train()(torch.randn(8, 1, 4, 4) * 3 + 2)
+    ema.update(net, 0)
+    bn, shadow = net[1], ema.shadow[1]
+    assert not torch.equal(bn.running_mean, torch.zeros(4))
+    torch.testing.assert_close(shadow.running_mean, bn.running_mean)
+    torch.testing.assert_close(shadow.running_var, bn.running_var)
