@@ -16,6 +16,14 @@ Time conventions (verified in baofff/U-ViT):
   ``betas[n-1]``, i.e. model t = diffusers timestep + 1. Config key ``timesteps="discrete"``.
 Classifier-free guidance (``eval*.py``): the null label is ``dataset.K`` (1000, the last of
 ``num_classes=1001``) and ``eps = eps_cond + scale * (eps_cond - eps_null)``.
+
+Text-to-image layout (``libs/uvit_t2i.py``, the MS-COCO models): no label; the 77 CLIP text
+tokens (``FrozenCLIPEmbedder``: openai/clip-vit-large-patch14's ``last_hidden_state``,
+``clip_dim`` 768) go through ``context_embed`` (Linear) and sit between the time token and the
+patches: [time, context..., patches]. A config means this layout when it names ``clip_dim`` or
+``num_clip_token`` (the keys only that constructor has; the published config names both).
+``train_t2i_discrete.py`` trains it on the discrete steps n = 1..1000 (``timesteps="discrete"``).
+Its guidance uses the empty prompt's context as the null condition.
 """
 from __future__ import annotations
 
@@ -32,6 +40,11 @@ from .validation import Field, Schema, boolean, choice, pos_float, pos_int, rule
 OFFICIAL_DEFAULTS = dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                          mlp_ratio=4.0, qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm,
                          mlp_time_embed=False, num_classes=-1, use_checkpoint=False, conv=True, skip=True)
+# The official uvit_t2i UViT(...) keyword arguments: no num_classes, a CLIP context instead.
+T2I_DEFAULTS = {**{k: v for k, v in OFFICIAL_DEFAULTS.items() if k != "num_classes"},
+                "clip_dim": 768, "num_clip_token": 77}
+T2I_ONLY = ("clip_dim", "num_clip_token")
+CONTEXT = "context"          # the t2i export's extra input: CLIP text embeddings (N, tokens, clip_dim)
 # edgediff-only keys a config may add: they describe how the checkpoint was trained, not the
 # network. ``cfg``: trained with a null class (the last label) for classifier-free guidance;
 # ``cfg_scale``: the guidance scale the official eval config uses.
@@ -104,28 +117,41 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def is_t2i(config: dict) -> bool:
+    """Does a config (or kwargs) describe the libs/uvit_t2i.py layout?"""
+    return any(k in config for k in T2I_ONLY)
+
+
 class UViT(nn.Module):
-    """The official-layout module: ``UViT(**official_kwargs)(x, timesteps, y=None) -> eps``."""
+    """The official-layout module: ``UViT(**official_kwargs)(x, timesteps, y=None) -> eps`` for
+    libs/uvit.py kwargs, ``(x, timesteps, context) -> eps`` for libs/uvit_t2i.py kwargs."""
 
     def __init__(self, **kwargs):
         super().__init__()
-        unknown = sorted(set(kwargs) - set(OFFICIAL_DEFAULTS))
+        self.t2i = is_t2i(kwargs)
+        defaults = T2I_DEFAULTS if self.t2i else OFFICIAL_DEFAULTS
+        unknown = sorted(set(kwargs) - set(defaults))
         if unknown:
-            raise InvalidInput(f"unknown UViT arguments {unknown}; expected a subset of {sorted(OFFICIAL_DEFAULTS)}")
-        cfg = {**OFFICIAL_DEFAULTS, **kwargs}
+            raise InvalidInput(f"unknown UViT arguments {unknown}; expected a subset of {sorted(defaults)}")
+        cfg = {**defaults, **kwargs}
         if cfg["norm_layer"] is not nn.LayerNorm:
             raise InvalidInput("UViT: only the default norm_layer (nn.LayerNorm) is supported")
         dim, patch, self.in_chans = cfg["embed_dim"], cfg["patch_size"], cfg["in_chans"]
         self.embed_dim, self.patch_size = dim, patch
         self.grid = cfg["img_size"] // patch
-        self.num_classes = cfg["num_classes"]
-        self.extras = 2 if self.num_classes > 0 else 1              # label token (if any) + time token
+        self.num_classes = cfg.get("num_classes", -1)
+        if self.t2i:                                                # time token + the text tokens
+            self.extras = 1 + cfg["num_clip_token"]
+        else:                                                       # label token (if any) + time token
+            self.extras = 2 if self.num_classes > 0 else 1
 
         self.patch_embed = PatchEmbed(patch, self.in_chans, dim)
         self.time_embed = (nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
                            if cfg["mlp_time_embed"] else nn.Identity())
         if self.num_classes > 0:
             self.label_emb = nn.Embedding(self.num_classes, dim)
+        if self.t2i:
+            self.context_embed = nn.Linear(cfg["clip_dim"], dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + self.grid ** 2, dim))
         block = dict(dim=dim, num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
                      qkv_bias=cfg["qkv_bias"], qk_scale=cfg["qk_scale"])
@@ -157,14 +183,19 @@ class UViT(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4)                             # (N, C, h, p1, w, p2)
         return x.reshape(n, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if (y is None) != (self.num_classes <= 0):
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.t2i and (context is None or y is not None):
+            raise InvalidInput("the text-to-image UViT takes (x, timesteps, context) and no y")
+        if not self.t2i and ((y is None) != (self.num_classes <= 0) or context is not None):
             raise InvalidInput(f"UViT with num_classes={self.num_classes} needs y exactly when conditional")
         patches = self.patch_embed(x)                               # (N, L, D)
         emb = sinusoidal_embedding(timesteps, self.freqs, self.embed_dim, cos_first=True)
         tokens = [self.time_embed(emb)[:, None], patches]          # time token before the patches
         if y is not None:
             tokens.insert(0, self.label_emb(y)[:, None])           # label token goes first
+        if context is not None:
+            tokens.insert(1, self.context_embed(context))          # (N, tokens, D) between time and patches
         h = torch.cat(tokens, dim=1) + self.pos_embed               # (N, extras + L, D)
 
         skips = []
@@ -180,14 +211,16 @@ class UViT(nn.Module):
 
 
 class UViTDenoiser(nn.Module):
-    """Export view: ``forward(x, t[, y]) -> (eps,)`` around the official-layout module."""
+    """Export view: ``forward(x, t[, y | context]) -> (eps,)`` around the official-layout module."""
 
     def __init__(self, net: UViT):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        return (self.net(x, t, y),)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None):
+        if self.net.t2i:
+            return (self.net(x, t, context=cond),)
+        return (self.net(x, t, cond),)
 
 
 # Both kinds of keys as data. num_classes <= 0 means unconditional (upstream uses -1).
@@ -200,6 +233,8 @@ SCHEMA = Schema("uvit", {
                         words="left out (only the default nn.LayerNorm is supported)"),
     "mlp_time_embed": boolean(False), "num_classes": Field("int", -1, lo=-1), "use_checkpoint": boolean(False),
     "conv": boolean(True), "skip": boolean(True),
+    # libs/uvit_t2i.py only (naming either selects that layout)
+    "clip_dim": pos_int(768), "num_clip_token": pos_int(77),
     "timesteps": choice("continuous", "continuous", "discrete"), "cfg": boolean(False),
     "cfg_scale": Field("number", None, lo=0, optional=True),
 }, rules=(
@@ -209,15 +244,20 @@ SCHEMA = Schema("uvit", {
          "embed_dim {embed_dim} must be divisible by num_heads {num_heads}"),
     rule(lambda c: int(c["embed_dim"] * c["mlp_ratio"]) >= 1,
          "mlp_ratio {mlp_ratio} leaves the MLP of embed_dim {embed_dim} without units"),
-    rule(lambda c: not c["cfg"] or c["num_classes"] >= 2,
-         "cfg=True needs num_classes >= 2 (the last label is the null class), got {num_classes}"),
 ), unknown="unknown U-ViT config keys {keys}; allowed: {allowed}")
 
 
 def _split(config: dict) -> tuple[dict, dict]:
     """Config -> (official UViT kwargs, edgediff training facts), validated (ConfigError)."""
+    if isinstance(config, dict) and is_t2i(config) and "num_classes" in config:
+        SCHEMA.fail("num_classes is a libs/uvit.py key; a text-to-image config (clip_dim / num_clip_token, "
+                    "libs/uvit_t2i.py) has no label, it takes a CLIP context")
     full = SCHEMA.check(config)
-    official = {k: v for k, v in config.items() if k in OFFICIAL_DEFAULTS}
+    t2i = is_t2i(config)
+    # t2i guidance's null is the empty prompt's context, not a label
+    if full["cfg"] and not t2i and full["num_classes"] < 2:
+        SCHEMA.fail(f"cfg=True needs num_classes >= 2 (the last label is the null class), got {full['num_classes']}")
+    official = {k: v for k, v in config.items() if k in (T2I_DEFAULTS if t2i else OFFICIAL_DEFAULTS)}
     return official, {k: full[k] for k in EXTRA_DEFAULTS}
 
 
@@ -237,8 +277,28 @@ def _time_and_schedule(timesteps: str) -> tuple[dict, dict]:
              "beta_start": 0.00085, "beta_end": 0.012, "model_time_offset": 1})
 
 
+def _t2i_spec(official: dict, extra: dict) -> ModelSpec:
+    """The text-to-image export takes ``context`` (CLIP text embeddings) instead of ``y``. It is
+    declared as a feature input: fed as is at every step (N(0, 1) draws in the export checks)."""
+    cfg = {**T2I_DEFAULTS, **official}
+    size, chans = cfg["img_size"], cfg["in_chans"]
+    time, schedule = _time_and_schedule(extra["timesteps"])
+    context = {"dtype": "float32", "shape": ["batch", cfg["num_clip_token"], cfg["clip_dim"]]}
+    notes = {"context": "CLIP text encoder last_hidden_state (U-ViT's FrozenCLIPEmbedder: "
+                        "openai/clip-vit-large-patch14, padded/truncated to num_clip_token)"}
+    if extra["cfg"]:
+        notes["guidance"] = "eps_cond + scale * (eps_cond - eps_null), eps_null at the empty prompt's context"
+        if extra["cfg_scale"] is not None:
+            notes["cfg_scale"] = float(extra["cfg_scale"])
+    return ModelSpec(sample_shape=(chans, size, size), outputs=("eps",), prediction="epsilon",
+                     time=time, schedule=schedule, space="latent" if chans == 4 else "pixel",
+                     extra=notes, features={CONTEXT: context})
+
+
 def spec(config: dict) -> ModelSpec:
     official, extra = _split(config)
+    if is_t2i(config):
+        return _t2i_spec(official, extra)
     cfg = {**OFFICIAL_DEFAULTS, **official}
     size, chans, classes = cfg["img_size"], cfg["in_chans"], cfg["num_classes"]
     time, schedule = _time_and_schedule(extra["timesteps"])
@@ -266,6 +326,8 @@ _LATENT_512 = {**_LATENT_256, "img_size": 64, "patch_size": 4}
 _IMAGENET64 = dict(img_size=64, patch_size=4, mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1000)
 _SMALL = dict(patch_size=2, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False,
               mlp_time_embed=False, num_classes=-1)
+_MSCOCO = dict(img_size=32, in_chans=4, patch_size=2, embed_dim=512, num_heads=8, mlp_ratio=4, qkv_bias=False,
+               mlp_time_embed=False, clip_dim=768, num_clip_token=77, timesteps="discrete", cfg=True, cfg_scale=1.0)
 
 # Names are the upstream config files (README); values copied from configs/*.py "nnet" dicts.
 CONFIGS: dict[str, dict] = {
@@ -279,9 +341,16 @@ CONFIGS: dict[str, dict] = {
     "imagenet512_uvit_large": {**_LATENT_512, "embed_dim": 1024, "depth": 20, "cfg_scale": 0.7},
     "imagenet512_uvit_huge": {**_LATENT_512, "embed_dim": 1152, "depth": 28, "conv": False,
                               "timesteps": "discrete", "cfg_scale": 0.7},
+    # libs/uvit_t2i.py on MS-COCO 256 latents (configs/mscoco_uvit_small.py; train_t2i_discrete.py,
+    # sample.scale 1). The Deep model is the same config with --config.nnet.depth=16 (README).
+    "mscoco_uvit_small": {**_MSCOCO, "depth": 12},
+    "mscoco_uvit_small_deep": {**_MSCOCO, "depth": 16},
     # Test fixture: exercises the non-default options (MLP time embedding, qkv bias, CFG null).
     "tiny": dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2,
                  qkv_bias=True, mlp_time_embed=True, num_classes=11, cfg=True),
+    # Text-to-image test fixture: 5 text tokens of width 12, MLP time embedding, qkv bias.
+    "tiny_t2i": dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2,
+                     qkv_bias=True, mlp_time_embed=True, clip_dim=12, num_clip_token=5, timesteps="discrete"),
 }
 
 FAMILY = Family(
@@ -292,5 +361,6 @@ FAMILY = Family(
     fixture="tiny",
     official=_official,
     description="U-ViT (baofff/U-ViT): ViT with time/class/patch tokens and long skips; VP-SDE "
-                "models take t*999, the *_huge latent models discrete steps 1..1000",
+                "models take t*999, the *_huge latent and mscoco text-to-image models discrete steps "
+                "1..1000; t2i configs (clip_dim) take a CLIP context input",
 )
