@@ -99,6 +99,7 @@ class Component(_NamedIO):
 # classifier-guidance gradient (classifier_grad.onnx)
 COMPONENTS = ("decoder", "encoder", "cond_encoder", "classifier")
 FEATURE_COMPONENT = "cond_encoder"
+TEXT_CONTEXT = "context"      # text-to-image denoiser input: text-encoder hidden states (N, tokens, dim)
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,9 @@ def _check_model(kw: dict):
 def _check_pairing(components: dict, inputs: dict) -> None:
     """A condition encoder's outputs are exactly the denoiser's inputs after x and t, same
     names, same order, same declarations; without one, the denoiser takes no such inputs."""
-    extra = [n for n in inputs if n not in ("x", "t", "y", "x_self_cond")]    # self-cond: fed by the runtime
+    # fed by the runtime, not by a cond_encoder: self-conditioning's x0 estimate, and the text
+    # context of text-to-image models (U-ViT t2i; from a text encoder, not yet shipped in bundles)
+    extra = [n for n in inputs if n not in ("x", "t", "y", "x_self_cond", TEXT_CONTEXT)]
     enc = components.get(FEATURE_COMPONENT)
     if enc is None:
         if extra:

@@ -22,7 +22,7 @@ from .engines import engine_batch
 from .errors import InvalidInput
 from .guidance import ClassifierGuided, classifier_guidance, effective_options
 from .images import to_uint8
-from .manifest import Manifest
+from .manifest import TEXT_CONTEXT, Manifest
 from .noise import SampleNoise
 from .samplers import DEFAULT_SAMPLER, get_sampler, init_noise_sigma, model_calls, sample
 from .self_cond import INPUT as SELF_COND, SelfConditioned
@@ -143,6 +143,7 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
     ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options).
     ``conditions``: the encoded condition of each of the ``n`` samples (conditional bundles).
     ``classifier_scale`` ≠ 0 guides with ``classifier`` (a backend of the bundle's classifier)."""
+    _check_text_context(manifest, conditions)
     s = resolve_settings(manifest, sampler, steps, guidance, **options)
     schedule = manifest.noise_schedule
     guide = classifier_guidance(classifier, classifier_scale, labels, s.sampler)
@@ -165,6 +166,17 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
         x_T = noise.initial(manifest.sample_shape, scale)
         chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **opts))
     return Generation(np.concatenate(chunks), labels, manifest.space == "latent")
+
+
+def _check_text_context(manifest: Manifest, conditions: ConditionFeatures | None) -> None:
+    """A text-to-image model's ``context`` input must come with the conditions; edgediff has no
+    text encoder or tokenizer yet, so without one fail in one line, not in a feed mismatch."""
+    if TEXT_CONTEXT not in manifest.inputs or (conditions is not None and TEXT_CONTEXT in conditions.features):
+        return
+    tokens, dim = manifest.inputs[TEXT_CONTEXT]["shape"][1:]
+    raise InvalidInput(f"this bundle needs a text context: its {manifest.family} model takes `context`, "
+                       f"{tokens}x{dim} text-encoder states per sample (CLIP), and edgediff cannot encode "
+                       "prompts yet (no text encoder in the bundle)")
 
 
 class _Counting:

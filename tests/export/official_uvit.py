@@ -13,6 +13,12 @@ Checked once, outside the test suite (upstream needs einops), against the real u
 ('flash' mode), official init then ``perturb_``, t in {0, 499.5, 999}, class and null labels:
 worst rel-L2 1.3e-7.
 
+The text-to-image variant follows ``libs/uvit_t2i.py`` at the same commit (``OfficialUViTT2I``):
+no label, ``context_embed`` (Linear clip_dim -> embed_dim) applied to the (n, num_clip_token,
+clip_dim) context, tokens ordered [time, context, patches], ``pos_embed`` over 1 + num_clip_token
++ patches. Checked the same way against the real upstream file (official init then perturb_, t in
+{1, 500, 1000}, N(0, 1) contexts): worst rel-L2 5.1e-8 (the tiny_t2i config) and 1.3e-7 (conv=False).
+
 Only the module tree mirrors upstream, so that the state-dict keys are the checkpoint keys
 (``patch_embed.proj``, ``time_embed.0``, ``label_emb``, ``pos_embed``, ``in_blocks.N.attn.qkv``,
 ``mid_block``, ``out_blocks.N.skip_linear``, ``norm``, ``decoder_pred``, ``final_layer``); all of
@@ -49,13 +55,17 @@ class OfficialUViT(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=False, qk_scale=None, mlp_time_embed=False, num_classes=-1,
-                 conv=True, skip=True):
+                 conv=True, skip=True, clip_dim=None, num_clip_token=None):
         super().__init__()
         d = embed_dim
+        self.text = clip_dim is not None                        # the uvit_t2i layout
         self.d, self.p, self.c, self.heads = d, patch_size, in_chans, num_heads
         self.grid = img_size // patch_size
         self.conditional = num_classes > 0
         self.n_extra = 2 if self.conditional else 1            # [label,] time, then the patches
+        if self.text:                                           # time, the text tokens, then the patches
+            self.n_extra = 1 + num_clip_token
+            self.context_embed = nn.Linear(clip_dim, d)
         self.patch_embed = _node(proj=nn.Conv2d(in_chans, d, patch_size, stride=patch_size))
         if mlp_time_embed:
             self.time_embed = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
@@ -104,7 +114,8 @@ class OfficialUViT(nn.Module):
         f = F.layer_norm(h, (d,), blk.norm2.weight, blk.norm2.bias, 1e-5)
         return h + blk.mlp.fc2(F.gelu(blk.mlp.fc1(f)))           # exact (erf) GELU
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         n, d, p, c, g = x.shape[0], self.d, self.p, self.c, self.grid
         patches = self.patch_embed.proj(x).reshape(n, d, g * g).permute(0, 2, 1)   # row-major grid
 
@@ -118,6 +129,9 @@ class OfficialUViT(nn.Module):
         tokens = [emb[:, None, :], patches]
         if y is not None:
             tokens = [self.label_emb(y)[:, None, :]] + tokens
+        if self.text:
+            words = context @ self.context_embed.weight.t() + self.context_embed.bias   # (n, k, d)
+            tokens = [tokens[0], words, tokens[1]]
         h = torch.cat(tokens, dim=1) + self.pos_embed
 
         kept = []
@@ -137,3 +151,11 @@ class OfficialUViT(nn.Module):
             i, j = divmod(idx, g)
             img[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p] = cells[:, idx].permute(0, 3, 1, 2)
         return self.final_layer(img) if self.has_conv else img
+
+
+def OfficialUViTT2I(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                    qkv_bias=False, qk_scale=None, mlp_time_embed=False, clip_dim=768, num_clip_token=77,
+                    conv=True, skip=True) -> OfficialUViT:
+    """Upstream ``libs/uvit_t2i.py`` ``UViT(...)`` keyword arguments; ``forward(x, timesteps, context=...)``."""
+    return OfficialUViT(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                        mlp_time_embed, -1, conv, skip, clip_dim=clip_dim, num_clip_token=num_clip_token)

@@ -14,12 +14,13 @@ from safetensors.torch import save_file
 
 from edgediff.export.models import get_family
 from edgediff.export.models.common import CheckpointError, load_strict, read_checkpoint
-from official_uvit import OfficialUViT
+from official_uvit import OfficialUViT, OfficialUViTT2I
 from perturb import Rung1, assert_rung1, assert_rung2, perturb_, rel_l2
 
 FAMILY = get_family("uvit")
 TINY = FAMILY.configs[FAMILY.fixture]
 TINY_UNCOND = {**TINY, "num_classes": -1, "cfg": False, "mlp_time_embed": False, "qkv_bias": False}
+TINY_T2I = FAMILY.configs["tiny_t2i"]
 
 
 def _randomized(config: dict, seed: int = 0) -> torch.nn.Module:
@@ -45,6 +46,8 @@ def _inputs(config: dict, batch: int = 3, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *spec.sample_shape, generator=g)
     t = torch.rand(batch, generator=g) * spec.time["max"]
+    if "context" in spec.features:
+        return x, t, torch.randn(batch, *spec.features["context"]["shape"][1:], generator=g)
     if spec.conditional:
         return x, t, torch.randint(0, spec.num_classes + 1, (batch,), generator=g)
     return x, t
@@ -260,6 +263,7 @@ PERTURBED = {
     "tiny": TINY,                      # label + time tokens, time MLP, qkv bias, output conv, null label
     "uncond-noconv": dict(img_size=16, patch_size=4, in_chans=3, embed_dim=48, depth=6, num_heads=3, mlp_ratio=4,
                           qkv_bias=False, mlp_time_embed=False, num_classes=-1, conv=False),
+    "tiny_t2i": TINY_T2I,              # time + 5 text tokens (libs/uvit_t2i.py), time MLP, qkv bias, output conv
 }
 _EDGEDIFF_ONLY = ("timesteps", "cfg", "cfg_scale")
 
@@ -269,7 +273,9 @@ def _perturbed(name: str):
     """(our export view, the official transcription) with the same perturbed official-init weights."""
     config = PERTURBED[name]
     torch.manual_seed(0)
-    ref = OfficialUViT(**{k: v for k, v in config.items() if k not in _EDGEDIFF_ONLY}).official_init_().eval()
+    kwargs = {k: v for k, v in config.items() if k not in _EDGEDIFF_ONLY}
+    official = OfficialUViTT2I if "clip_dim" in config else OfficialUViT
+    ref = official(**kwargs).official_init_().eval()
     changed = set(perturb_(ref, seed=1))
     # every Linear bias (zero) and LayerNorm weight/bias (one/zero) was constant, so redrawn
     linear_bias = {k for k in ref.state_dict() if k.endswith(".bias") and not k.startswith(("patch_embed", "final_layer"))}
@@ -293,8 +299,13 @@ def test_matches_official_forward_with_perturbed_weights(name, one_thread):
         for labels in label_sets:
             x = torch.randn(3, *spec.sample_shape, generator=gen)
             args = (x, torch.full((3,), float(t))) + (() if labels is None else (torch.tensor(labels),))
-            (eps,) = ours(*args)
-            err = rel_l2(eps, ref(*args))
+            if "context" in spec.features:                          # text-to-image: (x, t, context)
+                context = torch.randn(3, *spec.features["context"]["shape"][1:], generator=gen)
+                (eps,) = ours(*args, context)
+                err = rel_l2(eps, ref(*args, context=context))
+            else:
+                (eps,) = ours(*args)
+                err = rel_l2(eps, ref(*args))
             worst = max(worst, err)
             assert err <= 1e-5, f"eps at t={t:g} y={labels}: rel-L2 {err:.3e}"
     print(f"uvit {name} eager vs official: eps {worst:.2e}")
@@ -310,6 +321,114 @@ def test_rung1_onnx_with_perturbed_weights(name, rung1, one_thread):
     assert_rung1(rung1, "uvit", name, _perturbed(name)[0], FAMILY.spec(PERTURBED[name]))
 
 
-def test_rung2_fp16_with_perturbed_weights(rung1, one_thread):
-    name = "tiny"
+@pytest.mark.parametrize("name", ["tiny", "tiny_t2i"])
+def test_rung2_fp16_with_perturbed_weights(name, rung1, one_thread):
     assert_rung2(rung1, "uvit", name, _perturbed(name)[0], FAMILY.spec(PERTURBED[name]))
+
+
+# --- text-to-image layout (libs/uvit_t2i.py) ----------------------------------------------------
+
+def test_t2i_spec_facts_for_the_mscoco_models():
+    small = FAMILY.spec(FAMILY.configs["mscoco_uvit_small"])
+    assert (small.inputs, small.outputs, small.sample_shape) == (("x", "t", "context"), ("eps",), (4, 32, 32))
+    assert small.features == {"context": {"dtype": "float32", "shape": ["batch", 77, 768]}}
+    assert (small.num_classes, small.null_label, small.space, small.prediction) == (None, None, "latent", "epsilon")
+    # train_t2i_discrete.py: n in 1..1000 on the Stable Diffusion schedule, as the *_huge models
+    assert small.time == FAMILY.spec(FAMILY.configs["imagenet256_uvit_huge"]).time
+    assert small.schedule == FAMILY.spec(FAMILY.configs["imagenet256_uvit_huge"]).schedule
+    assert small.extra["cfg_scale"] == 1.0 and "empty prompt" in small.extra["guidance"]
+    deep = FAMILY.configs["mscoco_uvit_small_deep"]
+    assert deep == {**FAMILY.configs["mscoco_uvit_small"], "depth": 16}    # README: --config.nnet.depth=16
+    tiny = FAMILY.spec(TINY_T2I)
+    assert tiny.inputs == ("x", "t", "context") and tiny.features["context"]["shape"] == ["batch", 5, 12]
+
+
+def test_t2i_official_key_layout_and_parameter_count():
+    config = FAMILY.configs["mscoco_uvit_small"]
+    with torch.device("meta"):
+        net = FAMILY.official(FAMILY.build(config))
+    state = net.state_dict()
+    assert state["context_embed.weight"].shape == (512, 768) and state["context_embed.bias"].shape == (512,)
+    assert state["pos_embed"].shape == (1, 1 + 77 + 16 * 16, 512)          # time, 77 text tokens, patches
+    assert not any(k.startswith("label_emb") for k in state)
+    # the class-conditional count (uvit.py layout) with a context Linear in place of the label table
+    as_uvit = {**{k: v for k, v in config.items() if k not in ("clip_dim", "num_clip_token")}, "num_classes": -1}
+    extra_tokens = 77 * 512                                                 # pos_embed rows beyond the time token
+    assert sum(p.numel() for p in net.parameters()) == _official_param_count(as_uvit) + 768 * 512 + 512 + extra_tokens
+
+
+@torch.no_grad()
+def test_t2i_token_layout_time_then_context_then_patches():
+    config = {**TINY_T2I, "mlp_time_embed": False}                  # time token = raw sinusoid
+    model = _randomized(config)
+    net = FAMILY.official(model)
+    seen = {}
+    net.in_blocks[0].register_forward_hook(_record(seen, "tokens", lambda a, out: a[0]))
+    x, _, context = _inputs(config)
+    t = torch.tensor([1.0, 500.0, 1000.0])
+    model(x, t, context)
+    tokens = seen["tokens"] - net.pos_embed                         # (N, 1 + 5 + 16, D)
+    half = net.embed_dim // 2
+    args = t.double().numpy()[:, None] * np.exp(-math.log(10000.0) * np.arange(half) / half)[None]
+    assert tokens.shape[1] == 1 + 5 + 16
+    np.testing.assert_allclose(tokens[:, 0].numpy(), np.concatenate([np.cos(args), np.sin(args)], 1), atol=2e-4)
+    words = context @ net.context_embed.weight.T + net.context_embed.bias
+    np.testing.assert_allclose(tokens[:, 1:6].numpy(), words.numpy(), atol=1e-5)
+    conv = net.patch_embed.proj
+    direct = torch.einsum("nchw,dchw->nd", x[:, :, 2:4, 4:6], conv.weight) + conv.bias   # row 1, column 2
+    np.testing.assert_allclose(tokens[:, 6 + 6].numpy(), direct.numpy(), atol=1e-5)
+    # each sample's output depends on its own context
+    (a,) = model(x, t, context)
+    (b,) = model(x, t, context.roll(1, dims=0))
+    assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+
+
+def test_t2i_config_and_constructor_validation():
+    from edgediff.export.models.uvit import UViT
+    from edgediff.export.models.validation import ConfigError
+
+    cases = [({**TINY_T2I, "num_classes": 11}, "num_classes is a libs/uvit.py key"),
+             ({**TINY_T2I, "clip_dim": 0}, "clip_dim must be a positive integer"),
+             ({**TINY_T2I, "num_clip_token": "77"}, "num_clip_token must be a positive integer"),
+             ({**TINY_T2I, "learn_sigma": True}, "unknown U-ViT config keys learn_sigma")]
+    for config, expected in cases:
+        with pytest.raises(ConfigError, match=expected):
+            FAMILY.spec(config)
+    FAMILY.spec({**TINY_T2I, "cfg": True})       # t2i guidance's null is a context, not a label
+    with pytest.raises(ValueError, match="unknown UViT arguments.*'num_classes'"):
+        UViT(clip_dim=8, num_classes=3)
+    model = FAMILY.build(TINY_T2I)
+    x, t, context = _inputs(TINY_T2I)
+    with pytest.raises(ValueError, match="takes .x, timesteps, context. and no y"):
+        FAMILY.official(model)(x, t)
+    with pytest.raises(ValueError, match="needs y exactly when conditional"):
+        FAMILY.official(FAMILY.build(TINY))(x, t, torch.tensor([1, 2, 3]), context=context)
+
+
+def test_t2i_checkpoint_does_not_fit_a_class_conditional_config():
+    state = FAMILY.official(FAMILY.build(TINY_T2I)).state_dict()
+    with pytest.raises(CheckpointError, match=r"unexpected: context_embed\.bias, context_embed\.weight"):
+        load_strict(FAMILY.official(FAMILY.build({k: v for k, v in TINY_T2I.items() if k not in ("clip_dim", "num_clip_token")})),
+                    state, "tiny")
+
+
+def test_t2i_bundle_declares_context_and_generate_fails_in_one_line(tmp_path, capsys, one_thread):
+    """The bundle carries ``context`` without a cond_encoder; with no text encoder yet,
+    ``generate`` stops with one line instead of an ONNX Runtime feed error."""
+    from edgediff.cli import main
+    from edgediff.export.bundle import export_bundle
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime.errors import InvalidInput
+
+    torch.manual_seed(0)
+    save_file(FAMILY.official(FAMILY.build(TINY_T2I)).state_dict(), str(tmp_path / "w.safetensors"))
+    result = export_bundle("uvit", TINY_T2I, tmp_path / "b", checkpoint=tmp_path / "w.safetensors", log=lambda m: None)
+    assert result.parity.passed and result.manifest.input_names == ["x", "t", "context"]
+    assert result.manifest.inputs["context"] == {"dtype": "float32", "shape": ["batch", 5, 12]}
+    with Pipeline.from_bundle(tmp_path / "b") as pipe, pytest.raises(InvalidInput, match="needs a text context"):
+        pipe(n=2, steps=1)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", str(tmp_path / "b"), "-n", "2", "--steps", "1", "--npz", str(tmp_path / "s.npz")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 1 and err.startswith("error: this bundle needs a text context") and "\n" not in err
+    assert not (tmp_path / "s.npz").exists()
