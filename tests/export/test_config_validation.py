@@ -49,6 +49,8 @@ BAD = [
     ("uvit", "tiny", {"depth": 0}, "depth must be a positive integer"),
     ("uvit", "tiny", {"norm_layer": "LayerNorm"}, "norm_layer must be left out (only the default nn.LayerNorm"),
     ("uvit", "tiny", {"learn_sigma": True}, "unknown U-ViT config keys learn_sigma"),
+    ("uvit", "tiny_t2i", {"num_classes": 11}, "num_classes is a libs/uvit.py key"),
+    ("uvit", "tiny_t2i", {"clip_dim": 0}, "clip_dim must be a positive integer"),
     # DDPM (diffusers UNet2DModel config.json)
     ("ddpm", "tiny", {"block_out_channels": [16, "32"]}, "block_out_channels must be a non-empty list of positive"),
     ("ddpm", "tiny", {"norm_num_groups": 12}, "norm_num_groups 12 does not divide block_out_channels entry 16"),
@@ -148,7 +150,7 @@ def test_schema_defaults_are_the_official_ones():
 
     signature = {k: p.default for k, p in inspect.signature(dit.DiT.__init__).parameters.items() if k != "self"}
     assert dit.SCHEMA.defaults() == signature
-    assert uvit.SCHEMA.defaults() == {**uvit.OFFICIAL_DEFAULTS, **uvit.EXTRA_DEFAULTS}
+    assert uvit.SCHEMA.defaults() == {**uvit.OFFICIAL_DEFAULTS, **uvit.T2I_DEFAULTS, **uvit.EXTRA_DEFAULTS}
     full = ddm.normalize_config({"img_resolution": 32, "img_channels": 3})
     assert full["model_channels"] == 192 and full["channel_mult"] == [1, 2, 3, 4] and full["sigma_max"] == math.inf
 
