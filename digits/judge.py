@@ -165,8 +165,11 @@ def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | Non
     ``decoder`` (a bundle's decoder backend, e.g. ``Pipeline.decoder``, or anything with its
     ``infer({"latents"}) -> {"image"}`` contract). Unset sampler/steps/guidance: the bundle's
     recommended ones. ``options`` go to the sampler."""
+    from edgediff.runtime.conditions import COND_COMPONENT
     from edgediff.runtime.pipeline import decode, generate
 
+    if COND_COMPONENT in manifest.components:
+        raise InvalidInput("this bundle's model is image-conditioned: judge it with `edgediff digits inpaint BUNDLE`")
     out_shape = (manifest.component("decoder").outputs["image"]["shape"][1:] if manifest.space == "latent"
                  and "decoder" in manifest.components else list(manifest.sample_shape))
     if (manifest.space != "latent" or "decoder" in manifest.components) and out_shape != [1, SIZE, SIZE]:
@@ -182,8 +185,9 @@ def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | Non
     return judge(images, labels), images
 
 
-def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``images`` and ``labels`` from an .npz written by ``edgediff generate --npz``."""
+def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``images`` and ``labels`` from an .npz written by ``edgediff generate --npz``; labels
+    None for an unconditional model's archive (judged as such)."""
     try:
         archive = np.load(path)
     except (OSError, ValueError, EOFError):    # empty, truncated, pickled or not numpy at all
@@ -191,10 +195,12 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise InvalidInput(f"{path} is a single .npy array, not a samples archive (an .npz with images and labels)")
     with archive as data:
-        missing = [k for k in ("images", "labels") if k not in data.files]
-        if missing:
-            raise InvalidInput(f"{path} lacks {', '.join(missing)} (expected an `edgediff generate --npz` archive)")
-        return data["images"], data["labels"]
+        if "images" not in data.files:
+            raise InvalidInput(f"{path} lacks images (expected an `edgediff generate --npz` archive)")
+        if "cond_index" in data.files:
+            raise InvalidInput(f"{path} holds samples of an image-conditioned model: judge that model with "
+                               "`edgediff digits inpaint BUNDLE`")
+        return data["images"], (data["labels"] if "labels" in data.files else None)
 
 
 def evaluate(source: str | Path, *, per_class: int = 100, sampler: str | None = None, steps: int | None = None,

@@ -173,7 +173,7 @@ def train_judge(out, epochs, seed):
 
 @digits.command("inpaint")
 @click.argument("bundle", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("--limit", type=click.IntRange(2), help="Only the first N held-out conditions (default: all 360).")
+@click.option("--limit", type=click.IntRange(2), help="Only the first N held-out conditions (default: all 359).")
 @click.option("--per-condition", default=1, show_default=True, type=click.IntRange(1), help="Samples per condition.")
 @click.option("--sampler", type=click.Choice(list(SAMPLERS)), help="Sampler (default: the bundle's recommended one).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
@@ -188,11 +188,12 @@ def inpaint(bundle, limit, per_condition, sampler, steps, seed, out, cache):
 
     from edgediff.digits.demo import ensure_bundle
     from edgediff.digits.inpaint import judge_pipeline
-    from edgediff.runtime.images import save_outputs
+    from edgediff.runtime.images import check_outputs, save_outputs
     from edgediff.runtime.pipeline import Pipeline
 
     path = bundle or ensure_bundle("ddm_cond", Path(cache) / "digits-ddm_cond", log=lambda m: click.echo(m, err=True))
     with Pipeline.from_bundle(path, max_batch=120) as pipe:
+        check_outputs(path, pipe.manifest, pipe.decoder is not None, png=out)
         result, gen = judge_pipeline(pipe, per_condition, seed=seed, steps=steps, sampler=sampler, limit=limit)
         lines = save_outputs(pipe.manifest, gen, png=out) if out else []
     click.echo(result.summary())

@@ -66,6 +66,9 @@ def check_fits(config: dict, manifest) -> None:
     if tuple(manifest.sample_shape) != shape:
         raise InvalidInput(f"the classifier takes {list(shape)} images, the bundle samples "
                            f"{list(manifest.sample_shape)}: not this bundle's classifier")
+    if "eps" not in manifest.outputs:          # guided-diffusion's corrections act on an ε prediction
+        raise InvalidInput(f"classifier guidance needs a model that predicts eps; this one gives "
+                           f"{list(manifest.outputs)} ({manifest.prediction})")
     if manifest.noise_schedule.kind != "discrete":
         raise InvalidInput(f"classifier guidance needs a discrete-step schedule (the classifier's t is the "
                            f"training step); this bundle's is {manifest.noise_schedule.kind}")

@@ -18,6 +18,7 @@ from .errors import InvalidInput
 
 COND_COMPONENT = "cond_encoder"
 COND_INPUT = "cond"
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -31,7 +32,9 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
         raise InvalidInput(f"--cond-size must be H,W (two positive integers), got {text!r}") from None
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1 or max(parts) > 8192:
+    if len(parts) != 2:
+        raise InvalidInput(f"--cond-size must be H,W (two numbers), got {text!r}")
+    if min(parts) < 1 or max(parts) > 8192:
         raise InvalidInput(f"--cond-size must be H,W with 1 <= H, W <= 8192, got {text!r}")
     return parts[0], parts[1]
 
@@ -49,17 +52,20 @@ def _read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     """One image file -> (channels, H, W) float32 in [-1, 1], resized bilinearly to ``size``."""
     from PIL import Image, UnidentifiedImageError
 
+    if channels not in (1, 3):
+        raise InvalidInput(f"the model takes {channels}-channel conditions: give them as an .npz array")
     try:
         with Image.open(path) as img:
+            if img.mode not in EIGHT_BIT_MODES:      # convert() would clip 16-bit and float pixels
+                raise InvalidInput(f"condition image {path} has {img.mode!r} pixels: give 8-bit images "
+                                   "(grey, RGB, RGBA, palette) or float arrays in an .npz")
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
         raise InvalidInput(f"cannot read condition image {path}: {exc}") from None
     arr = arr[..., None] if arr.ndim == 2 else arr
-    if channels not in (1, 3):
-        raise InvalidInput(f"the model takes {channels}-channel conditions: give them as an .npz array")
     return arr.transpose(2, 0, 1) / 127.5 - 1.0                    # (C, H, W) in [-1, 1]
 
 
@@ -70,13 +76,14 @@ def _read_npz(path: Path, shape: tuple) -> np.ndarray:
             if "cond" not in data.files:
                 raise InvalidInput(f"{path} has no array 'cond' (found: {', '.join(data.files) or 'none'})")
             arr = data["cond"]
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"cannot read {path}: {exc}") from None
+    except (OSError, ValueError, EOFError):
+        raise InvalidInput(f"cannot read {path}: not an .npz archive of plain arrays") from None
+    given = f"{arr.dtype} {arr.shape}"
     if arr.dtype == np.uint8 and arr.ndim == 4:
         arr = arr.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
     if arr.ndim != 4 or arr.dtype.kind != "f" or tuple(arr.shape[1:]) != tuple(shape):
         raise InvalidInput(f"{path}: 'cond' must be float (K, {', '.join(map(str, shape))}) in [-1, 1] or uint8 "
-                           f"(K, H, W, C) images, got {arr.dtype} {arr.shape}")
+                           f"(K, {shape[1]}, {shape[2]}, {shape[0]}) images, got {given}")
     return arr.astype(np.float32)
 
 
@@ -95,9 +102,25 @@ def load_conditions(source, shape: tuple, size: tuple[int, int] | None = None) -
         if not all(isinstance(d, int) for d in target):
             raise InvalidInput("this bundle's condition encoder takes any size: give --cond-size H,W")
         conds = np.stack([_read_image(p, channels, target) for p in _image_files(path)])
-    if not np.isfinite(conds).all():
-        raise InvalidInput(f"condition {path} contains NaN or infinite values")
+    check_conditions(conds, f"condition {path}")
     return np.ascontiguousarray(conds, dtype=np.float32)
+
+
+RANGE_SLACK = 1e-3          # float conditions may overshoot [-1, 1] by rounding, not more
+
+
+def check_conditions(conds: np.ndarray, what: str = "the conditions") -> None:
+    """(K, C, H, W) float conditions, K ≥ 1, finite, in [-1, 1] (the range the model was
+    trained on): anything else is refused rather than sampled into garbage."""
+    if conds.ndim != 4 or conds.shape[0] < 1:
+        raise InvalidInput(f"{what}: expected (K, C, H, W) with K ≥ 1 conditions, got shape {conds.shape}")
+    if conds.dtype.kind != "f":
+        raise InvalidInput(f"{what}: expected float values in [-1, 1], got {conds.dtype} (scale images first)")
+    if not np.isfinite(conds).all():
+        raise InvalidInput(f"{what} contains NaN or infinite values")
+    low, high = float(conds.min()), float(conds.max())
+    if low < -1 - RANGE_SLACK or high > 1 + RANGE_SLACK:
+        raise InvalidInput(f"{what}: values must lie in [-1, 1] (DDM's normalisation), got {low:g}..{high:g}")
 
 
 def encode_conditions(encoder, conds: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:

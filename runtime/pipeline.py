@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conditions import COND_COMPONENT, ConditionFeatures, encode_conditions
+from .conditions import COND_COMPONENT, ConditionFeatures, check_conditions, encode_conditions
 from .engines import engine_batch
 from .errors import InvalidInput
 from .guidance import ClassifierGuided, classifier_guidance, effective_options
@@ -266,8 +266,7 @@ class Pipeline:
         if not self.image_conditioned:
             raise InvalidInput("this bundle's model takes no condition image (it has no cond_encoder)")
         cond = np.asarray(cond)
-        if cond.ndim != 4 or cond.shape[0] < 1:
-            raise InvalidInput(f"conditions must be a (K, C, H, W) array, got shape {cond.shape}")
+        check_conditions(cond)
         return encode_conditions(self.cond_encoder, np.ascontiguousarray(cond, dtype=np.float32), batch)
 
     def _conditions(self, cond, n: int, batch: int):

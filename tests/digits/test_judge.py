@@ -103,3 +103,18 @@ def test_evaluate_refuses_what_is_not_a_samples_archive(tmp_path, capsys, conten
         main(["evaluate", str(path)])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 1 and err.startswith("error: ") and "\n" not in err and "archive" in err
+
+
+def test_evaluate_judges_an_unlabelled_archive_and_refuses_a_conditioned_one(tmp_path, weights, capsys):
+    from edgediff.cli import main
+    from edgediff.digits.judge import evaluate
+    from edgediff.runtime.images import save_npz
+
+    save_npz(tmp_path / "u.npz", images=weights["held_images"][..., None])       # an unconditional model's
+    result = evaluate(tmp_path / "u.npz")
+    assert result.accuracy >= 0.9                     # the share the judge recognises as some digit
+    save_npz(tmp_path / "c.npz", images=weights["held_images"][..., None], cond_index=np.zeros(len(weights["held_images"])))
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(tmp_path / "c.npz")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and "digits inpaint" in err and "\n" not in err

@@ -241,3 +241,21 @@ def test_cli_named_sizes_and_exclusive_options(tmp_path, capsys):
             main(["add-classifier", str(tmp_path), "--checkpoint", str(tmp_path / "w.pt"), *extra])
         err = capsys.readouterr().err.strip()
         assert exc.value.code == 1 and err == "error: give exactly one of --config FILE or --size NAME"
+
+
+def test_a_classifier_only_fits_an_eps_model_on_a_discrete_schedule():
+    """guided-diffusion's corrections act on ε: a v-prediction bundle is refused when the
+    classifier is added, not at every later generate."""
+    from edgediff.export.classifier import check_fits
+    from edgediff.export.models import FAMILIES
+    from edgediff.export.reference import manifest_for
+    from edgediff.runtime.errors import InvalidInput
+
+    lucid = FAMILIES["lucid"]
+    config = dict(lucid.configs["tiny"], objective="pred_v")
+    manifest = manifest_for("lucid", lucid.spec(config), config)
+    cfg = dict(ac.check_config(T), in_channels=manifest.sample_shape[0], image_size=manifest.sample_shape[1])
+    with pytest.raises(InvalidInput, match="predicts eps"):
+        check_fits(cfg, manifest)
+    config = dict(lucid.configs["tiny"], objective="pred_noise")
+    check_fits(cfg, manifest_for("lucid", lucid.spec(config), config))

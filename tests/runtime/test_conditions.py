@@ -19,7 +19,7 @@ def test_parse_size():
     assert parse_size("32") == (32, 32)
     assert parse_size("4x5") == (4, 5)
     assert parse_size(None) is None
-    for bad in ("a,b", "0,4", "1,2,3", "-3"):
+    for bad in ("a,b", "0,4", "1,2,3", "-3", "16,16,16"):
         with pytest.raises(InvalidInput, match="--cond-size"):
             parse_size(bad)
 
@@ -47,7 +47,8 @@ def test_directory_sorted_and_npz(tmp_path):
     np.testing.assert_allclose(load_conditions(tmp_path / "u.npz", (1, 6, 8)), 1.0)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_dir", "not_image", "npz_key", "npz_shape", "nan", "free_size"])
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "not_image", "npz_key", "npz_shape", "nan", "free_size",
+                                  "empty_npz", "out_of_range", "png16", "uint8_shape"])
 def test_bad_conditions_are_one_line_errors(tmp_path, case):
     shape = (1, 6, 8)
     if case == "missing":
@@ -67,12 +68,26 @@ def test_bad_conditions_are_one_line_errors(tmp_path, case):
     elif case == "nan":
         src = tmp_path / "n.npz"
         np.savez(src, cond=np.full((1, 1, 6, 8), np.nan, np.float32))
+    elif case == "empty_npz":
+        src = tmp_path / "e.npz"
+        np.savez(src, cond=np.zeros((0, 1, 6, 8), np.float32))
+    elif case == "out_of_range":
+        src = tmp_path / "r.npz"
+        np.savez(src, cond=np.full((1, 1, 6, 8), 50.0, np.float32))
+    elif case == "png16":
+        src = tmp_path / "w.png"
+        Image.fromarray(np.full((6, 8), 40000, np.uint16)).save(src)
+    elif case == "uint8_shape":
+        src = tmp_path / "u.npz"
+        np.savez(src, cond=np.zeros((2, 6, 8, 3), np.uint8))
     else:
         src = _png(tmp_path / "f.png", 3)
         shape = (1, None, None)
     with pytest.raises(InvalidInput) as err:
         load_conditions(src, shape)
     assert "\n" not in str(err.value)
+    if case == "uint8_shape":              # the message shows what was given, not a conversion of it
+        assert "uint8 (2, 6, 8, 3)" in str(err.value) and "(K, 6, 8, 1)" in str(err.value)
 
 
 class _Encoder:
