@@ -289,6 +289,8 @@ class Pipeline:
         for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
                                  ("first", first, 0), ("seed", seed, 0)):
             _check_int(name, value, low)
+        if self.image_conditioned and classes and not self.manifest.conditional:
+            raise InvalidInput("this bundle's model is image-conditioned, not class-conditional: drop --class/--classes")
         conditions, index = self._conditions(cond, n, batch)
         total = n if index is None else len(index)
         guided = bool(classifier_guidance(self.classifier, classifier_scale))

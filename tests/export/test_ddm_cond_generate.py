@@ -21,7 +21,8 @@ def test_generate_cond_cli_and_its_errors(fixture_bundle, tmp_path, capsys):
     assert (tmp_path / "o.png").is_file()
     cases = [([], "image-conditioned: give condition images"),
              (["--cond", str(tmp_path / "c.npz"), "--cond-size", "8,8"], "takes 16x16 images only"),
-             (["--cond", str(tmp_path / "bad.npz")], "'cond' must be float")]
+             (["--cond", str(tmp_path / "bad.npz")], "'cond' must be float"),
+             (["--cond", str(tmp_path / "c.npz"), "--classes", "1,2"], "image-conditioned, not class-conditional")]
     for extra, expected in cases:
         try:
             main(["generate", str(path), "--steps", "1", "--npz", str(tmp_path / "e.npz"), *extra])
