@@ -148,6 +148,7 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
     schedule = manifest.noise_schedule
     guide = classifier_guidance(classifier, classifier_scale, labels, s.sampler)
     scale = init_noise_sigma(s.sampler, schedule, s.steps, **s.options)
+    guided_options = effective_options(s.sampler, schedule, s.options) if guide else None    # once, not per batch
     chunks = []
     for start in range(0, n, batch):
         size = min(batch, n - start)
@@ -158,7 +159,7 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
             denoise = SelfConditioned(denoise, schedule, manifest.option("clip_sample", manifest.space == "pixel"))
         if guide:
             denoise = ClassifierGuided(denoise, classifier, batch_labels, classifier_scale, schedule, s.sampler,
-                                       s.steps, effective_options(s.sampler, schedule, s.options))
+                                       s.steps, guided_options)
             opts = denoise.sampler_options(opts)
         if progress is not None:
             denoise = _Counting(denoise, progress)
@@ -207,7 +208,9 @@ def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None,
     unconditional model guided by a classifier takes the classifier's classes."""
     if not manifest.conditional and classifier_classes is None:
         if classes:
-            raise InvalidInput("this bundle's model is unconditional: drop --class/--classes")
+            kind = "image-conditioned, not class-conditional" if COND_COMPONENT in manifest.components \
+                else "unconditional"
+            raise InvalidInput(f"this bundle's model is {kind}: drop --class/--classes")
         return None
     k = manifest.num_classes or classifier_classes
     classes = list(classes) if classes else list(range(k))
@@ -289,8 +292,6 @@ class Pipeline:
         for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
                                  ("first", first, 0), ("seed", seed, 0)):
             _check_int(name, value, low)
-        if self.image_conditioned and classes and not self.manifest.conditional:
-            raise InvalidInput("this bundle's model is image-conditioned, not class-conditional: drop --class/--classes")
         conditions, index = self._conditions(cond, n, batch)
         total = n if index is None else len(index)
         guided = bool(classifier_guidance(self.classifier, classifier_scale))

@@ -32,7 +32,7 @@ OFFICIAL_CLASS = "unet.uncond_unet.EDMPrecond"
 _EPS = 1e-4
 _SIGMA_MIN = 0.01
 _SIGMA_MAX = 1.0
-_SAMPLING_STEPS = 10
+SAMPLING_STEPS = 10
 
 
 class DualDecoderUNet(nn.Module):
@@ -297,6 +297,20 @@ def build(config: dict) -> DDMExport:
 _TRAINING_ONLY = ("dropout", "label_dropout", "use_fp16", "class_name")
 
 
+def decoupled_process(latent: bool) -> dict:
+    """The ModelSpec fields of DDM's constant-attenuation process, shared by every DDM network
+    (``ddm`` and the conditional ``ddm_cond``): outputs, prediction, time and schedule."""
+    schedule = {
+        "type": "ddm_constant",         # x_t = x_0 + C t + sqrt(t) eps, C = -x_0
+        "eps": _EPS,                    # training t ~ U(eps, 1)
+        "sigma_min": _SIGMA_MIN,        # t_min = sigma_min**2 = 1e-4: where the last step is split
+        "sigma_max": _SIGMA_MAX,
+        "clip_sample": not latent,      # the pixel sampler clamps x0 to [-1, 1]; the latent one does not
+    }
+    return dict(outputs=("c", "eps"), prediction="ddm_c_eps", time={"convention": "ddm", "min": _EPS,
+                                                                      "max": _SIGMA_MAX}, schedule=schedule)
+
+
 def _is_latent(config: dict) -> bool:
     # Pixel or latent is a property of the training run, not of the U-Net kwargs; the one
     # published latent U-Net (CelebA-HQ 256 through a 4x KL autoencoder) is recognised.
@@ -310,24 +324,14 @@ def spec(config: dict) -> ModelSpec:
     latent = _is_latent(config)
     label_dim = full["label_dim"]
     res, ch = full["img_resolution"], full["img_channels"]
-    schedule = {
-        "type": "ddm_constant",         # x_t = x_0 + C t + sqrt(t) eps, C = -x_0
-        "eps": _EPS,                    # training t ~ U(eps, 1)
-        "sigma_min": _SIGMA_MIN,        # t_min = sigma_min**2 = 1e-4: where the last step is split
-        "sigma_max": _SIGMA_MAX,
-        "clip_sample": not latent,      # the pixel sampler clamps x0 to [-1, 1]; the latent one does not
-    }
     extra = {"official_class": OFFICIAL_CLASS, "model_type": "DhariwalUNet",
              "precondition": bool(full["precondition"]), "precond_source": PRECOND_SOURCE,
-             "official_sampling_timesteps": _SAMPLING_STEPS}
+             "official_sampling_timesteps": SAMPLING_STEPS}
     if latent:
         extra.update(latent_scale_factor=0.165, first_stage="AutoencoderKL embed_dim 3, ch_mult [1,2,4] (4x)")
     return ModelSpec(
         sample_shape=(ch, res, res),
-        outputs=("c", "eps"),
-        prediction="ddm_c_eps",
-        time={"convention": "ddm", "min": _EPS, "max": _SIGMA_MAX},
-        schedule=schedule,
+        **decoupled_process(latent),
         num_classes=label_dim or None,
         null_label=label_dim if label_dim else None,
         space="latent" if latent else "pixel",

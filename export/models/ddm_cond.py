@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ddm import SAMPLING_STEPS, decoupled_process
 from .ddm_blocks import SpatialAttention
 from .ddm_cond_backbones import SWIN_B, SmallEncoder, SwinBackbone, feature_sizes
 from .ddm_cond_blocks import (Attention, GaussianFourier, LearnedPosition, LinearAttention, PreNormResidual,
@@ -42,7 +43,6 @@ OFFICIAL_CLASS = "unet.cond_unet.Unet"
 SOURCE = "GuHuangAI/DDM-Public@8bf8ee23e449 unet/cond_unet.py, unet/swin_transformer.py"
 FEATURES = ("cond_init", "cond_feat0", "cond_feat1", "cond_feat2", "cond_feat3")
 COND_INPUT = "cond"
-_EPS, _SIGMA_MIN, _SIGMA_MAX, _SAMPLING_STEPS = 1e-4, 0.01, 1.0, 10
 
 
 class CondUnet(nn.Module):
@@ -304,15 +304,11 @@ def spec(config: dict) -> ModelSpec:
     latent = cfg["space"] == "latent"
     return ModelSpec(
         sample_shape=(cfg["channels"], *cfg["sample_size"]),
-        outputs=("c", "eps"),
-        prediction="ddm_c_eps",
-        time={"convention": "ddm", "min": _EPS, "max": _SIGMA_MAX},
-        schedule={"type": "ddm_constant", "eps": _EPS, "sigma_min": _SIGMA_MIN, "sigma_max": _SIGMA_MAX,
-                  "clip_sample": not latent},
+        **decoupled_process(latent),
         space=cfg["space"],
         features=feature_decls(cfg),
         extra={"official_class": OFFICIAL_CLASS, "source": SOURCE, "cond_net": cfg["cond_net"],
-               "precondition": bool(cfg["precondition"]), "official_sampling_timesteps": _SAMPLING_STEPS,
+               "precondition": bool(cfg["precondition"]), "official_sampling_timesteps": SAMPLING_STEPS,
                "cond_encoder": {"component": "cond_encoder", "input": COND_INPUT, "features": list(FEATURES),
                                 "cond_shape": [cond_channels(cfg), *cfg["cond_size"]], "cond_range": [-1.0, 1.0]}},
     )
