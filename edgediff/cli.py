@@ -14,6 +14,7 @@ from edgediff.cli_classifier import COMMANDS as CLASSIFIER_COMMANDS
 from edgediff.cli_digits import DIGITS_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
+from edgediff.cli_text import COMMANDS as TEXT_COMMANDS
 from edgediff.cli_vae import COMMANDS as VAE_COMMANDS
 from edgediff.cli_vae import LAYOUTS as VAE_LAYOUTS
 from edgediff.cli_vae import add_vae_to_bundle
@@ -162,7 +163,7 @@ def families():
         click.echo("  sizes: " + ", ".join(family.configs))
 
 
-for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *DIGITS_COMMANDS):
+for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *TEXT_COMMANDS, *DIGITS_COMMANDS):
     cli.add_command(_command)
 
 

@@ -58,7 +58,12 @@ class ClipTokenizer:
             if special not in vocab:
                 raise InvalidInput(f"tokenizer vocabulary lacks {special}")
         self.max_length = max_length
+        self.vocab_size = len(vocab)
+        self._vocab = vocab
         self._tok = _build(vocab, merges, max_length)
+
+    def id(self, token: str) -> int:
+        return self._vocab[token]
 
     @classmethod
     def from_dir(cls, directory: str | Path, max_length: int = MAX_LENGTH) -> "ClipTokenizer":
