@@ -123,3 +123,21 @@ def test_cli_bad_config_is_one_line(t2i, tmp_path, capsys):
               "--config", str(tmp_path / "c.json")])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 1 and err.startswith("error: cannot read") and "\n" not in err
+
+
+def test_rung2_fp16_text_encoder(t2i, tmp_path, one_thread):
+    """``add-precision --component text_encoder``: ModelOpt AutoCast, gated against the
+    transformers module rebuilt from the recorded checkpoint (rung 2, rel-L2 ≤ 5e-3)."""
+    import shutil
+
+    pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt (the fp16 extra) is not installed")
+    from edgediff.export import fp16
+
+    root, _, _ = t2i
+    shutil.copytree(root / "b", tmp_path / "b")
+    te.add_text_encoder(tmp_path / "b", root / "te.safetensors", CONFIG, log=lambda m: None)
+    parity = fp16.add_fp16(tmp_path / "b", checkpoint=root / "te.safetensors", component="text_encoder",
+                           log=lambda m: None)
+    assert parity.passed and 0 < parity.worst_rel_l2 <= 5e-3
+    comp = read_bundle(tmp_path / "b").manifest.component("text_encoder")
+    assert comp.models == {"fp32": "text_encoder.onnx", "fp16": "text_encoder_fp16.onnx"}
