@@ -101,6 +101,7 @@ class Component(_NamedIO):
 COMPONENTS = ("decoder", "encoder", "cond_encoder", "classifier", "text_encoder")
 FEATURE_COMPONENT = "cond_encoder"
 TEXT_CONTEXT = "context"      # text-to-image denoiser input: text-encoder hidden states (N, tokens, dim)
+TEXT_COMPONENT = "text_encoder"   # input_ids (N, tokens) -> last_hidden_state, fed to the denoiser as context
 
 
 @dataclass(frozen=True)

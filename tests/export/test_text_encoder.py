@@ -141,3 +141,39 @@ def test_rung2_fp16_text_encoder(t2i, tmp_path, one_thread):
     assert parity.passed and 0 < parity.worst_rel_l2 <= 5e-3
     comp = read_bundle(tmp_path / "b").manifest.component("text_encoder")
     assert comp.models == {"fp32": "text_encoder.onnx", "fp16": "text_encoder_fp16.onnx"}
+
+
+def test_generate_with_prompts_feeds_the_encoded_context(t2i, tmp_path, capsys, one_thread):
+    """``generate --prompt``: each prompt is tokenized and encoded once, and its states are the
+    ``context`` of every step: the same as feeding ORT(text_encoder)(tokenizer(prompt)) by hand."""
+    import shutil
+
+    from edgediff.cli import main
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime.conditions import ConditionFeatures
+    from edgediff.runtime.pipeline import generate
+
+    root, _, tok = t2i
+    shutil.copytree(root / "b", tmp_path / "b")
+    te.add_text_encoder(tmp_path / "b", root / "te.safetensors", CONFIG, tokenizer=tok, log=lambda m: None)
+    prompts = ["a photo of the cat", "word"]
+    with Pipeline.from_bundle(tmp_path / "b") as pipe:
+        out = pipe(2, prompt=prompts, steps=3, seed=5)
+        ids = ClipTokenizer.from_dir(tmp_path / "b" / "tokenizer", 5)(prompts)
+        context = pipe.text_encoder.infer({"input_ids": ids})["last_hidden_state"]      # (2, 5, 12)
+        by_hand = generate(pipe.backend, pipe.manifest, 4, steps=3, seed=5,
+                           conditions=ConditionFeatures({"context": context}, np.array([0, 0, 1, 1])))
+        with pytest.raises(InvalidInput, match="not both"):
+            pipe(1, prompt="x", cond=np.zeros((1, 1, 8, 8), np.float32))
+    assert out.samples.shape == (4, 1, 8, 8)
+    np.testing.assert_array_equal(out.samples, by_hand.samples)
+    assert not np.allclose(out.samples[:2], out.samples[2:])          # the prompt matters
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", str(tmp_path / "b"), "-n", "2", "--steps", "2", "--prompt", "a cat", "--prompt", "the word",
+              "--npz", str(tmp_path / "s.npz")])
+    assert exc.value.code == 0
+    with np.load(tmp_path / "s.npz") as data:
+        assert len(data["images"]) == 4
+    # a t2i bundle without a text encoder refuses --prompt in one line
+    with Pipeline.from_bundle(root / "b") as pipe, pytest.raises(InvalidInput, match="no text encoder"):
+        pipe(1, prompt="a cat")
