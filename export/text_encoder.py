@@ -124,7 +124,8 @@ def check_fits(config: dict, manifest, tokenizer: Path | None) -> tuple[int, int
         vocab_size = config.get("vocab_size", 49408)
         tok = ClipTokenizer.from_dir(tokenizer, length)
         if tok.vocab_size > vocab_size or tok.id(EOS) >= vocab_size or tok.id(BOS) >= vocab_size:
-            raise InvalidInput(f"the tokenizer's {tok.vocab_size} tokens do not fit the encoder's vocab_size {vocab_size}")
+            raise InvalidInput(f"the tokenizer's {tok.vocab_size} tokens do not fit the encoder's "
+                               f"vocab_size {vocab_size}")
     return length, dim
 
 

@@ -5,14 +5,16 @@ U-ViT's text-to-image models read prompts through transformers' ``CLIPTokenizer`
 from the two files a bundle stores (``vocab.json``, ``merges.txt``; see
 scripts/fetch_clip_vocab.py for how they are derived from CLIP's published BPE table):
 
+  repair     ftfy.fix_text (html entities, curly quotes, ligatures, full-width forms, mojibake,
+             control characters), as the slow CLIPTokenizer does when ftfy is installed (U-ViT
+             installs ftfy 6.1.1 beside transformers 4.23.1)
   clean      NFC, every whitespace run -> one space, trimmed, lower-cased
   split      CLIP's word pattern (contractions, letter runs, single digits, punctuation runs)
   bytes      each word's UTF-8 bytes as CLIP's 256 printable byte symbols
   BPE        merges in rank order, ``</w>`` on a word's last symbol
   frame      <|startoftext|> ... <|endoftext|>, cut to 77 ids, padded with <|endoftext|>
 
-The ids agree with ``CLIPTokenizer`` (tests/runtime/test_tokenizer.py); ftfy's mojibake
-repair, which the slow tokenizer applies when ftfy is installed, is not reproduced.
+The ids agree with ``CLIPTokenizer`` (tests/runtime/test_tokenizer.py).
 """
 from __future__ import annotations
 
@@ -87,5 +89,7 @@ class ClipTokenizer:
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):
             raise InvalidInput("prompts must be text")
-        encodings = self._tok.encode_batch(list(prompts))
+        import ftfy
+
+        encodings = self._tok.encode_batch([ftfy.fix_text(p) for p in prompts])
         return np.array([e.ids for e in encodings], dtype=np.int64)  # (B, max_length)

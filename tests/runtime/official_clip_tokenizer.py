@@ -1,11 +1,11 @@
 """An independent, plain-Python transcription of CLIP's BPE tokenizer, for tests.
 
 Source: openai/CLIP ``clip/simple_tokenizer.py`` (the algorithm transformers' slow
-``CLIPTokenizer`` also follows): whitespace-cleaned, lower-cased text, split by CLIP's word
+``CLIPTokenizer`` also follows): ftfy-repaired, whitespace-cleaned, lower-cased text, split by CLIP's word
 pattern, each word's UTF-8 bytes mapped to printable symbols, then greedy lowest-rank pair
 merging with ``</w>`` on the last symbol. Written anew; imports nothing from edgediff and not
 the ``tokenizers`` library, so a mistake in the product's pipeline cannot cancel here.
-ftfy's repairs and CLIP's html unescaping are left out (the product does not do them either).
+As transformers' slow tokenizer (and unlike openai/CLIP) no extra ``html.unescape`` follows ftfy.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import unicodedata
 from pathlib import Path
 
+import ftfy
 import regex
 
 PATTERN = regex.compile(
@@ -61,7 +62,7 @@ class PlainClipTokenizer:
         return parts
 
     def encode(self, text: str) -> list[int]:
-        text = unicodedata.normalize("NFC", text)
+        text = unicodedata.normalize("NFC", ftfy.fix_text(text))
         text = regex.sub(r"\s+", " ", text).strip().lower()
         ids = []
         for word in PATTERN.findall(text):
