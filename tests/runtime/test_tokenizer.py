@@ -65,7 +65,10 @@ def clip_vocab(tmp_path_factory):
     wheel = os.environ.get("EDGEDIFF_OPEN_CLIP_WHEEL")
     args = [sys.executable, str(ROOT / "scripts" / "fetch_clip_vocab.py"), str(out)]
     args += ["--wheel", wheel] if wheel else []
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.skip("open_clip_torch wheel not available: pip download timed out")
     if proc.returncode != 0:
         pytest.skip(f"open_clip_torch wheel not available: {proc.stderr.strip()[-200:]}")
     return out
