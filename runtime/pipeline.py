@@ -34,18 +34,21 @@ GUIDED_OUTPUTS = ("eps", "c", "x0", "v")
 
 class GuidedDenoiser:
     """``denoise(x, t) -> dict`` over a backend, with labels and optional guidance.
-    ``extra``: per-sample inputs fed unchanged at every call (condition features)."""
+    ``extra``: per-sample inputs fed unchanged at every call (condition features);
+    ``null_extra``: one row per input of ``extra`` for the unconditional branch of a model
+    guided without labels (U-ViT t2i: the empty prompt's context, ε_u = model(x, t, ∅))."""
 
     def __init__(self, backend, manifest: Manifest, labels: np.ndarray | None = None, guidance: float = 1.0,
-                 extra: dict[str, np.ndarray] | None = None):
+                 extra: dict[str, np.ndarray] | None = None, null_extra: dict[str, np.ndarray] | None = None):
         self.backend = backend
         self.extra = extra or {}
+        self.null_extra = null_extra or {}
         self.conditional = manifest.conditional
         self.null = manifest.null_label
         if self.conditional and labels is None:
             labels = np.full(1, self.null if self.null is not None else 0, dtype=np.int64)
-        if guidance != 1.0 and (not self.conditional or self.null is None):
-            raise InvalidInput("guidance needs a class-conditional model with a null label")
+        if guidance != 1.0 and (not self.conditional or self.null is None) and not self.null_extra:
+            raise InvalidInput("guidance needs a class-conditional model with a null label (or a prompt)")
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.guidance = float(guidance)
 
@@ -55,14 +58,24 @@ class GuidedDenoiser:
         extra = {**self.extra, **extra}
         n = x.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32), (n,))
-        if not self.conditional:
+        if not self.conditional and (self.guidance == 1.0 or not self.null_extra):
             return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), **extra})
+        if not self.conditional:                    # guided by a null context: [cond | null] halves
+            null = {k: np.broadcast_to(self.null_extra[k], v.shape) if k in self.null_extra else v
+                    for k, v in extra.items()}
+            out = self.backend.infer({"x": np.concatenate([x, x]), "t": np.concatenate([t, t]),
+                                      **{k: np.concatenate([v, null[k]]) for k, v in extra.items()}})
+            return self._combine(out, n)
         y = np.broadcast_to(self.labels, (n,))
         if self.guidance == 1.0:
             return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), "y": np.ascontiguousarray(y), **extra})
         out = self.backend.infer({"x": np.concatenate([x, x]), "t": np.concatenate([t, t]),
                                   "y": np.concatenate([y, np.full(n, self.null, dtype=np.int64)]),
                                   **{k: np.concatenate([v, v]) for k, v in extra.items()}})
+        return self._combine(out, n)
+
+    def _combine(self, out: dict, n: int) -> dict:
+        """ε_u + w·(ε_c − ε_u) from the [conditional | null] halves of one call."""
         w = np.float32(self.guidance)
         return {k: (v[n:] + w * (v[:n] - v[n:]) if k in GUIDED_OUTPUTS else v[:n]) for k, v in out.items()}
 
@@ -153,7 +166,8 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
         size = min(batch, n - start)
         batch_labels = None if labels is None else labels[start:start + size]
         extra = None if conditions is None else conditions.rows(start, start + size)
-        denoise, opts = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra), s.options
+        null = None if conditions is None else conditions.null
+        denoise, opts = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra, null), s.options
         if SELF_COND in manifest.inputs:                # fresh state per batch
             denoise = SelfConditioned(denoise, schedule, manifest.option("clip_sample", manifest.space == "pixel"))
         if guide:
@@ -291,9 +305,9 @@ class Pipeline:
             raise InvalidInput("prompt must be text or a non-empty list of texts")
         if TEXT_CONTEXT not in self.manifest.inputs:
             raise InvalidInput("this bundle's model takes no text: drop --prompt")
-        context = self.encode_prompts(prompts, batch)
+        context = self.encode_prompts([*prompts, ""], batch)      # the empty prompt: guidance's null
         index = np.repeat(np.arange(len(prompts), dtype=np.int64), n)     # n samples per prompt, in order
-        return ConditionFeatures({TEXT_CONTEXT: context}, index), index
+        return ConditionFeatures({TEXT_CONTEXT: context[:-1]}, index, {TEXT_CONTEXT: context[-1:]}), index
 
     def _conditions(self, cond, n: int, batch: int, prompt=None):
         if prompt is not None:

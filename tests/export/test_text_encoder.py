@@ -177,3 +177,31 @@ def test_generate_with_prompts_feeds_the_encoded_context(t2i, tmp_path, capsys, 
     # a t2i bundle without a text encoder refuses --prompt in one line
     with Pipeline.from_bundle(root / "b") as pipe, pytest.raises(InvalidInput, match="no text encoder"):
         pipe(1, prompt="a cat")
+
+
+def test_prompt_guidance_uses_the_empty_prompt_as_null(t2i, tmp_path, one_thread):
+    """U-ViT t2i's classifier-free guidance: ε = ε(∅) + w·(ε(c) − ε(∅)), ∅ the empty prompt's
+    context (the runtime's w = 1 + U-ViT's scale)."""
+    import shutil
+
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime.pipeline import GuidedDenoiser
+
+    root, _, tok = t2i
+    shutil.copytree(root / "b", tmp_path / "b")
+    te.add_text_encoder(tmp_path / "b", root / "te.safetensors", CONFIG, tokenizer=tok, log=lambda m: None)
+    with Pipeline.from_bundle(tmp_path / "b") as pipe:
+        context = pipe.encode_prompts(["a photo of the cat", ""])               # (2, 5, 12)
+        cond, null = context[:1].repeat(2, 0), context[1:]
+        x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+        t = np.float32(500)
+        guided = GuidedDenoiser(pipe.backend, pipe.manifest, None, 3.0, {"context": cond}, {"context": null})(x, t)
+        tt = np.full(2, t, np.float32)
+        eps_c = pipe.backend.infer({"x": x, "t": tt, "context": cond})["eps"]
+        eps_u = pipe.backend.infer({"x": x, "t": tt, "context": null.repeat(2, 0)})["eps"]
+        np.testing.assert_allclose(guided["eps"], eps_u + 3.0 * (eps_c - eps_u), rtol=1e-5, atol=1e-5)
+        plain = pipe(2, prompt="a photo of the cat", steps=2)
+        steered = pipe(2, prompt="a photo of the cat", steps=2, guidance=3.0)
+        assert not np.allclose(plain.samples, steered.samples)
+        with pytest.raises(InvalidInput, match="null label"):
+            GuidedDenoiser(pipe.backend, pipe.manifest, None, 3.0, {"context": cond})
