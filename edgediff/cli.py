@@ -97,7 +97,7 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="Sampler (default: the bundle's recommended one, else the schedule's usual one).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
 @click.option("-n", "num", type=click.IntRange(1, 1_000_000),
-              help="Number of samples (default 64); per condition image with --cond (default 4).")
+              help="Number of samples (default 64); per condition image with --cond or per --prompt (default 4).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 4096), help="Samples per backend batch.")
 @click.option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes).")
 @click.option("--class", "one_class", type=int, help="A single class label for every sample.")
