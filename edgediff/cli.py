@@ -14,6 +14,7 @@ from edgediff.cli_classifier import COMMANDS as CLASSIFIER_COMMANDS
 from edgediff.cli_digits import DIGITS_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
+from edgediff.cli_text import COMMANDS as TEXT_COMMANDS
 from edgediff.cli_vae import COMMANDS as VAE_COMMANDS
 from edgediff.cli_vae import LAYOUTS as VAE_LAYOUTS
 from edgediff.cli_vae import add_vae_to_bundle
@@ -96,7 +97,7 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="Sampler (default: the bundle's recommended one, else the schedule's usual one).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
 @click.option("-n", "num", type=click.IntRange(1, 1_000_000),
-              help="Number of samples (default 64); per condition image with --cond (default 4).")
+              help="Number of samples (default 64); per condition image with --cond or per --prompt (default 4).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 4096), help="Samples per backend batch.")
 @click.option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes).")
 @click.option("--class", "one_class", type=int, help="A single class label for every sample.")
@@ -120,8 +121,10 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="Condition image(s) of an image-conditioned bundle: an image file, a directory of them, "
                    "or an .npz with 'cond' (float (K, C, H, W) in [-1, 1] or uint8 (K, H, W, C)).")
 @click.option("--cond-size", help="Resize condition images to H,W (default: the bundle's condition size).")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Text prompt of a text-to-image bundle with a text encoder (repeatable: -n samples per prompt).")
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, backend,
-             precision, device, threads, out, npz, decode_batch, cond_path, cond_size):
+             precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
     from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.images import check_outputs, save_outputs
@@ -137,13 +140,15 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, c
                               decode_batch=decode_batch) as pipe:
         check_outputs(bundle, pipe.manifest, pipe.decoder is not None, png=out, npz=npz)
         cond = read_conditions(pipe, cond_path, cond_size)
-        num = num or (64 if cond is None else 4)
-        count = num * (1 if cond is None else len(cond))
+        per = len(cond) if cond is not None else len(prompts) if prompts else None
+        num = num or (64 if per is None else 4)
+        count = num * (per or 1)
         choice = dict(sampler=sampler, steps=steps, guidance=guidance)
         total = total_model_calls(pipe.manifest, count, min(batch, count), **choice)
         with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:
             result = pipe(num, classes=wanted, seed=seed, batch=batch, decode_batch=decode_batch,
-                          progress=bar.update, cond=cond, classifier_scale=classifier_scale, **choice)
+                          progress=bar.update, cond=cond, classifier_scale=classifier_scale,
+                          prompt=list(prompts) or None, **choice)
         for line in save_outputs(pipe.manifest, result, png=out, npz=npz):
             click.echo(line)
     click.echo(f"{count} samples in {time.perf_counter() - start:.1f} s")
@@ -162,7 +167,7 @@ def families():
         click.echo("  sizes: " + ", ".join(family.configs))
 
 
-for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *DIGITS_COMMANDS):
+for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *TEXT_COMMANDS, *DIGITS_COMMANDS):
     cli.add_command(_command)
 
 

@@ -10,7 +10,7 @@ import time
 import click
 
 ADDABLE = ["fp16"]                    # precisions `add-precision` (and `export --precision`) can add
-COMPONENTS = ["denoiser", "decoder", "encoder", "cond_encoder", "classifier"]     # the denoiser and runtime.manifest.COMPONENTS
+COMPONENTS = ["denoiser", "decoder", "encoder", "cond_encoder", "classifier", "text_encoder"]     # the denoiser and runtime.manifest.COMPONENTS
 
 
 def _log(msg: str) -> None:

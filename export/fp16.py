@@ -29,7 +29,8 @@ from edgediff.runtime.files import sha256_file, staged_dir
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.parity import ParityResult
 
-from .fp16_targets import Target, as_target, classifier_target, component_target, denoiser_target
+from .fp16_targets import (Target, as_target, classifier_target, component_target, denoiser_target,
+                           text_encoder_target)
 from .models import get_family
 from .models.family import ModelSpec
 from .onnx_export import EXTERNAL_DATA_BYTES
@@ -331,6 +332,11 @@ def _reference(bundle, target: Target, checkpoint) -> tuple[Reference, str]:
 
         return GradBackend(classifier_module(c, weights), c.inputs, c.output_names).infer, "pytorch-fp32 (autograd)"
     from .reference import TorchBackend
+
+    if name == "text_encoder":
+        from .text_encoder import component_module as text_module
+
+        return TorchBackend(text_module(c, weights), c.inputs, c.output_names).infer, "pytorch-fp32 (transformers)"
     from .vae import VIEWS, component_module
 
     if name not in VIEWS:      # a companion of the denoiser (cond_encoder): same weights, same config
@@ -363,6 +369,7 @@ def add_fp16(bundle_dir: str | Path, checkpoint: str | Path | None = None, calib
     m = bundle.manifest
     target = (denoiser_target(get_family(m.family).spec(m.config), _bundle_features(bundle)) if component == "denoiser"
               else classifier_target(m.component(component), m.noise_schedule) if component == "classifier"
+              else text_encoder_target(m.component(component)) if component == "text_encoder"
               else component_target(component, m.component(component)))
     reference, ref_name = _reference(bundle, target, checkpoint)
     path = Path(bundle_dir)

@@ -93,5 +93,22 @@ def classifier_target(component, schedule) -> Target:
                   DENOISER_ISLANDS, "sqrt(abar)·x0 + sqrt(1 - abar)·ε, x0 ~ U(-1, 1), at steps across the schedule")
 
 
+def text_encoder_target(component) -> Target:
+    """The text encoder: CLIP-shaped id rows (start, random words, end, end-padding), the
+    vocabulary's last two ids being the specials as in CLIP; no t, so no conditioning island."""
+    from .text_encoder import id_feed
+
+    length = component.inputs["input_ids"]["shape"][1]
+    vocab = component.extra["config"].get("vocab_size", 49408)
+
+    def gate(points: int, seed: int) -> list:
+        rng = np.random.default_rng(seed)
+        return [(f"draw={i}", id_feed(2, length, vocab, rng)) for i in range(points)]
+
+    return Target("text_encoder", component.inputs, tuple(component.output_names),
+                  lambda rows: id_feed(rows, length, vocab, np.random.default_rng(0)), gate, COMPONENT_ISLANDS,
+                  "token ids: <|startoftext|>, uniform random word ids, <|endoftext|> padding")
+
+
 def as_target(what: ModelSpec | Target) -> Target:
     return what if isinstance(what, Target) else denoiser_target(what)

@@ -131,10 +131,12 @@ def encode_conditions(encoder, conds: np.ndarray, batch: int = 16) -> dict[str, 
 
 class ConditionFeatures:
     """Encoded conditions and which one each sample uses: ``rows(start, stop)`` gives the
-    feature feed of samples ``start..stop-1`` (gathered, never re-encoded)."""
+    feature feed of samples ``start..stop-1`` (gathered, never re-encoded). ``null``: one row
+    per feature for classifier-free guidance's unconditional branch (a t2i model's empty-prompt
+    context), or None."""
 
-    def __init__(self, features: dict[str, np.ndarray], index: np.ndarray):
-        self.features, self.index = features, np.asarray(index, dtype=np.int64)
+    def __init__(self, features: dict[str, np.ndarray], index: np.ndarray, null: dict[str, np.ndarray] | None = None):
+        self.features, self.index, self.null = features, np.asarray(index, dtype=np.int64), null
 
     def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         idx = self.index[start:stop]

@@ -96,10 +96,12 @@ class Component(_NamedIO):
 # the companions a bundle may carry besides the denoiser: the autoencoder's two halves, and
 # the condition encoder of image-conditioned models (ddm_cond), whose outputs are fed, by name,
 # to the denoiser inputs of the same names (once per condition, reused at every step), and the
-# classifier-guidance gradient (classifier_grad.onnx)
-COMPONENTS = ("decoder", "encoder", "cond_encoder", "classifier")
+# classifier-guidance gradient (classifier_grad.onnx), and the text encoder of text-to-image
+# models (text_encoder.onnx: CLIP ids -> the denoiser's ``context``, tokenizer files beside it)
+COMPONENTS = ("decoder", "encoder", "cond_encoder", "classifier", "text_encoder")
 FEATURE_COMPONENT = "cond_encoder"
 TEXT_CONTEXT = "context"      # text-to-image denoiser input: text-encoder hidden states (N, tokens, dim)
+TEXT_COMPONENT = "text_encoder"   # input_ids (N, tokens) -> last_hidden_state, fed to the denoiser as context
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,7 @@ def _check_pairing(components: dict, inputs: dict) -> None:
     """A condition encoder's outputs are exactly the denoiser's inputs after x and t, same
     names, same order, same declarations; without one, the denoiser takes no such inputs."""
     # fed by the runtime, not by a cond_encoder: self-conditioning's x0 estimate, and the text
-    # context of text-to-image models (U-ViT t2i; from a text encoder, not yet shipped in bundles)
+    # context of text-to-image models (U-ViT t2i; from the text_encoder component or given by the caller)
     extra = [n for n in inputs if n not in ("x", "t", "y", "x_self_cond", TEXT_CONTEXT)]
     enc = components.get(FEATURE_COMPONENT)
     if enc is None:

@@ -22,7 +22,7 @@ from .engines import engine_batch
 from .errors import InvalidInput
 from .guidance import ClassifierGuided, classifier_guidance, effective_options
 from .images import to_uint8
-from .manifest import TEXT_CONTEXT, Manifest
+from .manifest import TEXT_COMPONENT, TEXT_CONTEXT, Manifest
 from .noise import SampleNoise
 from .samplers import DEFAULT_SAMPLER, get_sampler, init_noise_sigma, model_calls, sample
 from .self_cond import INPUT as SELF_COND, SelfConditioned
@@ -34,18 +34,21 @@ GUIDED_OUTPUTS = ("eps", "c", "x0", "v")
 
 class GuidedDenoiser:
     """``denoise(x, t) -> dict`` over a backend, with labels and optional guidance.
-    ``extra``: per-sample inputs fed unchanged at every call (condition features)."""
+    ``extra``: per-sample inputs fed unchanged at every call (condition features);
+    ``null_extra``: one row per input of ``extra`` for the unconditional branch of a model
+    guided without labels (U-ViT t2i: the empty prompt's context, ε_u = model(x, t, ∅))."""
 
     def __init__(self, backend, manifest: Manifest, labels: np.ndarray | None = None, guidance: float = 1.0,
-                 extra: dict[str, np.ndarray] | None = None):
+                 extra: dict[str, np.ndarray] | None = None, null_extra: dict[str, np.ndarray] | None = None):
         self.backend = backend
         self.extra = extra or {}
+        self.null_extra = null_extra or {}
         self.conditional = manifest.conditional
         self.null = manifest.null_label
         if self.conditional and labels is None:
             labels = np.full(1, self.null if self.null is not None else 0, dtype=np.int64)
-        if guidance != 1.0 and (not self.conditional or self.null is None):
-            raise InvalidInput("guidance needs a class-conditional model with a null label")
+        if guidance != 1.0 and (not self.conditional or self.null is None) and not self.null_extra:
+            raise InvalidInput("guidance needs a class-conditional model with a null label (or a prompt)")
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.guidance = float(guidance)
 
@@ -55,14 +58,24 @@ class GuidedDenoiser:
         extra = {**self.extra, **extra}
         n = x.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32), (n,))
-        if not self.conditional:
+        if not self.conditional and (self.guidance == 1.0 or not self.null_extra):
             return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), **extra})
+        if not self.conditional:                    # guided by a null context: [cond | null] halves
+            null = {k: np.broadcast_to(self.null_extra[k], v.shape) if k in self.null_extra else v
+                    for k, v in extra.items()}
+            out = self.backend.infer({"x": np.concatenate([x, x]), "t": np.concatenate([t, t]),
+                                      **{k: np.concatenate([v, null[k]]) for k, v in extra.items()}})
+            return self._combine(out, n)
         y = np.broadcast_to(self.labels, (n,))
         if self.guidance == 1.0:
             return self.backend.infer({"x": x, "t": np.ascontiguousarray(t), "y": np.ascontiguousarray(y), **extra})
         out = self.backend.infer({"x": np.concatenate([x, x]), "t": np.concatenate([t, t]),
                                   "y": np.concatenate([y, np.full(n, self.null, dtype=np.int64)]),
                                   **{k: np.concatenate([v, v]) for k, v in extra.items()}})
+        return self._combine(out, n)
+
+    def _combine(self, out: dict, n: int) -> dict:
+        """ε_u + w·(ε_c − ε_u) from the [conditional | null] halves of one call."""
         w = np.float32(self.guidance)
         return {k: (v[n:] + w * (v[:n] - v[n:]) if k in GUIDED_OUTPUTS else v[:n]) for k, v in out.items()}
 
@@ -154,7 +167,8 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
         size = min(batch, n - start)
         batch_labels = None if labels is None else labels[start:start + size]
         extra = None if conditions is None else conditions.rows(start, start + size)
-        denoise, opts = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra), s.options
+        null = None if conditions is None else conditions.null
+        denoise, opts = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra, null), s.options
         if SELF_COND in manifest.inputs:                # fresh state per batch
             denoise = SelfConditioned(denoise, schedule, manifest.option("clip_sample", manifest.space == "pixel"))
         if guide:
@@ -170,14 +184,14 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
 
 
 def _check_text_context(manifest: Manifest, conditions: ConditionFeatures | None) -> None:
-    """A text-to-image model's ``context`` input must come with the conditions; edgediff has no
-    text encoder or tokenizer yet, so without one fail in one line, not in a feed mismatch."""
+    """A text-to-image model's ``context`` input must come with the conditions (encoded
+    prompts); without them fail in one line, not in a feed mismatch."""
     if TEXT_CONTEXT not in manifest.inputs or (conditions is not None and TEXT_CONTEXT in conditions.features):
         return
     tokens, dim = manifest.inputs[TEXT_CONTEXT]["shape"][1:]
     raise InvalidInput(f"this bundle needs a text context: its {manifest.family} model takes `context`, "
-                       f"{tokens}x{dim} text-encoder states per sample (CLIP), and edgediff cannot encode "
-                       "prompts yet (no text encoder in the bundle)")
+                       f"{tokens}x{dim} text-encoder states per sample (CLIP): give a prompt (--prompt), "
+                       "with a text encoder in the bundle (edgediff add-text-encoder)")
 
 
 class _Counting:
@@ -227,9 +241,9 @@ class Pipeline:
     (a ``cond_encoder`` component) take ``cond``: ``pipe(n=4, cond=images)`` draws ``n``
     samples per condition image."""
 
-    def __init__(self, bundle, backend, decoder=None, cond_encoder=None, classifier=None):
+    def __init__(self, bundle, backend, decoder=None, cond_encoder=None, classifier=None, text_encoder=None):
         self.bundle, self.backend, self.decoder = bundle, backend, decoder
-        self.cond_encoder, self.classifier = cond_encoder, classifier
+        self.cond_encoder, self.classifier, self.text_encoder = cond_encoder, classifier, text_encoder
 
     @property
     def manifest(self) -> Manifest:
@@ -258,7 +272,7 @@ class Pipeline:
                                 threads=threads, gpu=gpu, max_batch=batch, component=name)
 
         return cls(bundle, engine, companion("decoder", decode_batch), companion(COND_COMPONENT, max_batch),
-                   companion("classifier", max_batch))
+                   companion("classifier", max_batch), companion(TEXT_COMPONENT, max_batch))
 
     @property
     def image_conditioned(self) -> bool:
@@ -272,7 +286,37 @@ class Pipeline:
         check_conditions(cond)
         return encode_conditions(self.cond_encoder, np.ascontiguousarray(cond, dtype=np.float32), batch)
 
-    def _conditions(self, cond, n: int, batch: int):
+    def encode_prompts(self, prompts: list[str], batch: int = 16) -> np.ndarray:
+        """Prompts -> the denoiser's ``context`` (K, L, D): the bundle's tokenizer, then its
+        text encoder, once per prompt (U-ViT's FrozenCLIPEmbedder: last_hidden_state)."""
+        from .tokenizer import ClipTokenizer
+
+        if self.text_encoder is None:
+            raise InvalidInput("this bundle has no text encoder: add one with `edgediff add-text-encoder`")
+        comp = self.manifest.component(TEXT_COMPONENT)
+        if "tokenizer" not in comp.extra:
+            raise InvalidInput("this bundle's text encoder came without tokenizer files: add it again with --tokenizer")
+        tokenizer = ClipTokenizer.from_dir(self.bundle.path / comp.extra["tokenizer"], comp.extra["max_length"])
+        ids = tokenizer(list(prompts))                                        # (K, L)
+        chunks = [self.text_encoder.infer({"input_ids": ids[i:i + batch]})["last_hidden_state"]
+                  for i in range(0, len(ids), batch)]
+        return np.concatenate(chunks)                                         # (K, L, D)
+
+    def _prompt_conditions(self, prompt, n: int, batch: int):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidInput("prompt must be text or a non-empty list of texts")
+        if TEXT_CONTEXT not in self.manifest.inputs:
+            raise InvalidInput("this bundle's model takes no text: drop --prompt")
+        context = self.encode_prompts([*prompts, ""], batch)      # the empty prompt: guidance's null
+        index = np.repeat(np.arange(len(prompts), dtype=np.int64), n)     # n samples per prompt, in order
+        return ConditionFeatures({TEXT_CONTEXT: context[:-1]}, index, {TEXT_CONTEXT: context[-1:]}), index
+
+    def _conditions(self, cond, n: int, batch: int, prompt=None):
+        if prompt is not None:
+            if cond is not None:
+                raise InvalidInput("give condition images or a prompt, not both")
+            return self._prompt_conditions(prompt, n, batch)
         if cond is None:
             if self.image_conditioned:
                 raise InvalidInput("this bundle's model is image-conditioned: give condition images (--cond)")
@@ -284,15 +328,16 @@ class Pipeline:
     def __call__(self, n: int = 1, *, classes: list[int] | None = None, guidance: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: int = 0, batch: int = 16,
                  first: int = 0, decode_batch: int = 16, progress=None, cond: np.ndarray | None = None,
-                 classifier_scale: float = 0.0, **options) -> Generation:
+                 classifier_scale: float = 0.0, prompt: str | list[str] | None = None, **options) -> Generation:
         """Generate ``n`` samples (per condition image, for image-conditioned bundles: ``cond``
         is (K, C, H, W) in [-1, 1], each encoded once); latent bundles with a decoder are
         decoded ``decode_batch`` at a time (``out.images``), latents kept in ``out.samples``.
-        ``classifier_scale`` s ≠ 0 adds classifier guidance (the bundle's classifier, :mod:`.guidance`)."""
+        ``classifier_scale`` s ≠ 0 adds classifier guidance (the bundle's classifier, :mod:`.guidance`).
+        ``prompt``: text-to-image bundles draw ``n`` samples per prompt, each encoded once."""
         for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
                                  ("first", first, 0), ("seed", seed, 0)):
             _check_int(name, value, low)
-        conditions, index = self._conditions(cond, n, batch)
+        conditions, index = self._conditions(cond, n, batch, prompt)
         total = n if index is None else len(index)
         guided = bool(classifier_guidance(self.classifier, classifier_scale))
         labels = resolve_labels(self.manifest, total, classes,
@@ -301,14 +346,14 @@ class Pipeline:
                        labels=labels, guidance=guidance, seed=seed, first=first, progress=progress,
                        conditions=conditions, classifier=self.classifier, classifier_scale=classifier_scale,
                        **options)
-        if index is not None:
+        if index is not None and prompt is None:
             out.conditions, out.cond_index = np.asarray(cond, dtype=np.float32), index
         if out.latent and self.decoder is not None:
             out.decoded_images = decode_images(self.decoder, out.samples, decode_batch)
         return out
 
     def close(self) -> None:
-        for backend in (self.backend, self.decoder, self.cond_encoder, self.classifier):
+        for backend in (self.backend, self.decoder, self.cond_encoder, self.classifier, self.text_encoder):
             if backend is not None:
                 backend.close()
 
