@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .text import MAX_LENGTH as TEXT_TOKENS, WIDTH as TEXT_WIDTH
+
 SIZE = 16
 NUM_CLASSES = 10
 HELD_OUT = 0.2          # fraction of each class kept away from every model and the judge
@@ -83,6 +85,7 @@ DIGITS_SAMPLING: dict[str, dict] = {
     # w = 1.5 99.7% / FD 12.7, w = 2 99.9% / FD 33.1 (real held-out digits: 98.3% / FD 4.1)
     "dit_latent": {"guidance": 1.25},
     "ddm_cond": {"steps": 10},          # DDM-Public's sampling_timesteps
+    "uvit_t2i": {"guidance": 2.0},
 }
 
 # Image-conditioned digits models: name -> their task (digits/inpaint.py: a digit with a
@@ -90,7 +93,10 @@ DIGITS_SAMPLING: dict[str, dict] = {
 CONDITIONED: dict[str, str] = {"ddm_cond": "inpaint"}
 
 # Digits models are keyed by name; a name that is not a model family says which family it is.
-MODEL_FAMILY: dict[str, str] = {"dit_latent": "dit"}
+MODEL_FAMILY: dict[str, str] = {"dit_latent": "dit", "uvit_t2i": "uvit"}
+# Text-conditioned digits models (digits/text.py): prompts naming the digit, through a frozen
+# CLIP-layout text encoder that ships with the model.
+TEXT_CONDITIONED = ("uvit_t2i",)
 # Latent digits models: name -> the shipped autoencoder (digits/assets/NAME, diffusers'
 # AutoencoderKL layout) whose scaled latents they learn and through which they are decoded.
 AUTOENCODER: dict[str, str] = {"dit_latent": "vae"}
@@ -120,6 +126,13 @@ DIGITS_CONFIGS: dict[str, dict] = {
         "img_size": SIZE, "patch_size": 4, "in_chans": 1, "embed_dim": 96, "depth": 5,
         "num_heads": 4, "mlp_ratio": 4, "qkv_bias": False, "mlp_time_embed": False,
         "num_classes": NUM_CLASSES + 1, "cfg": True, "timesteps": "discrete",
+    },
+    # U-ViT text-to-image (libs/uvit_t2i.py): the same network reading 8 text-encoder states
+    # of width 32 (digits/text.py) between the time token and the patches.
+    "uvit_t2i": {
+        "img_size": SIZE, "patch_size": 4, "in_chans": 1, "embed_dim": 96, "depth": 5,
+        "num_heads": 4, "mlp_ratio": 4, "qkv_bias": False, "mlp_time_embed": False,
+        "clip_dim": TEXT_WIDTH, "num_clip_token": TEXT_TOKENS, "timesteps": "discrete",
     },
     # DiT with learned sigma and 4×4 patches; class_dropout_prob > 0 adds the null row.
     "dit": {

@@ -19,7 +19,8 @@ from edgediff.runtime.bundle import BundleError, read_bundle
 from edgediff.runtime.files import sha256_file
 from edgediff.runtime.manifest import Sampling
 
-from .data import AUTOENCODER, AUTOENCODER_WEIGHTS as VAE_WEIGHTS, DIGITS_SAMPLING, model_family
+from . import text as digits_text
+from .data import AUTOENCODER, AUTOENCODER_WEIGHTS as VAE_WEIGHTS, DIGITS_SAMPLING, TEXT_CONDITIONED, model_family
 from edgediff.runtime.errors import InvalidInput
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -52,18 +53,28 @@ def _autoencoder_fresh(manifest, vae_weights: Path) -> bool:
     return _mentions(manifest.component("decoder").extra, sha256_file(vae_weights))
 
 
+def _text_encoder_fresh(manifest, weights: Path) -> bool:
+    """The bundle carries a text encoder exported from these weights."""
+    if digits_text.TEXT_DIR not in manifest.components:
+        return False
+    return _mentions(manifest.component(digits_text.TEXT_DIR).extra, sha256_file(weights))
+
+
 def ensure_bundle(family: str, out: str | Path, log=print) -> Path:
     """A bundle of the shipped ``family`` weights at ``out``, exported only if stale; a latent
-    model's bundle gets the shipped autoencoder as its decoder/encoder."""
+    model's bundle gets the shipped autoencoder as its decoder/encoder, a text model's its
+    text encoder and tokenizer."""
     from edgediff.export.bundle import export_bundle
 
     src, out = shipped(family), Path(out)
     weights = src / "model.safetensors"
     vae = ASSETS / AUTOENCODER[family] if family in AUTOENCODER else None
+    text = src / digits_text.TEXT_DIR / digits_text.TEXT_WEIGHTS if family in TEXT_CONDITIONED else None
     try:
         m = read_bundle(out).manifest
         if (m.source_sha256 == sha256_file(weights) and m.sampling == Sampling(**DIGITS_SAMPLING[family])
-                and (vae is None or _autoencoder_fresh(m, vae / VAE_WEIGHTS))):
+                and (vae is None or _autoencoder_fresh(m, vae / VAE_WEIGHTS))
+                and (text is None or _text_encoder_fresh(m, text))):
             return out
     except (BundleError, FileNotFoundError, KeyError, OSError):
         pass                    # missing, partial or foreign: export afresh
@@ -75,6 +86,11 @@ def ensure_bundle(family: str, out: str | Path, log=print) -> Path:
         # decoder.onnx (scaled latents -> image in [-1, 1]; 1/scaling_factor inside the graph)
         # and encoder.onnx, recorded as the bundle's components
         add_vae(out, checkpoint=vae / VAE_WEIGHTS, config=vae / "config.json", layout="diffusers", log=log)
+    if text is not None:
+        from edgediff.export.text_encoder import add_text_encoder
+
+        config = json.loads((text.parent / "config.json").read_text())
+        add_text_encoder(out, text, config, tokenizer=src / digits_text.TOKENIZER_DIR, log=log)
     return out
 
 
@@ -96,8 +112,14 @@ def run_demo(family: str = DEFAULT_FAMILY, cache: str | Path = "build", png: str
     start = time.perf_counter()
     path = ensure_bundle(family, Path(cache) / f"digits-{family}", log=log)
     with Pipeline.from_bundle(path, max_batch=100) as pipe:      # latent bundles: with their decoder
-        result, images = rt_judge.judge_backend(pipe.backend, pipe.manifest, per_class=10, steps=steps,
-                                                guidance=guidance, seed=seed, batch=100, decoder=pipe.decoder)
+        if family in TEXT_CONDITIONED:       # a row per digit, each drawn from the prompt "the digit k"
+            phrasing = digits_text.CHECK_PHRASINGS[1]
+            found = digits_text.judge_prompts(pipe, 10, (phrasing,), seed=seed, batch=100, steps=steps,
+                                              guidance=guidance)
+            result, images = found[phrasing]
+        else:
+            result, images = rt_judge.judge_backend(pipe.backend, pipe.manifest, per_class=10, steps=steps,
+                                                    guidance=guidance, seed=seed, batch=100, decoder=pipe.decoder)
     labels = rt_judge.class_order_labels(10, pipe.manifest.num_classes) if pipe.manifest.conditional else None
     save_outputs(pipe.manifest, Generation(images, labels), png=png)     # images: pixels or decoded latents
     return DemoResult(pipe.bundle.path, Path(png), result, time.perf_counter() - start)

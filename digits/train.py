@@ -59,6 +59,7 @@ TRAINING: dict[str, Hyper] = {
     "dit_latent": Hyper(steps=5000, batch=64, lr=2e-3),
     "lucid": Hyper(steps=1800, batch=64, lr=2e-3),
     "ddm_cond": Hyper(steps=1200, batch=64, lr=2e-3, label_dropout=0.0),
+    "uvit_t2i": Hyper(steps=5000, batch=64, lr=2e-3),     # label_dropout: the empty prompt's share
 }
 
 
@@ -170,8 +171,9 @@ def optimise(module: nn.Module, h, step_loss, desc: str, progress: bool = True):
 
 
 def fit(family_name: str, config: dict, h: Hyper, seed: int = 0, data: digits.Digits | None = None,
-        progress: bool = True):
-    """Train; returns (EMA module, family, TrainResult without a path)."""
+        progress: bool = True, text=None):
+    """Train; returns (EMA module, family, TrainResult without a path). ``text``: a text
+    model's prompt contexts (:class:`.text.PromptContexts`), which take the labels' place."""
     family, module, spec = build_model(family_name, config, seed)
     data = data or training_data(family_name)
     loss_fn = objective_for(family.name, spec)
@@ -184,6 +186,8 @@ def fit(family_name: str, config: dict, h: Hyper, seed: int = 0, data: digits.Di
         x0, y = _batch(data, h, spec.null_label, gen)
         if conditioned:
             y = mask_batch(x0, gen)                  # the condition takes the labels' place
+        elif text is not None:
+            y = text.draw(y, gen, h.label_dropout)   # (B, L, D): a phrasing of each digit, or ""
         return loss_fn(net, x0, y, gen)
 
     model, curve, losses, run, seconds = optimise(module, h, step_loss, f"train {family_name}", progress)
@@ -207,8 +211,9 @@ def autoencoder_dir(name: str) -> Path:
     return ASSETS / digits.AUTOENCODER[name]
 
 
-def save(out: str | Path, family, module: nn.Module, config: dict, record: dict) -> Path:
-    """Write model.safetensors + config.json + train.json into ``out`` atomically."""
+def save(out: str | Path, family, module: nn.Module, config: dict, record: dict, more=None) -> Path:
+    """Write model.safetensors + config.json + train.json into ``out`` atomically;
+    ``more(directory)`` writes any other files of the output (a text model's encoder)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -219,6 +224,8 @@ def save(out: str | Path, family, module: nn.Module, config: dict, record: dict)
         public_mode(tmp / "model.safetensors")          # the writer makes it owner-only
         for name, obj in (("config.json", config), ("train.json", record)):
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        if more is not None:
+            more(tmp)
         replace_dir(tmp, out, TRAIN_RECORD, "a digits training output")
     return out
 
@@ -242,7 +249,14 @@ def train(family_name: str, out: str | Path | None, *, steps: int | None = None,
         raise InvalidInput(f"{family_name} is a pixel-space model: it takes no autoencoder")
     vae_dir = Path(vae or autoencoder_dir(family_name)) if latent else None
     data = training_data(family_name, vae_dir)
-    module, family, result = fit(family_name, config, h, seed, data=data, progress=progress)
+    text, more = None, None
+    if family_name in digits.TEXT_CONDITIONED:
+        from . import text as digits_text
+
+        encoder, tokenizer, text_config = digits_text.frozen_text_encoder(seed)
+        text = digits_text.PromptContexts(encoder, tokenizer)
+        more = lambda d: digits_text.save_text_encoder(d, encoder, text_config)   # noqa: E731
+    module, family, result = fit(family_name, config, h, seed, data=data, progress=progress, text=text)
     record = {"family": family_name, "seed": seed, "steps": h.steps, "final_loss": result.final_loss,
               "seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "hyper": asdict(h), "loss_curve": result.curve,
@@ -250,6 +264,10 @@ def train(family_name: str, out: str | Path | None, *, steps: int | None = None,
     if family_name in digits.CONDITIONED:
         record["data"]["condition"] = (f"the digit with a random {HOLE}x{HOLE} square set to {FILL} "
                                        "(digits/inpaint.py), drawn per batch")
+    if text is not None:
+        record["data"]["prompts"] = (f"one of {len(digits_text.PHRASINGS)} phrasings of the label per sample "
+                                     f"({', '.join(digits_text.PHRASINGS)}), the empty prompt "
+                                     f"{h.label_dropout:.0%} of the time; a frozen random-init CLIP text encoder")
     if latent:
         from .vae import autoencoder_record
 
@@ -258,5 +276,5 @@ def train(family_name: str, out: str | Path | None, *, steps: int | None = None,
                                      "(4x4x4, about unit variance), encoded once before training")
         record["vae"] = autoencoder_record(vae_dir, autoencoder_dir(family_name))
     if out is not None:
-        result.path = save(out, family, module, config, record)
+        result.path = save(out, family, module, config, record, more)
     return result

