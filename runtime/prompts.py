@@ -90,11 +90,12 @@ def load_context_npz(path, shape: tuple[int, int]) -> TextContexts:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            if CONTEXT_KEY not in data.files:
-                raise InvalidInput(f"{path} has no array 'context' (found: {', '.join(data.files) or 'none'})")
-            arrays = {k: data[k] for k in (CONTEXT_KEY, NULL_KEY, PROMPTS_KEY) if k in data.files}
+            found = list(data.files)
+            arrays = {k: data[k] for k in (CONTEXT_KEY, NULL_KEY, PROMPTS_KEY) if k in found}
     except (OSError, ValueError, EOFError):
         raise InvalidInput(f"cannot read {path}: not an .npz archive of plain arrays") from None
+    if CONTEXT_KEY not in arrays:          # (raised out of the try: InvalidInput is a ValueError)
+        raise InvalidInput(f"{path} has no array 'context' (found: {', '.join(found) or 'none'})")
     context = check_context(arrays[CONTEXT_KEY], shape, f"{path}: 'context'")
     null = arrays.get(NULL_KEY)
     null = None if null is None else check_context(null, shape, f"{path}: 'null_context'", null=True)
