@@ -148,7 +148,7 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
         raise InvalidInput(f"guidance must be a finite number, got {w}")
     if steps is not None:
         _check_int("steps", steps, 1)
-    if w != 1.0 and guidance is None and manifest.null_label is None and TEXT_CONTEXT not in manifest.inputs:
+    if w != 1.0 and guidance is None and not manifest.guidable:
         w = 1.0     # a recommended w needs a null: a label, or a text model's empty-prompt context
     return Settings(name, int(rec.steps if steps is None else steps), w, {**opts, **options})
 
@@ -281,10 +281,8 @@ class Pipeline:
         from .bundle import read_bundle
 
         bundle = read_bundle(path, verify=verify)
-        manifest = bundle.manifest
-        guided = manifest.null_label is not None or TEXT_CONTEXT in manifest.inputs
         engine = load_backend(bundle, backend, precision, device=device, threads=threads, gpu=gpu,
-                              max_batch=engine_batch(max_batch, guided))
+                              max_batch=engine_batch(max_batch, bundle.manifest.guidable))
 
         def companion(name: str, batch: int):
             if name not in bundle.manifest.components:

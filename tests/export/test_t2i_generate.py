@@ -282,3 +282,15 @@ def test_recommended_t2i_guidance_is_one_plus_cfg_scale():
     for overrides, want in ((None, 1.5), ({"guidance": 4.0, "steps": 7}, 4.0)):
         manifest = _manifest(FAMILY, config, FAMILY.spec(config), None, 21, None, overrides)
         assert manifest.sampling.guidance == want and "context" in manifest.inputs
+
+
+def test_t2i_bundles_are_guidable_so_engines_double_the_batch(t2i_bundle, fixture_bundle):
+    from edgediff.export.trt_build import BuildOptions, engine_profile
+    from edgediff.runtime.bundle import read_bundle
+    from edgediff.runtime.engines import BatchProfile
+
+    t2i = read_bundle(t2i_bundle / "b").manifest
+    assert t2i.null_label is None and t2i.guidable                     # the null is the empty prompt's context
+    assert engine_profile(t2i, BuildOptions(opt_batch=4, max_batch=8)) == BatchProfile(1, 8, 16)
+    _, _, plain, _ = fixture_bundle("uvit")
+    assert read_bundle(plain).manifest.guidable                        # tiny uvit: cfg, a null label
