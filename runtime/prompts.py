@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput
+from .conditions import read_npz_arrays
 
 CONTEXT_KEY, NULL_KEY, PROMPTS_KEY = "context", "null_context", "prompts"
 
@@ -88,14 +89,7 @@ def load_context_npz(path, shape: tuple[int, int]) -> TextContexts:
     """``--context-npz``: an .npz with ``context`` (K, L, D) float, optionally ``null_context``
     ((1, L, D) or (L, D): U-ViT's ``empty_context.npy``) and ``prompts`` (K,) strings (labels)."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            found = list(data.files)
-            arrays = {k: data[k] for k in (CONTEXT_KEY, NULL_KEY, PROMPTS_KEY) if k in found}
-    except (OSError, ValueError, EOFError):
-        raise InvalidInput(f"cannot read {path}: not an .npz archive of plain arrays") from None
-    if CONTEXT_KEY not in arrays:          # (raised out of the try: InvalidInput is a ValueError)
-        raise InvalidInput(f"{path} has no array 'context' (found: {', '.join(found) or 'none'})")
+    arrays = read_npz_arrays(path, CONTEXT_KEY, (NULL_KEY, PROMPTS_KEY))
     context = check_context(arrays[CONTEXT_KEY], shape, f"{path}: 'context'")
     null = arrays.get(NULL_KEY)
     null = None if null is None else check_context(null, shape, f"{path}: 'null_context'", null=True)
