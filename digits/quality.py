@@ -19,6 +19,7 @@ import numpy as np
 
 from edgediff.digits import judge as rt_judge
 from edgediff.export.reference import TorchBackend, build_reference, manifest_for
+from edgediff.runtime.errors import InvalidInput
 from edgediff.runtime.manifest import Sampling
 from edgediff.runtime.samplers import DEFAULT_SAMPLER
 
@@ -141,6 +142,9 @@ def check(path: str | Path, per_class: int, sampler: str | None, steps: int | No
     """Judge a training output directory through PyTorch (no ONNX export); a latent model's
     samples are decoded by its autoencoder in PyTorch first."""
     name, config, module, spec = load_trained(path)
+    if name in digits.TEXT_CONDITIONED:
+        raise InvalidInput(f"{path} is a text-to-image model: export it (edgediff demo --family {name} does) "
+                           "and judge the bundle per phrasing with `edgediff evaluate BUNDLE`")
     manifest = trained_manifest(name, config, spec)
     result, _ = rt_judge.judge_backend(TorchBackend.from_spec(module, spec), manifest, per_class,
                                        sampler=sampler, steps=steps, guidance=guidance,

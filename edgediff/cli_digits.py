@@ -10,19 +10,22 @@ import json
 
 import click
 
-from edgediff.digits.data import CONDITIONED, DIGITS_CONFIGS
+from edgediff.digits.data import CONDITIONED, DIGITS_CONFIGS, TEXT_CONDITIONED
 from edgediff.digits.judge import JUDGE_PATH
 from edgediff.runtime.samplers import SAMPLERS
 
 FAMILY_NAMES = tuple(DIGITS_CONFIGS)
 # the class-judged models (demo, quality table); image-conditioned ones have `digits inpaint`
 JUDGED_NAMES = tuple(n for n in DIGITS_CONFIGS if n not in CONDITIONED)
+# the quality table requests classes by label; text models are judged per phrasing (evaluate --phrasing)
+TABLED_NAMES = tuple(n for n in JUDGED_NAMES if n not in TEXT_CONDITIONED)
 
 
 @click.command()
 @click.option("--family", type=click.Choice(JUDGED_NAMES),
               help="Which shipped digits model to run (default: dit; dit_latent: a latent DiT decoded by "
-                   "the digits autoencoder; lucid: unconditional, v-prediction).")
+                   "the digits autoencoder; lucid: unconditional, v-prediction; uvit_t2i: text-to-image, "
+                   "each row drawn from the prompt 'the digit K').")
 @click.option("--out", default="demo.png", show_default=True, type=click.Path(dir_okay=False), help="PNG grid.")
 @click.option("--cache", default="build", show_default=True, type=click.Path(file_okay=False),
               help="Where the exported bundle is kept (build/digits-FAMILY).")
@@ -130,7 +133,7 @@ def check(path, sampler, steps, per_class, guidance, vae):
 
 
 @digits.command("quality-table")
-@click.option("--families", default=",".join(JUDGED_NAMES), show_default=True,
+@click.option("--families", default=",".join(TABLED_NAMES), show_default=True,
               help="Comma-separated digits families to table.")
 @click.option("--per-class", default=100, show_default=True, type=click.IntRange(2),
               help="Samples per class for the 20-step rows.")
@@ -146,9 +149,9 @@ def quality_table(families, per_class, long_per_class, guidance, cache):
     from edgediff.digits.quality import table
 
     names = [f.strip() for f in families.split(",") if f.strip()]
-    unknown = sorted(set(names) - set(JUDGED_NAMES))
+    unknown = sorted(set(names) - set(TABLED_NAMES))
     if unknown:
-        raise click.BadParameter(f"unknown families {unknown}; choose from {', '.join(JUDGED_NAMES)}",
+        raise click.BadParameter(f"unknown families {unknown}; choose from {', '.join(TABLED_NAMES)}",
                                  param_hint="--families")
     click.echo("\n".join(table(names, per_class, long_per_class, guidance, Path(cache))))
 

@@ -141,3 +141,19 @@ def test_evaluate_command_judges_phrasings_and_refuses_bad_ones(shipped_bundle, 
     np.savez(archive, images=digits.load().held_x[:4], labels=np.arange(4))
     code, out = run(archive, "--phrasing", "{word}")
     assert code == 2 and "text-to-image bundles only" in out.err
+
+
+def test_generate_prompt_draws_the_named_digit(shipped_bundle, tmp_path, capsys):
+    """The issue's own words: `edgediff generate B --prompt "the digit 7"` draws sevens."""
+    from edgediff.cli import main
+    from edgediff.digits.judge import forward, load_judge, as_images
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", str(shipped_bundle), "--prompt", "the digit 7", "--prompt", "a handwritten two",
+              "-n", "10", "--steps", "10", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "g.npz")])
+    assert exc.value.code == 0, capsys.readouterr().err
+    with np.load(tmp_path / "g.npz") as data:
+        images, prompts, index = data["images"], data["prompts"], data["prompt_index"]
+    assert list(prompts) == ["the digit 7", "a handwritten two"] and list(index) == [0] * 10 + [1] * 10
+    guess = forward(load_judge(), as_images(images))[1].argmax(axis=1)
+    assert np.mean(guess[:10] == 7) >= 0.9 and np.mean(guess[10:] == 2) >= 0.9, guess
