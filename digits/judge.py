@@ -131,14 +131,22 @@ def judge(images: np.ndarray, labels: np.ndarray | None, weights: dict | None = 
     x = as_images(images)
     if x.shape[0] < 2:
         raise InvalidInput("the judge needs at least 2 images (the FD needs a covariance)")
+    if not np.isfinite(x).all():
+        raise InvalidInput(f"{np.count_nonzero(~np.isfinite(x))} image values are NaN/inf: nothing to judge")
     feats, logits = forward(weights, x)
     if labels is None:
         hit, guess = recognised(logits), logits.argmax(axis=1)
         per_class = tuple(float(np.mean(guess == k)) for k in range(logits.shape[1]))
     else:
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        labels = np.asarray(labels).reshape(-1)
+        if labels.dtype.kind not in "iu":
+            raise InvalidInput(f"labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64)
         if labels.shape[0] != x.shape[0]:
             raise InvalidInput(f"{x.shape[0]} images but {labels.shape[0]} labels")
+        classes = logits.shape[1]
+        if labels.size and not (0 <= labels.min() and labels.max() < classes):
+            raise InvalidInput(f"labels must be digits 0..{classes - 1}, got values from {labels.min()} to {labels.max()}")
         hit = logits.argmax(axis=1) == labels
         per_class = tuple(float(hit[labels == k].mean()) if np.any(labels == k) else float("nan")
                           for k in range(logits.shape[1]))

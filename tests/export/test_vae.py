@@ -299,7 +299,7 @@ def test_engine_options_for_components(bundle):
 
     from edgediff.export.trt_build import BuildOptions, build_engine, engine_profile
 
-    guided = NS(null_label=10, max_batch=None)
+    guided = NS(null_label=10, guidable=True, max_batch=None)
     assert engine_profile(guided, BuildOptions(opt_batch=4, max_batch=8)).max == 16
     assert engine_profile(guided, BuildOptions(opt_batch=4, max_batch=8, component="decoder")).max == 8
     with pytest.raises(InvalidInput, match="denoiser's batch only"):
