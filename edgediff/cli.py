@@ -23,9 +23,27 @@ from edgediff.runtime.backends import BACKENDS
 from edgediff.runtime.samplers import SAMPLERS
 
 from edgediff.runtime.errors import EdgediffError, missing_extra
+from edgediff.runtime.interrupts import Interrupted, exit_quietly_on_signal
+from edgediff.runtime.interrupts import install as install_interrupts
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Stop(BaseException):
+    """An interrupt carried past click, which would print a blank line and make it an Abort."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:        # SIGINT, or SIGTERM as Interrupted
+            raise _Stop(getattr(exc, "exit_code", 130)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgediff")
 def cli():
     """Export diffusion denoisers to ONNX/TensorRT bundles and run them without PyTorch."""
@@ -132,7 +150,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, c
 
     if not (out or npz):
         raise click.UsageError("give --out grid.png and/or --npz samples.npz")
-    if one_class is not None and classes:
+    if one_class is not None and classes is not None:
         raise click.UsageError("give --class or --classes, not both")
     wanted = [one_class] if one_class is not None else _parse_classes(classes)
     start = time.perf_counter()
@@ -178,25 +196,45 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv=None):
     """Run the CLI: user errors (EdgediffError, a missing optional dependency, click's usage
-    errors) become one line and a non-zero exit; anything else is a bug and keeps its traceback."""
+    errors) become one line and a non-zero exit; anything else is a bug and keeps its traceback.
+    SIGINT and SIGTERM raise :class:`~edgediff.runtime.interrupts.Interrupted`, so staged
+    outputs are cleaned up on the way out; they end with "interrupted" and 130 / 143."""
+    install_interrupts()
+    try:
+        code = _run(argv)
+    except (Interrupted, _Stop) as exc:       # a signal while a message was being printed
+        code = exc.exit_code
+    # Outputs are in place or cleaned up: a signal during shutdown (other libraries' atexit
+    # hooks, torch's among them) now just ends the process, without a traceback.
+    exit_quietly_on_signal()
+    sys.exit(code)
+
+
+def _run(argv) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:       # click turns a KeyboardInterrupt into Abort
+        return _interrupted(exc.__cause__ or exc.__context__)
+    except (_Stop, KeyboardInterrupt) as exc:   # KeyboardInterrupt: a signal outside a command
+        return _interrupted(exc)
     except click.ClickException as exc:        # usage errors too: one line, click's exit code
         click.echo(f"error: {_one_line(exc.format_message())}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except EdgediffError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
-        sys.exit(1)
+        return 1
     except ImportError as exc:
         extra = missing_extra(exc)
         if extra is None:
             raise
         click.echo(f"error: {extra}", err=True)
-        sys.exit(1)
-    sys.exit(0)
+        return 1
+    return 0
+
+
+def _interrupted(exc) -> int:
+    click.echo("interrupted", err=True)
+    return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":
