@@ -25,6 +25,7 @@ from edgediff.runtime.samplers import SAMPLERS
 from edgediff.runtime.errors import EdgediffError, missing_extra
 from edgediff.runtime.interrupts import Interrupted, exit_quietly_on_signal
 from edgediff.runtime.interrupts import install as install_interrupts
+from edgediff.runtime.interrupts import restore as restore_interrupts
 
 
 class _Stop(BaseException):
@@ -198,16 +199,30 @@ def main(argv=None):
     """Run the CLI: user errors (EdgediffError, a missing optional dependency, click's usage
     errors) become one line and a non-zero exit; anything else is a bug and keeps its traceback.
     SIGINT and SIGTERM raise :class:`~edgediff.runtime.interrupts.Interrupted`, so staged
-    outputs are cleaned up on the way out; they end with "interrupted" and 130 / 143."""
-    install_interrupts()
+    outputs are cleaned up on the way out; they end with "interrupted" and 130 / 143. The
+    previous signal handlers are restored on return (for callers in the same process)."""
+    sys.exit(_main(argv, console=False))
+
+
+def console():
+    """The ``edgediff`` console script (``edgediff.entry``): as :func:`main`, but once the
+    command is over (outputs in place or cleaned up) a signal during interpreter shutdown,
+    where other libraries' atexit hooks (torch's among them) still run, ends the process at
+    once without a traceback."""
+    sys.exit(_main(None, console=True))
+
+
+def _main(argv, console: bool) -> int:
+    previous = install_interrupts()
     try:
-        code = _run(argv)
+        return _run(argv)
     except (Interrupted, _Stop) as exc:       # a signal while a message was being printed
-        code = exc.exit_code
-    # Outputs are in place or cleaned up: a signal during shutdown (other libraries' atexit
-    # hooks, torch's among them) now just ends the process, without a traceback.
-    exit_quietly_on_signal()
-    sys.exit(code)
+        return exc.exit_code
+    finally:
+        if console:
+            exit_quietly_on_signal()
+        else:
+            restore_interrupts(previous)
 
 
 def _run(argv) -> int:

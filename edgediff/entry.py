@@ -6,8 +6,8 @@ import sys
 
 def main():
     try:
-        from edgediff.cli import main as run
+        from edgediff.cli import console
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    run()
+    console()

@@ -43,19 +43,31 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def install() -> None:
-    """Make SIGINT and SIGTERM raise :class:`Interrupted` in the main thread. A signal the
-    parent set to be ignored (``nohup``, a background job of a script) stays ignored."""
+def install() -> dict:
+    """Make SIGINT and SIGTERM raise :class:`Interrupted` in the main thread; return the
+    handlers they replace (for :func:`restore`). A signal the parent set to be ignored
+    (``nohup``, a background job of a script) stays ignored."""
     _state["stopping"] = False
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
     for signum in SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
+        if previous[signum] is not signal.SIG_IGN:
             signal.signal(signum, _raise)
+    return previous
+
+
+def restore(previous: dict) -> None:
+    """Put back the handlers :func:`install` replaced (the CLI called in-process, by tests)."""
+    _state["stopping"] = True             # until then, a late signal is not raised half-way here
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def exit_quietly_on_signal() -> None:
     """From here on a signal ends the process at once with 128 + signum, without a
     traceback: for interpreter shutdown, when the work is done or cleaned up but atexit
     hooks of other libraries (torch's among them) still run and would print one."""
+    _state["stopping"] = True             # a signal before the swap below is simply dropped
+
     def _exit(signum, frame):
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
