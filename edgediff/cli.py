@@ -82,6 +82,8 @@ def export(family, config_path, size, checkpoint, out, opset, max_batch, precisi
     """Export a PyTorch denoiser to a validated FP32 ONNX bundle."""
     from edgediff.export.bundle import export_bundle
     from edgediff.export.models import resolve_config
+    from edgediff.runtime.bundle import MANIFEST
+    from edgediff.runtime.files import built_whole
 
     start = time.perf_counter()
     config = resolve_config(FAMILIES[family], size, _read_json(config_path))
@@ -89,16 +91,19 @@ def export(family, config_path, size, checkpoint, out, opset, max_batch, precisi
         raise click.UsageError("--vae-config/--vae-layout describe --vae: give --vae too")
     if vae_checkpoint and FAMILIES[family].spec(config).space != "latent":   # torch-free, before the export
         raise click.UsageError(f"--vae needs a latent model; this {family} config works in pixel space")
-    result = export_bundle(family, config, out, checkpoint=checkpoint, opset=opset, max_batch=max_batch,
-                           log=lambda msg: click.echo(msg, err=True))
-    click.echo(result.parity.summary())
-    if vae_checkpoint:
-        add_vae_to_bundle(str(result.path), vae_checkpoint, vae_config, vae_layout)
-    add_to_bundle(str(result.path), precision, checkpoint)
-    for name in result.manifest.components:   # companions exported with the denoiser (cond_encoder)
-        if name not in ("decoder", "encoder"):
-            add_to_bundle(str(result.path), precision, checkpoint, component=name)
-    click.echo(f"wrote {result.path} in {time.perf_counter() - start:.1f} s")
+    # Every step (export, --vae, --precision) works on a private bundle that replaces OUT only
+    # when all passed: an interrupt or a failed FP16 gate leaves an existing OUT as it was.
+    with built_whole(out, MANIFEST, "a bundle") as work:
+        result = export_bundle(family, config, work, checkpoint=checkpoint, opset=opset, max_batch=max_batch,
+                               log=lambda msg: click.echo(msg, err=True))
+        click.echo(result.parity.summary())
+        if vae_checkpoint:
+            add_vae_to_bundle(str(work), vae_checkpoint, vae_config, vae_layout)
+        add_to_bundle(str(work), precision, checkpoint)
+        for name in result.manifest.components:   # companions exported with the denoiser (cond_encoder)
+            if name not in ("decoder", "encoder"):
+                add_to_bundle(str(work), precision, checkpoint, component=name)
+    click.echo(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
 def _parse_classes(value: str | None) -> list[int] | None:

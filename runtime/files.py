@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import InvalidInput, OutputExists
+from .errors import EdgediffError, InvalidInput, OutputExists
 from .interrupts import deferred
 
 
@@ -178,3 +178,35 @@ def staged_dir(out: str | Path, tag: str = "tmp"):
     finally:
         with deferred():
             shutil.rmtree(stage.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def built_whole(out: str | Path, marker: str, what: str):
+    """Yield a private path ``work`` (inside a stage beside ``out``) to build a directory at in
+    several steps (export, then FP16, then an autoencoder ...); only when the whole block
+    succeeds does ``work`` replace ``out``. So an interrupt or a failing later step leaves
+    ``out`` as it was. What a failed step kept for inspection beside ``work`` (``NAME.failed``,
+    ``NAME.fp16.failed`` ...) is moved beside ``out`` under fresh names, and the error's
+    message is changed to say where."""
+    out = Path(out)
+    check_replaceable(out, marker, what)
+    with staged_dir(out) as stage:
+        work = stage.path / out.name
+        try:
+            yield work
+        except EdgediffError as exc:
+            _move_kept(exc, stage.path, work, out)
+            raise
+        replace_dir(work, out, marker, what)
+
+
+def _move_kept(exc: Exception, stage: Path, work: Path, out: Path) -> None:
+    with deferred():
+        for kept in sorted(stage.iterdir()):
+            if kept == work or not kept.name.startswith(out.name):
+                continue
+            dest = claim_sibling(out, kept.name[len(out.name):])
+            os.replace(kept, dest)
+            exc.args = tuple(a.replace(str(kept), str(dest)) if isinstance(a, str) else a for a in exc.args)
+    # the private bundle is about to vanish: name the user's OUT instead
+    exc.args = tuple(a.replace(str(work), str(out)) if isinstance(a, str) else a for a in exc.args)

@@ -88,7 +88,7 @@ def test_export_interrupted_leaves_the_existing_bundle(bundle, tmp_path, signum,
     lookalikes(tmp_path, "X")
     before = snapshot(tmp_path)
     proc = start(["export", "--family", "uvit", "--size", "tiny", "--out", "X"], tmp_path)
-    wait_for(".X.tmp-*", proc, tmp_path)
+    wait_for(".X.tmp-*/.X.tmp-*", proc, tmp_path)    # the export's own stage, inside the build's
     time.sleep(0.3)                           # into the ONNX export
     got, out, err = stop(proc, signum)
     assert_interrupted(got, code, err)
@@ -103,6 +103,19 @@ def test_add_precision_interrupted_leaves_the_bundle(bundle, tmp_path, signum, c
     before = snapshot(tmp_path)
     proc = start(["add-precision", "X", "--precision", "fp16"], tmp_path)
     wait_for(".X.fp16-*", proc, tmp_path)
+    got, out, err = stop(proc, signum)
+    assert_interrupted(got, code, err)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("signum, code", SIGNALS)
+def test_export_interrupted_in_its_fp16_step_leaves_the_existing_bundle(bundle, tmp_path, signum, code):
+    """export --precision fp16 is one change: the FP32 bundle it made first is not installed."""
+    pytest.importorskip("modelopt")
+    shutil.copytree(bundle, tmp_path / "X")
+    before = snapshot(tmp_path)
+    proc = start(["export", "--family", "uvit", "--size", "tiny", "--out", "X", "--precision", "fp16"], tmp_path)
+    wait_for(".X.tmp-*/.X.fp16-*", proc, tmp_path)
     got, out, err = stop(proc, signum)
     assert_interrupted(got, code, err)
     assert snapshot(tmp_path) == before

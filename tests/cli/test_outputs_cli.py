@@ -168,3 +168,28 @@ def test_failed_export_goes_to_a_fresh_failed_dir(tmp_path, capsys, monkeypatch)
     assert {k: after[k] for k in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.failed", "b.failed-2", "b.failed-3"]
     assert (tmp_path / "b.failed-3" / "model.onnx").is_file()
+
+
+def test_failed_fp16_step_of_export_leaves_out_and_keeps_the_attempt_beside_it(bundle, tmp_path, capsys,
+                                                                              monkeypatch):
+    """export --precision fp16 whose gate fails: the existing OUT is untouched (the new FP32
+    bundle is not installed either), the attempt is kept at OUT.fp16.failed, named in the error."""
+    import edgediff.export.fp16 as fp16
+
+    def failing(fp32, out, *args, **kw):
+        out.write_bytes(b"an fp16 model that misses the gate")
+        raise fp16.FP16Error("FP16 misses the gate (simulated)")
+
+    monkeypatch.setattr(fp16, "convert_fp16", failing)
+    import shutil
+
+    shutil.copytree(bundle, tmp_path / "b")
+    before = snapshot(tmp_path)
+    code, out, err = run(["export", "--family", "uvit", "--size", "tiny", "--out", str(tmp_path / "b"),
+                          "--precision", "fp16"], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"error: FP16 misses the gate (simulated); the last FP16 model tried is in "
+                                    f"{tmp_path / 'b.fp16.failed'}")
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if "b.fp16.failed" not in k} == before
+    assert sorted(p.name for p in (tmp_path / "b.fp16.failed").iterdir()) == ["model_fp16.onnx"]
