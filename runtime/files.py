@@ -107,7 +107,9 @@ def check_replaceable(out: Path, marker: str, what: str) -> None:
     would put a directory where the link was, and following it would write elsewhere than
     asked), or a non-empty directory without ``marker``, so that a mistyped path never
     deletes a user's directory. Called before long work starts and again just before the swap."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
+    if os.path.realpath(out) in (os.getcwd(), *map(str, Path(os.getcwd()).parents)):
+        raise OutputExists(f"{out} is the current directory or one above it; choose another --out")
     if out.is_symlink():
         raise OutputExists(f"{out} is a symbolic link; give the directory it points to ({os.path.realpath(out)}) "
                            "or another --out")
@@ -136,6 +138,7 @@ def replace_dir(tmp: Path, out: Path, marker: str, what: str) -> None:
     """Put the finished directory ``tmp`` at ``out`` with renames only, so readers never see a
     partial one; an existing ``out`` must pass :func:`check_replaceable`. The old ``out`` goes
     to a fresh ``.OUT.old-XXXX`` of ours before it is deleted, and the swap is not interrupted."""
+    out = Path(os.path.abspath(out))
     check_replaceable(out, marker, what)
     with deferred():
         if not out.exists():
@@ -153,7 +156,8 @@ class Stage:
     the directory it points to, on the same filesystem, so the files can be renamed into it."""
 
     def __init__(self, out: Path, tag: str):
-        self.out = Path(os.path.realpath(out)) if out.is_symlink() else out
+        # absolute, so that "." (a bundle named from inside it) has a name and a parent
+        self.out = Path(os.path.realpath(out) if out.is_symlink() else os.path.abspath(out))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.{tag}-"))
         public_mode(self.path, directory=True)
@@ -188,7 +192,7 @@ def built_whole(out: str | Path, marker: str, what: str):
     ``out`` as it was. What a failed step kept for inspection beside ``work`` (``NAME.failed``,
     ``NAME.fp16.failed`` ...) is moved beside ``out`` under fresh names, and the error's
     message is changed to say where."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     check_replaceable(out, marker, what)
     with staged_dir(out) as stage:
         work = stage.path / out.name

@@ -122,23 +122,34 @@ EXPORT_BAD = [
     ("out is a dangling symlink", "link-dangling", 1, "is a symbolic link"),
     ("out is a file", "file", 2, "is a file"),
     ("out is someone's directory", "user-dir", 1, "exists and is not a bundle"),
+    ("out is the empty current directory", "cwd", 1, "is the current directory or one above it"),
+    ("out is above the current directory", "cwd-parent", 1, "is the current directory or one above it"),
 ]
 
 
 @pytest.mark.parametrize("case, prepare, code, message", EXPORT_BAD, ids=[c[0] for c in EXPORT_BAD])
-def test_export_refuses_an_out_that_is_not_ours(bundle, tmp_path, capsys, case, prepare, code, message):
-    out = tmp_path / "out"
-    if prepare == "link-bundle":
+def test_export_refuses_an_out_that_is_not_ours(bundle, tmp_path, capsys, monkeypatch, case, prepare, code,
+                                                message):
+    out = arg = tmp_path / "out"
+    if prepare == "cwd":
+        out.mkdir()
+        monkeypatch.chdir(out)
+        arg = "."
+    elif prepare == "cwd-parent":
+        (out / "sub").mkdir(parents=True)
+        monkeypatch.chdir(out / "sub")
+        arg = ".."
+    elif prepare == "link-bundle":
         out.symlink_to(bundle)
     elif prepare == "link-dangling":
         out.symlink_to(tmp_path / "nowhere")
     elif prepare == "file":
         out.write_text("precious")
-    else:
+    elif prepare == "user-dir":
         out.mkdir()
         (out / "precious.txt").write_text("keep")
     before = snapshot(tmp_path, bundle)
-    got, _, err = run(["export", "--family", "uvit", "--size", "tiny", "--out", str(out)], capsys)
+    got, _, err = run(["export", "--family", "uvit", "--size", "tiny", "--out", str(arg)], capsys)
     assert got == code and message in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert snapshot(tmp_path, bundle) == before
 
@@ -193,3 +204,18 @@ def test_failed_fp16_step_of_export_leaves_out_and_keeps_the_attempt_beside_it(b
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if "b.fp16.failed" not in k} == before
     assert sorted(p.name for p in (tmp_path / "b.fp16.failed").iterdir()) == ["model_fp16.onnx"]
+
+
+def test_add_precision_from_inside_the_bundle_stages_beside_it(bundle, tmp_path, capsys, monkeypatch):
+    """`add-precision .` run inside the bundle: the stage (and a kept failure) go beside the
+    bundle, never into it; the bundle gains only its FP16 model."""
+    pytest.importorskip("modelopt")
+    import shutil
+
+    shutil.copytree(bundle, tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")
+    code, out, err = run(["add-precision", ".", "--precision", "fp16"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["bundle.json", "model.onnx", "model_fp16.onnx",
+                                                                 "parity.json"]
