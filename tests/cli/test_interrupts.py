@@ -82,16 +82,30 @@ def bundle(tmp_path_factory):
     return out
 
 
+def read_until(proc, text, timeout=120.0):
+    """Read the process's stderr up to the line containing ``text``; return what was read."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            pytest.fail(f"ended before {text!r}: {''.join(seen)}")
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    pytest.fail(f"no {text!r} within {timeout} s")
+
+
+@pytest.mark.parametrize("phase", ["exporting", "validating"])
 @pytest.mark.parametrize("signum, code", SIGNALS)
-def test_export_interrupted_leaves_the_existing_bundle(bundle, tmp_path, signum, code):
+def test_export_interrupted_leaves_the_existing_bundle(bundle, tmp_path, signum, code, phase):
     shutil.copytree(bundle, tmp_path / "X")
     lookalikes(tmp_path, "X")
     before = snapshot(tmp_path)
     proc = start(["export", "--family", "uvit", "--size", "tiny", "--out", "X"], tmp_path)
-    wait_for(".X.tmp-*/.X.tmp-*", proc, tmp_path)    # the export's own stage, inside the build's
-    time.sleep(0.3)                           # into the ONNX export
+    seen = read_until(proc, phase)            # printed inside the export's stage
+    assert glob.glob(str(tmp_path / ".X.tmp-*" / ".X.tmp-*"))
     got, out, err = stop(proc, signum)
-    assert_interrupted(got, code, err)
+    assert_interrupted(got, code, seen + err)
     assert snapshot(tmp_path) == before
 
 
