@@ -1,6 +1,7 @@
 """Turning samples into pictures and archives, written atomically."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -29,11 +30,15 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarra
     return out
 
 
-def _make_parent(path: Path) -> None:
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing directories above ``path``; return those made, top first."""
+    made = [d for d in reversed(path.absolute().parents) if not d.exists()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for d in made:
+            d.mkdir()
     except OSError as exc:
         raise InvalidInput(f"cannot create the directory of {path}: {exc.strerror or exc}") from None
+    return made
 
 
 def _png_writer(picture: np.ndarray, upscale: int = 1):
@@ -54,9 +59,16 @@ def _npz_writer(arrays: dict):
 
 def _save_all(writers: dict) -> None:
     """Write ``{path: write}`` as one (see :func:`write_atomic_all`)."""
-    for path in writers:
-        _make_parent(Path(path))
-    write_atomic_all({Path(p): w for p, w in writers.items()})
+    made = []
+    try:
+        for path in writers:
+            made += _make_parents(Path(path))
+        write_atomic_all({Path(p): w for p, w in writers.items()})
+    except BaseException:
+        for d in reversed(made):            # only the directories made here, and only if empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
 
 
 def save_png(path: str | Path, picture: np.ndarray, upscale: int = 1) -> None:

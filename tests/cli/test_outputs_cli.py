@@ -110,8 +110,8 @@ def test_a_failing_npz_write_leaves_no_png(bundle, work, capsys, monkeypatch):
 
     monkeypatch.setattr(images, "_npz_writer", fail)
     before = snapshot(work)
-    code, out, err = run(["generate", str(bundle), *GEN, "--out", str(work / "g.png"), "--npz", str(work / "s.npz")],
-                         capsys)
+    code, out, err = run(["generate", str(bundle), *GEN, "--out", str(work / "new" / "g.png"), "--npz",
+                          str(work / "s.npz")], capsys)
     assert code == 1 and "simulated" in err and err.count("\n") == 1 and "wrote" not in out
     assert snapshot(work) == before
 
