@@ -107,16 +107,16 @@ def check_replaceable(out: Path, marker: str, what: str) -> None:
     would put a directory where the link was, and following it would write elsewhere than
     asked), or a non-empty directory without ``marker``, so that a mistyped path never
     deletes a user's directory. Called before long work starts and again just before the swap."""
-    out = Path(os.path.abspath(out))
+    given, out = out, Path(os.path.abspath(out))
     if os.path.realpath(out) in (os.getcwd(), *map(str, Path(os.getcwd()).parents)):
         raise OutputExists(f"{out} is the current directory or one above it; choose another --out")
     if out.is_symlink():
-        raise OutputExists(f"{out} is a symbolic link; give the directory it points to ({os.path.realpath(out)}) "
-                           "or another --out")
+        raise OutputExists(f"{given} is a symbolic link; give the directory it points to "
+                           f"({os.path.realpath(out)}) or another --out")
     if out.exists() and not out.is_dir():
-        raise OutputExists(f"{out} exists and is not a directory")
+        raise OutputExists(f"{given} exists and is not a directory")
     if out.is_dir() and not (out / marker).is_file() and any(out.iterdir()):
-        raise OutputExists(f"{out} exists and is not {what}; choose another --out")
+        raise OutputExists(f"{given} exists and is not {what}; choose another --out")
 
 
 def claim_sibling(path: Path, suffix: str) -> Path:
