@@ -158,6 +158,7 @@ class Stage:
     def __init__(self, out: Path, tag: str):
         # absolute, so that "." (a bundle named from inside it) has a name and a parent
         self.out = Path(os.path.realpath(out) if out.is_symlink() else os.path.abspath(out))
+        self.made = [d for d in reversed(self.out.parents) if not d.exists()]   # top first
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.{tag}-"))
         public_mode(self.path, directory=True)
@@ -182,6 +183,9 @@ def staged_dir(out: str | Path, tag: str = "tmp"):
     finally:
         with deferred():
             shutil.rmtree(stage.path, ignore_errors=True)
+            for d in reversed(stage.made):    # directories made for ``out``, if nothing went in
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
 @contextlib.contextmanager

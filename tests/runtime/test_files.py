@@ -87,6 +87,17 @@ def test_claim_sibling_is_exclusive(tmp_path):
     assert (tmp_path / "b.failed").read_text() == "a file, not a directory"
 
 
+def test_directories_made_for_a_failed_out_are_removed(tmp_path):
+    with pytest.raises(RuntimeError):
+        with staged_dir(tmp_path / "new" / "sub" / "b"):
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with staged_dir(tmp_path / "new" / "sub" / "b") as stage:
+        (stage.path / "bundle.json").write_text("{}")
+        replace_dir(stage.path, tmp_path / "new" / "sub" / "b", "bundle.json", "a bundle")
+    assert (tmp_path / "new" / "sub" / "b" / "bundle.json").is_file()
+
+
 def test_stage_is_removed_on_error_and_lookalikes_stay(tmp_path):
     user_lookalikes(tmp_path, "b")
     before = snapshot(tmp_path)
