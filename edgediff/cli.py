@@ -121,7 +121,8 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="Sampler (default: the bundle's recommended one, else the schedule's usual one).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampler steps (default: the bundle's recommended).")
 @click.option("-n", "num", type=click.IntRange(1, 1_000_000),
-              help="Number of samples (default 64); per condition image with --cond or per --prompt (default 4).")
+              help="Number of samples (default 64); per condition image with --cond, per prompt with "
+                   "--prompt/--prompts-file, per context row with --context-npz (default 4).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 4096), help="Samples per backend batch.")
 @click.option("--classes", help="Comma-separated class labels, cycled over the samples (default: all classes).")
 @click.option("--class", "one_class", type=int, help="A single class label for every sample.")
@@ -138,7 +139,8 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--out", type=click.Path(dir_okay=False),
               help="PNG grid to write (pixel-space models, or latent bundles with a decoder).")
 @click.option("--npz", type=click.Path(dir_okay=False),
-              help="Also save uint8 images (and float32 latents for latent models) and labels as .npz.")
+              help="Also save uint8 images (and float32 latents for latent models) and labels as .npz; "
+                   "text-to-image runs add 'prompts' (K,) and 'prompt_index' (N,), the prompt of each sample.")
 @click.option("--decode-batch", default=16, show_default=True, type=click.IntRange(1, 4096),
               help="Latents decoded per decoder call (latent bundles with a decoder).")
 @click.option("--cond", "cond_path", type=click.Path(exists=True),
@@ -146,25 +148,38 @@ def _parse_classes(value: str | None) -> list[int] | None:
                    "or an .npz with 'cond' (float (K, C, H, W) in [-1, 1] or uint8 (K, H, W, C)).")
 @click.option("--cond-size", help="Resize condition images to H,W (default: the bundle's condition size).")
 @click.option("--prompt", "prompts", multiple=True,
-              help="Text prompt of a text-to-image bundle with a text encoder (repeatable: -n samples per prompt).")
+              help="Text prompt of a text-to-image bundle with a text encoder (repeatable: -n samples per prompt; "
+                   "each distinct prompt is encoded once).")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 text file of prompts, one per line (blank lines skipped), after any --prompt.")
+@click.option("--context-npz", type=click.Path(exists=True, dir_okay=False),
+              help="Precomputed text contexts instead of prompts (no text encoder needed): an .npz with 'context' "
+                   "float (K, L, D), optional 'null_context' (L, D) or (1, L, D), guidance's null: U-ViT's "
+                   "MS-COCO empty_context.npy, and optional 'prompts' (K,) strings saved as labels.")
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, backend,
-             precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts):
+             precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts, prompts_file,
+             context_npz):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
     from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.images import check_outputs, save_outputs
     from edgediff.runtime.pipeline import Pipeline, total_model_calls
+    from edgediff.runtime.prompts import read_prompts_file
 
     if not (out or npz):
         raise click.UsageError("give --out grid.png and/or --npz samples.npz")
     if one_class is not None and classes is not None:
         raise click.UsageError("give --class or --classes, not both")
+    if context_npz and (prompts or prompts_file):
+        raise click.UsageError("--context-npz holds the contexts already: drop --prompt/--prompts-file")
     wanted = [one_class] if one_class is not None else _parse_classes(classes)
+    prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file else [])]
     start = time.perf_counter()
     with Pipeline.from_bundle(bundle, backend, precision, device=device, threads=threads, max_batch=batch,
                               decode_batch=decode_batch) as pipe:
         check_outputs(bundle, pipe.manifest, pipe.decoder is not None, png=out, npz=npz)
         cond = read_conditions(pipe, cond_path, cond_size)
-        per = len(cond) if cond is not None else len(prompts) if prompts else None
+        context = _read_contexts(pipe, context_npz)
+        per = len(cond) if cond is not None else len(context.context) if context is not None else len(prompts) or None
         num = num or (64 if per is None else 4)
         count = num * (per or 1)
         choice = dict(sampler=sampler, steps=steps, guidance=guidance)
@@ -172,10 +187,21 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, c
         with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:
             result = pipe(num, classes=wanted, seed=seed, batch=batch, decode_batch=decode_batch,
                           progress=bar.update, cond=cond, classifier_scale=classifier_scale,
-                          prompt=list(prompts) or None, **choice)
+                          prompt=prompts or None, context=context, **choice)
         for line in save_outputs(pipe.manifest, result, png=out, npz=npz):
             click.echo(line)
     click.echo(f"{count} samples in {time.perf_counter() - start:.1f} s")
+
+
+def _read_contexts(pipe, path: str | None):
+    """``--context-npz`` for an open pipeline: its TextContexts, or None."""
+    from edgediff.runtime.prompts import load_context_npz
+
+    if path is None:
+        return None
+    if pipe.context_shape is None:
+        raise click.UsageError("--context-npz: this bundle's model takes no text context")
+    return load_context_npz(path, pipe.context_shape)
 
 
 @cli.command()

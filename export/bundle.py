@@ -12,7 +12,7 @@ from edgediff.runtime.bundle import MANIFEST, finalize_manifest
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, staged_dir, write_json_atomic
-from edgediff.runtime.manifest import Manifest, Sampling
+from edgediff.runtime.manifest import TEXT_CONTEXT, Manifest, Sampling
 from edgediff.runtime.parity import ParityResult
 
 from .companions import component_records, export_companions, feature_source, validate_pair
@@ -47,8 +47,10 @@ def recommended_sampling(family_name: str, spec, overrides: dict | None = None) 
     """What ``generate`` uses when the user names no sampler, steps or guidance: the
     official recipes' guidance (DiT's sample.py cfg-scale 4; U-ViT's ``cfg_scale`` s, which
     guides as ε_c + s·(ε_c − ε_u), i.e. w = 1 + s here; DDM's 10 sampling steps), with the
-    runtime's fast default sampler for the schedule."""
-    guided = spec.null_label is not None
+    runtime's fast default sampler for the schedule. A text-to-image U-ViT is guided without a
+    label, by the empty prompt's context (its ``context`` input), so its ``cfg_scale`` is
+    recorded too (MS-COCO: s = 1, w = 2). ``overrides`` (``export_bundle(sampling=...)``) win."""
+    guided = spec.null_label is not None or TEXT_CONTEXT in spec.features
     base = {"dit": {"guidance": 4.0 if guided else 1.0},
             "uvit": {"guidance": 1.0 + spec.extra.get("cfg_scale", 0.0) if guided else 1.0},
             "ddm": {"steps": spec.extra.get("official_sampling_timesteps", 10)},

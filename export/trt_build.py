@@ -27,7 +27,7 @@ class BuildOptions:
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int | None = None          # sample batch; None: opt_batch
-    guidance: bool | None = None          # None: double the batch when the model has a null label
+    guidance: bool | None = None          # None: double the batch when the model can be guided (manifest.guidable)
     timing_cache: str | Path | None = None  # None: engines/timing_<sm>_<trt>.cache; "" disables
     workspace_gib: float | None = None
     optimization_level: int | None = None   # TensorRT's builder level 0..5 (its default is 3)
@@ -51,7 +51,7 @@ def engine_profile(manifest, opts: BuildOptions) -> BatchProfile:
     """The engine batch profile: guidance doubles the denoiser's (the autoencoder components
     see sample batches as they are); the bundle's max_batch bounds it."""
     denoiser = opts.component == "denoiser"
-    guidance = (denoiser and manifest.null_label is not None) if opts.guidance is None else opts.guidance
+    guidance = (denoiser and manifest.guidable) if opts.guidance is None else opts.guidance
     profile = batch_profile(opts.min_batch, opts.opt_batch, opts.max_batch, guidance)
     limit = manifest.max_batch
     if limit is not None and profile.max > limit:

@@ -69,15 +69,23 @@ def _read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     return arr.transpose(2, 0, 1) / 127.5 - 1.0                    # (C, H, W) in [-1, 1]
 
 
-def _read_npz(path: Path, shape: tuple) -> np.ndarray:
-    """An .npz with ``cond``: float (K, C, H, W) already in [-1, 1], or uint8 (K, H, W, C) images."""
+def read_npz_arrays(path: Path, required: str, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The arrays ``required`` and those of ``optional`` present in the .npz at ``path`` (no
+    pickles); one-line InvalidInput for an unreadable archive or a missing ``required``."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            if "cond" not in data.files:
-                raise InvalidInput(f"{path} has no array 'cond' (found: {', '.join(data.files) or 'none'})")
-            arr = data["cond"]
+            found = list(data.files)
+            arrays = {k: data[k] for k in (required, *optional) if k in found}
     except (OSError, ValueError, EOFError):
         raise InvalidInput(f"cannot read {path}: not an .npz archive of plain arrays") from None
+    if required not in arrays:          # raised out of the try: InvalidInput is a ValueError
+        raise InvalidInput(f"{path} has no array {required!r} (found: {', '.join(found) or 'none'})")
+    return arrays
+
+
+def _read_npz(path: Path, shape: tuple) -> np.ndarray:
+    """An .npz with ``cond``: float (K, C, H, W) already in [-1, 1], or uint8 (K, H, W, C) images."""
+    arr = read_npz_arrays(path, "cond")["cond"]
     given = f"{arr.dtype} {arr.shape}"
     if arr.dtype == np.uint8 and arr.ndim == 4:
         arr = arr.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0

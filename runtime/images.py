@@ -113,7 +113,8 @@ def check_outputs(bundle_path, manifest, has_decoder: bool, png=None, npz=None) 
 
 def _grid_rows(manifest, generation, images: np.ndarray) -> tuple[np.ndarray, int | None]:
     """The pictures of a grid and its row length: one row per condition image (the condition
-    first, then its samples), one column per class for few classes, else a square."""
+    first, then its samples), one per prompt or context row, one column per class for few
+    classes, else a square."""
     if generation.conditions is not None:
         from .conditions import condition_strip
 
@@ -122,6 +123,9 @@ def _grid_rows(manifest, generation, images: np.ndarray) -> tuple[np.ndarray, in
         shown = condition_strip(generation.conditions, h, w, c)
         rows = [np.concatenate([shown[k:k + 1], images[k * per:(k + 1) * per]]) for k in range(len(shown))]
         return np.concatenate(rows), per + 1
+    if generation.prompt_index is not None:
+        runs = 1 + int(np.count_nonzero(np.diff(generation.prompt_index)))     # samples come per prompt, in order
+        return images, max(1, len(images) // runs)
     classes = manifest.num_classes
     nrow = min(classes, len(images)) if generation.labels is not None and classes and classes <= 16 else None
     return images, nrow
@@ -130,8 +134,10 @@ def _grid_rows(manifest, generation, images: np.ndarray) -> tuple[np.ndarray, in
 def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
     """Write the grid and/or archive of a :class:`~edgediff.runtime.pipeline.Generation`:
     uint8 ``images`` (pixel models, or decoded latents), float32 ``latents`` for latent
-    models, ``labels`` where conditional. Both are written to temporary files first and
-    renamed together, so a failure (or an interrupt) leaves neither."""
+    models, ``labels`` where conditional, ``conditions``/``cond_index`` for image conditions,
+    ``prompts`` (K,) where known and ``prompt_index`` (N,) for text-to-image runs. Both are
+    written to temporary files first and renamed together, so a failure (or an interrupt)
+    leaves neither."""
     writers, images = {}, generation.images
     if png and npz and Path(png).resolve() == Path(npz).resolve():
         raise InvalidInput("--out and --npz name the same file")
@@ -150,6 +156,10 @@ def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
         if generation.conditions is not None:
             arrays["conditions"] = generation.conditions
             arrays["cond_index"] = generation.cond_index
+        if generation.prompts is not None:
+            arrays["prompts"] = generation.prompts
+        if generation.prompt_index is not None:
+            arrays["prompt_index"] = generation.prompt_index
         writers[npz] = _npz_writer(arrays)
     _save_all(writers)
     return [f"wrote {p}" for p in writers]

@@ -139,6 +139,12 @@ class Manifest(_NamedIO):
         return "y" in self.inputs
 
     @property
+    def guidable(self) -> bool:
+        """Can classifier-free guidance run? It needs a null condition: the null label, or for
+        a text-to-image model the empty prompt's ``context`` (so guidance doubles the batch)."""
+        return self.null_label is not None or TEXT_CONTEXT in self.inputs
+
+    @property
     def source_sha256(self) -> str | None:
         return self.source.get("sha256")
 

@@ -9,7 +9,9 @@ Classifier-free guidance is done here, never in the graph: the conditional and n
 halves go through the backend in one batched call and ε = ε_u + w·(ε_c − ε_u). Classifier
 guidance (the bundle's ``classifier`` component) wraps that denoiser (:mod:`.guidance`). Noise
 is per sample (:mod:`.noise`): results never depend on the batch size. Image-conditioned
-bundles (:mod:`.conditions`) encode each condition once and feed its features by name.
+bundles (:mod:`.conditions`) encode each condition once and feed its features by name;
+text-to-image bundles (:mod:`.prompts`) encode each distinct prompt once, or take
+precomputed contexts, and feed them as ``context``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .guidance import ClassifierGuided, classifier_guidance, effective_options
 from .images import to_uint8
 from .manifest import TEXT_COMPONENT, TEXT_CONTEXT, Manifest
 from .noise import SampleNoise
+from .prompts import TextContexts, check_context, distinct
 from .samplers import DEFAULT_SAMPLER, get_sampler, init_noise_sigma, model_calls, sample
 from .self_cond import INPUT as SELF_COND, SelfConditioned
 
@@ -88,6 +91,8 @@ class Generation:
     decoded_images: np.ndarray | None = None   # (N, H, W, C) uint8 from the bundle's decoder
     conditions: np.ndarray | None = None       # (K, C, H, W) float32 condition images in [-1, 1]
     cond_index: np.ndarray | None = None       # (N,) int64: the condition of each sample
+    prompts: np.ndarray | None = None          # (K,) str: the prompt of each context row (text-to-image)
+    prompt_index: np.ndarray | None = None     # (N,) int64: the context row of each sample
 
     @property
     def images(self) -> np.ndarray | None:
@@ -143,8 +148,8 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
         raise InvalidInput(f"guidance must be a finite number, got {w}")
     if steps is not None:
         _check_int("steps", steps, 1)
-    if w != 1.0 and manifest.null_label is None:
-        w = 1.0 if guidance is None else w          # a recommended w never applies without a null label
+    if w != 1.0 and guidance is None and not manifest.guidable:
+        w = 1.0     # a recommended w needs a null: a label, or a text model's empty-prompt context
     return Settings(name, int(rec.steps if steps is None else steps), w, {**opts, **options})
 
 
@@ -158,6 +163,7 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
     ``classifier_scale`` ≠ 0 guides with ``classifier`` (a backend of the bundle's classifier)."""
     _check_text_context(manifest, conditions)
     s = resolve_settings(manifest, sampler, steps, guidance, **options)
+    _check_text_null(manifest, conditions, s.guidance, guidance is None)
     schedule = manifest.noise_schedule
     guide = classifier_guidance(classifier, classifier_scale, labels, s.sampler)
     scale = init_noise_sigma(s.sampler, schedule, s.steps, **s.options)
@@ -191,7 +197,20 @@ def _check_text_context(manifest: Manifest, conditions: ConditionFeatures | None
     tokens, dim = manifest.inputs[TEXT_CONTEXT]["shape"][1:]
     raise InvalidInput(f"this bundle needs a text context: its {manifest.family} model takes `context`, "
                        f"{tokens}x{dim} text-encoder states per sample (CLIP): give a prompt (--prompt), "
-                       "with a text encoder in the bundle (edgediff add-text-encoder)")
+                       "with a text encoder in the bundle (edgediff add-text-encoder), or precomputed "
+                       "contexts (--context-npz)")
+
+
+def _check_text_null(manifest: Manifest, conditions: ConditionFeatures | None, w: float, recommended: bool) -> None:
+    """Guiding a text-to-image model needs the null condition, the empty prompt's context
+    (U-ViT's t2i sampling: ε(c) + s·(ε(c) − ε(∅))); without one, say where to get it."""
+    if TEXT_CONTEXT not in manifest.inputs or w == 1.0 or (conditions is not None and conditions.null):
+        return
+    why = "the bundle's recommended guidance, U-ViT's cfg_scale + 1" if recommended else "the guidance asked"
+    raise InvalidInput(f"guidance w = {w:g} ({why}) needs the null condition, the empty prompt's context: "
+                       "add 'null_context' (L, D) to the --context-npz file (U-ViT's MS-COCO empty_context.npy), "
+                       "add a text encoder to the bundle to encode \"\" (edgediff add-text-encoder), "
+                       "or turn guidance off (--guidance 1)")
 
 
 class _Counting:
@@ -239,11 +258,13 @@ class Pipeline:
 
     Torch-free; a context manager that closes its backends. Image-conditioned bundles
     (a ``cond_encoder`` component) take ``cond``: ``pipe(n=4, cond=images)`` draws ``n``
-    samples per condition image."""
+    samples per condition image; text-to-image bundles take ``prompt`` (with the bundle's
+    text encoder) or precomputed ``context``: ``n`` samples per prompt or context row."""
 
     def __init__(self, bundle, backend, decoder=None, cond_encoder=None, classifier=None, text_encoder=None):
         self.bundle, self.backend, self.decoder = bundle, backend, decoder
         self.cond_encoder, self.classifier, self.text_encoder = cond_encoder, classifier, text_encoder
+        self._tokenizer = None
 
     @property
     def manifest(self) -> Manifest:
@@ -260,9 +281,8 @@ class Pipeline:
         from .bundle import read_bundle
 
         bundle = read_bundle(path, verify=verify)
-        guided = bundle.manifest.null_label is not None
         engine = load_backend(bundle, backend, precision, device=device, threads=threads, gpu=gpu,
-                              max_batch=engine_batch(max_batch, guided))
+                              max_batch=engine_batch(max_batch, bundle.manifest.guidable))
 
         def companion(name: str, batch: int):
             if name not in bundle.manifest.components:
@@ -278,6 +298,13 @@ class Pipeline:
     def image_conditioned(self) -> bool:
         return self.cond_encoder is not None
 
+    @property
+    def context_shape(self) -> tuple[int, int] | None:
+        """(L, D) of a text-to-image model's ``context`` input (tokens, width); None for others."""
+        if TEXT_CONTEXT not in self.manifest.inputs:
+            return None
+        return tuple(self.manifest.inputs[TEXT_CONTEXT]["shape"][1:])
+
     def encode_conditions(self, cond: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
         """(K, C, H, W) conditions in [-1, 1] -> their features, one encoder row each."""
         if not self.image_conditioned:
@@ -286,58 +313,107 @@ class Pipeline:
         check_conditions(cond)
         return encode_conditions(self.cond_encoder, np.ascontiguousarray(cond, dtype=np.float32), batch)
 
-    def encode_prompts(self, prompts: list[str], batch: int = 16) -> np.ndarray:
-        """Prompts -> the denoiser's ``context`` (K, L, D): the bundle's tokenizer, then its
-        text encoder, once per prompt (U-ViT's FrozenCLIPEmbedder: last_hidden_state)."""
+    @property
+    def tokenizer(self):
+        """The bundle's CLIP tokenizer (``tokenizer/`` files), built on first use and kept."""
         from .tokenizer import ClipTokenizer
 
-        if self.text_encoder is None:
-            raise InvalidInput("this bundle has no text encoder: add one with `edgediff add-text-encoder`")
-        comp = self.manifest.component(TEXT_COMPONENT)
-        if "tokenizer" not in comp.extra:
-            raise InvalidInput("this bundle's text encoder came without tokenizer files: add it again with --tokenizer")
-        tokenizer = ClipTokenizer.from_dir(self.bundle.path / comp.extra["tokenizer"], comp.extra["max_length"])
-        ids = tokenizer(list(prompts))                                        # (K, L)
+        if self._tokenizer is None:
+            if self.text_encoder is None:
+                raise InvalidInput("this bundle has no text encoder: add one with `edgediff add-text-encoder`")
+            comp = self.manifest.component(TEXT_COMPONENT)
+            if "tokenizer" not in comp.extra:
+                raise InvalidInput("this bundle's text encoder came without tokenizer files: "
+                                   "add it again with --tokenizer")
+            self._tokenizer = ClipTokenizer.from_dir(self.bundle.path / comp.extra["tokenizer"],
+                                                     comp.extra["max_length"])
+        return self._tokenizer
+
+    def encode_prompts(self, prompts: list[str], batch: int = 16) -> np.ndarray:
+        """Prompts -> the denoiser's ``context`` (K, L, D): the bundle's tokenizer, then its
+        text encoder, one row per prompt as given (U-ViT's FrozenCLIPEmbedder: last_hidden_state)."""
+        ids = self.tokenizer(list(prompts))                                   # (K, L)
         chunks = [self.text_encoder.infer({"input_ids": ids[i:i + batch]})["last_hidden_state"]
                   for i in range(0, len(ids), batch)]
         return np.concatenate(chunks)                                         # (K, L, D)
 
-    def _prompt_conditions(self, prompt, n: int, batch: int):
+    def _prompt_contexts(self, prompt, batch: int, guided: bool) -> tuple[TextContexts, np.ndarray]:
+        """Each distinct prompt encoded once (and the empty prompt, guidance's null, when
+        guiding); the row of every given prompt, in the caller's order."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidInput("prompt must be text or a non-empty list of texts")
-        if TEXT_CONTEXT not in self.manifest.inputs:
-            raise InvalidInput("this bundle's model takes no text: drop --prompt")
-        context = self.encode_prompts([*prompts, ""], batch)      # the empty prompt: guidance's null
-        index = np.repeat(np.arange(len(prompts), dtype=np.int64), n)     # n samples per prompt, in order
-        return ConditionFeatures({TEXT_CONTEXT: context[:-1]}, index, {TEXT_CONTEXT: context[-1:]}), index
+        rows, order = distinct(prompts)
+        wanted = rows + ([""] if guided and "" not in rows else [])
+        encoded = self.encode_prompts(wanted, batch)                          # (K [+ 1], L, D)
+        null = encoded[wanted.index("")][None] if guided else None
+        return TextContexts(encoded[:len(rows)], null, rows), order
 
-    def _conditions(self, cond, n: int, batch: int, prompt=None):
-        if prompt is not None:
+    def _given_contexts(self, context, null_context, batch: int, guided: bool) -> tuple[TextContexts, np.ndarray]:
+        """Precomputed contexts (an array, or a :class:`TextContexts` as ``load_context_npz``
+        reads it), checked against the model's (L, D); without a null row, a guided run
+        encodes the empty prompt when the bundle has a text encoder."""
+        if isinstance(context, TextContexts):
+            if null_context is not None:
+                raise InvalidInput("give null_context inside the TextContexts, not beside it")
+            context, null_context, labels = context.context, context.null, context.prompts
+        else:
+            labels = None
+        shape = self.context_shape
+        context = check_context(context, shape, "context")
+        null = None if null_context is None else check_context(null_context, shape, "null_context", null=True)
+        if labels is not None and len(labels) != len(context):
+            raise InvalidInput(f"{len(labels)} prompt labels for {len(context)} context rows")
+        if null is None and guided and self.text_encoder is not None:
+            null = self.encode_prompts([""], batch)                           # (1, L, D)
+        return TextContexts(context, null, labels), np.arange(len(context), dtype=np.int64)
+
+    def _text_conditions(self, n: int, batch: int, guidance: float, prompt, context, null_context):
+        if self.context_shape is None:
+            raise InvalidInput("this bundle's model takes no text: drop the prompt or context")
+        if prompt is not None and (context is not None or null_context is not None):
+            raise InvalidInput("give prompts or precomputed contexts, not both")
+        if prompt is None and context is None:
+            raise InvalidInput("null_context goes with context: give the contexts too")
+        guided = guidance != 1.0
+        text, order = (self._prompt_contexts(prompt, batch, guided) if prompt is not None
+                       else self._given_contexts(context, null_context, batch, guided))
+        index = np.repeat(order, n)                   # n samples per prompt or row, in the caller's order
+        null = None if text.null is None else {TEXT_CONTEXT: text.null}
+        return ConditionFeatures({TEXT_CONTEXT: text.context}, index, null), index, text.prompts
+
+    def _conditions(self, cond, n: int, batch: int, guidance: float, text: tuple):
+        """(conditions, per-sample index, prompt labels) for image or text conditions."""
+        if any(v is not None for v in text):
             if cond is not None:
                 raise InvalidInput("give condition images or a prompt, not both")
-            return self._prompt_conditions(prompt, n, batch)
+            return self._text_conditions(n, batch, guidance, *text)
         if cond is None:
             if self.image_conditioned:
                 raise InvalidInput("this bundle's model is image-conditioned: give condition images (--cond)")
-            return None, None
+            return None, None, None
         features = self.encode_conditions(cond, batch)
         index = np.repeat(np.arange(len(cond), dtype=np.int64), n)     # n samples per condition, in order
-        return ConditionFeatures(features, index), index
+        return ConditionFeatures(features, index), index, None
 
     def __call__(self, n: int = 1, *, classes: list[int] | None = None, guidance: float | None = None,
                  steps: int | None = None, sampler: str | None = None, seed: int = 0, batch: int = 16,
                  first: int = 0, decode_batch: int = 16, progress=None, cond: np.ndarray | None = None,
-                 classifier_scale: float = 0.0, prompt: str | list[str] | None = None, **options) -> Generation:
+                 classifier_scale: float = 0.0, prompt: str | list[str] | None = None,
+                 context: np.ndarray | TextContexts | None = None, null_context: np.ndarray | None = None,
+                 **options) -> Generation:
         """Generate ``n`` samples (per condition image, for image-conditioned bundles: ``cond``
         is (K, C, H, W) in [-1, 1], each encoded once); latent bundles with a decoder are
         decoded ``decode_batch`` at a time (``out.images``), latents kept in ``out.samples``.
         ``classifier_scale`` s ≠ 0 adds classifier guidance (the bundle's classifier, :mod:`.guidance`).
-        ``prompt``: text-to-image bundles draw ``n`` samples per prompt, each encoded once."""
+        Text-to-image bundles draw ``n`` samples per ``prompt`` (each distinct prompt encoded
+        once) or per row of ``context`` (K, L, D) precomputed (or a :class:`TextContexts`);
+        guidance's null is ``null_context`` ((1, L, D) or (L, D)), else the empty prompt encoded."""
         for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
                                  ("first", first, 0), ("seed", seed, 0)):
             _check_int(name, value, low)
-        conditions, index = self._conditions(cond, n, batch, prompt)
+        w = resolve_settings(self.manifest, sampler, steps, guidance).guidance
+        conditions, index, prompts = self._conditions(cond, n, batch, w, (prompt, context, null_context))
         total = n if index is None else len(index)
         guided = bool(classifier_guidance(self.classifier, classifier_scale))
         labels = resolve_labels(self.manifest, total, classes,
@@ -346,8 +422,11 @@ class Pipeline:
                        labels=labels, guidance=guidance, seed=seed, first=first, progress=progress,
                        conditions=conditions, classifier=self.classifier, classifier_scale=classifier_scale,
                        **options)
-        if index is not None and prompt is None:
+        if cond is not None:
             out.conditions, out.cond_index = np.asarray(cond, dtype=np.float32), index
+        elif index is not None:
+            out.prompts = None if prompts is None else np.array(prompts, dtype=str)
+            out.prompt_index = index
         if out.latent and self.decoder is not None:
             out.decoded_images = decode_images(self.decoder, out.samples, decode_batch)
         return out

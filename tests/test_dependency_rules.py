@@ -13,7 +13,8 @@ NO_EXPORT = "or m.startswith('edgediff.export') or m.startswith('edgediff.calibr
 @pytest.mark.parametrize("mod", ["edgediff.runtime", "edgediff.runtime.bundle", "edgediff.runtime.parity",
                                  "edgediff.runtime.backends.ort", "edgediff.runtime.engines",
                                  "edgediff.runtime.backends.trt", "edgediff.runtime.pipeline",
-                                 "edgediff.runtime.guidance", "edgediff.runtime.tokenizer"])
+                                 "edgediff.runtime.guidance", "edgediff.runtime.tokenizer",
+                                 "edgediff.runtime.prompts"])
 def test_runtime_imports_neither_torch_nor_export(mod):
     proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra=NO_EXPORT)],
                           capture_output=True, text=True)

@@ -27,16 +27,16 @@ INPUTS = {"x": {"dtype": "float32", "shape": ["batch", 4, 32, 32]}, "t": {"dtype
 
 
 def test_profile_covers_the_doubled_guidance_batch():
-    manifest = NS(null_label=1000, max_batch=None)
+    manifest = NS(guidable=True, max_batch=None)
     prof = engine_profile(manifest, BuildOptions(min_batch=1, opt_batch=8, max_batch=16))
     assert prof == BatchProfile(1, 16, 32)
-    assert engine_profile(NS(null_label=None, max_batch=None), BuildOptions(opt_batch=8)) == BatchProfile(1, 8, 8)
+    assert engine_profile(NS(guidable=False, max_batch=None), BuildOptions(opt_batch=8)) == BatchProfile(1, 8, 8)
     assert engine_profile(manifest, BuildOptions(opt_batch=8, guidance=False)).max == 8
 
 
 def test_profile_respects_the_bundles_max_batch():
     with pytest.raises(ValueError, match="exceeds the bundle's exported max_batch 16"):
-        engine_profile(NS(null_label=10, max_batch=16), BuildOptions(opt_batch=8, max_batch=16))
+        engine_profile(NS(guidable=True, max_batch=16), BuildOptions(opt_batch=8, max_batch=16))
 
 
 def test_profile_shapes_replace_only_the_batch_axis():

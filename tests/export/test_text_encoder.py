@@ -11,43 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from safetensors.torch import save_file  # noqa: E402
-
 from edgediff.export import text_encoder as te  # noqa: E402
-from edgediff.export.bundle import export_bundle  # noqa: E402
-from edgediff.export.models.uvit import FAMILY  # noqa: E402
 from edgediff.runtime.bundle import read_bundle  # noqa: E402
 from edgediff.runtime.errors import InvalidInput  # noqa: E402
-from edgediff.runtime.tokenizer import ClipTokenizer, write_files  # noqa: E402
-from perturb import perturb_  # noqa: E402
-
-T2I = FAMILY.configs["tiny_t2i"]                     # context (batch, 5, 12)
-# a tiny CLIPTextConfig whose width and positions fit T2I; BOS/EOS are the last two ids, as in CLIP
-CONFIG = dict(vocab_size=526, hidden_size=12, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-              max_position_embeddings=8, bos_token_id=524, eos_token_id=525, pad_token_id=525)
-
-
-def _tokenizer_dir(path):
-    """A CLIP-layout vocabulary of 526 tokens (bytes, bytes</w>, 12 merges, the two specials)."""
-    merges = [("a", "t</w>"), ("c", "at</w>"), ("o", "r"), ("w", "or"), ("wor", "d</w>"), ("p", "h"),
-              ("ph", "o"), ("t", "o</w>"), ("pho", "to</w>"), ("o", "f</w>"), ("t", "h"), ("th", "e</w>")]
-    assert len(write_files(path, merges)) == CONFIG["vocab_size"]
-    return path
-
-
-@pytest.fixture(scope="module")
-def t2i(tmp_path_factory):
-    """A tiny U-ViT t2i bundle, a perturbed text encoder saved in the published key layout
-    (``text_model.*``), and tokenizer files."""
-    root = tmp_path_factory.mktemp("t2i")
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    save_file(FAMILY.official(FAMILY.build(T2I)).state_dict(), str(root / "u.safetensors"))
-    export_bundle("uvit", T2I, root / "b", checkpoint=root / "u.safetensors", log=lambda m: None)
-    model = te.build(CONFIG)
-    assert perturb_(model)                                        # LayerNorms are ones/zeros at init
-    save_file({"text_model." + k: v for k, v in model.state_dict().items()}, str(root / "te.safetensors"))
-    return root, model, _tokenizer_dir(root / "tok")
+from edgediff.runtime.tokenizer import ClipTokenizer  # noqa: E402
+from tiny_clip import CONFIG  # noqa: E402  (the ``t2i`` fixture: tests/export/conftest.py)
 
 
 def test_rung1_text_encoder_in_the_bundle_with_its_tokenizer(t2i, tmp_path, one_thread):
@@ -133,23 +101,19 @@ def test_rung2_fp16_text_encoder(t2i, tmp_path, one_thread):
     assert comp.models == {"fp32": "text_encoder.onnx", "fp16": "text_encoder_fp16.onnx"}
 
 
-def test_generate_with_prompts_feeds_the_encoded_context(t2i, tmp_path, capsys, one_thread):
+def test_generate_with_prompts_feeds_the_encoded_context(t2i, t2i_text, tmp_path, capsys, one_thread):
     """``generate --prompt``: each prompt is tokenized and encoded once, and its states are the
     ``context`` of every step: the same as feeding ORT(text_encoder)(tokenizer(prompt)) by hand."""
-    import shutil
-
     from edgediff.cli import main
     from edgediff.runtime import Pipeline
     from edgediff.runtime.conditions import ConditionFeatures
     from edgediff.runtime.pipeline import generate
 
-    root, _, tok = t2i
-    shutil.copytree(root / "b", tmp_path / "b")
-    te.add_text_encoder(tmp_path / "b", root / "te.safetensors", CONFIG, tokenizer=tok, log=lambda m: None)
+    root = t2i[0]
     prompts = ["a photo of the cat", "word"]
-    with Pipeline.from_bundle(tmp_path / "b") as pipe:
+    with Pipeline.from_bundle(t2i_text) as pipe:
         out = pipe(2, prompt=prompts, steps=3, seed=5)
-        ids = ClipTokenizer.from_dir(tmp_path / "b" / "tokenizer", 5)(prompts)
+        ids = ClipTokenizer.from_dir(t2i_text / "tokenizer", 5)(prompts)
         context = pipe.text_encoder.infer({"input_ids": ids})["last_hidden_state"]      # (2, 5, 12)
         by_hand = generate(pipe.backend, pipe.manifest, 4, steps=3, seed=5,
                            conditions=ConditionFeatures({"context": context}, np.array([0, 0, 1, 1])))
@@ -159,7 +123,7 @@ def test_generate_with_prompts_feeds_the_encoded_context(t2i, tmp_path, capsys, 
     np.testing.assert_array_equal(out.samples, by_hand.samples)
     assert not np.allclose(out.samples[:2], out.samples[2:])          # the prompt matters
     with pytest.raises(SystemExit) as exc:
-        main(["generate", str(tmp_path / "b"), "-n", "2", "--steps", "2", "--prompt", "a cat", "--prompt", "the word",
+        main(["generate", str(t2i_text), "-n", "2", "--steps", "2", "--prompt", "a cat", "--prompt", "the word",
               "--npz", str(tmp_path / "s.npz")])
     assert exc.value.code == 0
     with np.load(tmp_path / "s.npz") as data:
@@ -169,18 +133,13 @@ def test_generate_with_prompts_feeds_the_encoded_context(t2i, tmp_path, capsys, 
         pipe(1, prompt="a cat")
 
 
-def test_prompt_guidance_uses_the_empty_prompt_as_null(t2i, tmp_path, one_thread):
+def test_prompt_guidance_uses_the_empty_prompt_as_null(t2i_text, one_thread):
     """U-ViT t2i's classifier-free guidance: ε = ε(∅) + w·(ε(c) − ε(∅)), ∅ the empty prompt's
     context (the runtime's w = 1 + U-ViT's scale)."""
-    import shutil
-
     from edgediff.runtime import Pipeline
     from edgediff.runtime.pipeline import GuidedDenoiser
 
-    root, _, tok = t2i
-    shutil.copytree(root / "b", tmp_path / "b")
-    te.add_text_encoder(tmp_path / "b", root / "te.safetensors", CONFIG, tokenizer=tok, log=lambda m: None)
-    with Pipeline.from_bundle(tmp_path / "b") as pipe:
+    with Pipeline.from_bundle(t2i_text) as pipe:
         context = pipe.encode_prompts(["a photo of the cat", ""])               # (2, 5, 12)
         cond, null = context[:1].repeat(2, 0), context[1:]
         x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)

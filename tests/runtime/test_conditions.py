@@ -86,6 +86,8 @@ def test_bad_conditions_are_one_line_errors(tmp_path, case):
     with pytest.raises(InvalidInput) as err:
         load_conditions(src, shape)
     assert "\n" not in str(err.value)
+    if case == "npz_key":                  # names the missing array and what the archive has
+        assert "has no array 'cond' (found: images)" in str(err.value)
     if case == "uint8_shape":              # the message shows what was given, not a conversion of it
         assert "uint8 (2, 6, 8, 3)" in str(err.value) and "(K, 6, 8, 1)" in str(err.value)
 
