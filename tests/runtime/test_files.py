@@ -164,7 +164,8 @@ def test_interrupt_while_writing_leaves_no_temporary(tmp_path):
 
 
 def test_both_files_appear_together(tmp_path):
-    write_atomic_all({tmp_path / "a": lambda t: open(t, "w").write("1"), tmp_path / "b": lambda t: open(t, "w").write("2")})
+    write_atomic_all({tmp_path / "a": lambda t: open(t, "w").write("1"),
+                      tmp_path / "b": lambda t: open(t, "w").write("2")})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     mask = os.umask(0)
     os.umask(mask)
