@@ -10,8 +10,8 @@ import torch
 
 from edgediff.runtime.bundle import MANIFEST, finalize_manifest
 from edgediff.runtime.errors import EdgediffError
-from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, staged_dir, write_json_atomic
+from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.manifest import TEXT_CONTEXT, Manifest, Sampling
 from edgediff.runtime.parity import ParityResult
 

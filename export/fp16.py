@@ -26,8 +26,8 @@ import onnx
 from edgediff.runtime.backends.ort import OrtBackend
 from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.files import sha256_file, staged_dir
-from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.errors import EdgediffError
+from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.parity import ParityResult
 
 from .fp16_targets import (Target, as_target, classifier_target, component_target, denoiser_target,

@@ -15,10 +15,10 @@ from pathlib import Path
 from edgediff.runtime.backends.trt import device_info, import_tensorrt
 from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.files import sha256_file, write_atomic, write_json_atomic
-from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.engines import (ENGINE_DIR, PRECISIONS, BatchProfile, EngineError, EngineKey, batch_profile,
                                       check_engine, make_sidecar, model_digest, sidecar_path, timing_cache_name)
 from edgediff.runtime.errors import InvalidInput
+from edgediff.runtime.interrupts import deferred
 
 
 @dataclass(frozen=True)
