@@ -23,9 +23,28 @@ from edgediff.runtime.backends import BACKENDS
 from edgediff.runtime.samplers import SAMPLERS
 
 from edgediff.runtime.errors import EdgediffError, missing_extra
+from edgediff.runtime.interrupts import Interrupted, exit_quietly_on_signal
+from edgediff.runtime.interrupts import install as install_interrupts
+from edgediff.runtime.interrupts import restore as restore_interrupts
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Stop(BaseException):
+    """An interrupt carried past click, which would print a blank line and make it an Abort."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:        # SIGINT, or SIGTERM as Interrupted
+            raise _Stop(getattr(exc, "exit_code", 130)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgediff")
 def cli():
     """Export diffusion denoisers to ONNX/TensorRT bundles and run them without PyTorch."""
@@ -63,6 +82,8 @@ def export(family, config_path, size, checkpoint, out, opset, max_batch, precisi
     """Export a PyTorch denoiser to a validated FP32 ONNX bundle."""
     from edgediff.export.bundle import export_bundle
     from edgediff.export.models import resolve_config
+    from edgediff.runtime.bundle import MANIFEST
+    from edgediff.runtime.files import built_whole
 
     start = time.perf_counter()
     config = resolve_config(FAMILIES[family], size, _read_json(config_path))
@@ -70,16 +91,19 @@ def export(family, config_path, size, checkpoint, out, opset, max_batch, precisi
         raise click.UsageError("--vae-config/--vae-layout describe --vae: give --vae too")
     if vae_checkpoint and FAMILIES[family].spec(config).space != "latent":   # torch-free, before the export
         raise click.UsageError(f"--vae needs a latent model; this {family} config works in pixel space")
-    result = export_bundle(family, config, out, checkpoint=checkpoint, opset=opset, max_batch=max_batch,
-                           log=lambda msg: click.echo(msg, err=True))
-    click.echo(result.parity.summary())
-    if vae_checkpoint:
-        add_vae_to_bundle(str(result.path), vae_checkpoint, vae_config, vae_layout)
-    add_to_bundle(str(result.path), precision, checkpoint)
-    for name in result.manifest.components:   # companions exported with the denoiser (cond_encoder)
-        if name not in ("decoder", "encoder"):
-            add_to_bundle(str(result.path), precision, checkpoint, component=name)
-    click.echo(f"wrote {result.path} in {time.perf_counter() - start:.1f} s")
+    # Every step (export, --vae, --precision) works on a private bundle that replaces OUT only
+    # when all passed: an interrupt or a failed FP16 gate leaves an existing OUT as it was.
+    with built_whole(out, MANIFEST, "a bundle") as work:
+        result = export_bundle(family, config, work, checkpoint=checkpoint, opset=opset, max_batch=max_batch,
+                               log=lambda msg: click.echo(msg, err=True))
+        click.echo(result.parity.summary())
+        if vae_checkpoint:
+            add_vae_to_bundle(str(work), vae_checkpoint, vae_config, vae_layout)
+        add_to_bundle(str(work), precision, checkpoint)
+        for name in result.manifest.components:   # companions exported with the denoiser (cond_encoder)
+            if name not in ("decoder", "encoder"):
+                add_to_bundle(str(work), precision, checkpoint, component=name)
+    click.echo(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
 def _parse_classes(value: str | None) -> list[int] | None:
@@ -143,7 +167,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, c
 
     if not (out or npz):
         raise click.UsageError("give --out grid.png and/or --npz samples.npz")
-    if one_class is not None and classes:
+    if one_class is not None and classes is not None:
         raise click.UsageError("give --class or --classes, not both")
     if context_npz and (prompts or prompts_file):
         raise click.UsageError("--context-npz holds the contexts already: drop --prompt/--prompts-file")
@@ -204,25 +228,59 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv=None):
     """Run the CLI: user errors (EdgediffError, a missing optional dependency, click's usage
-    errors) become one line and a non-zero exit; anything else is a bug and keeps its traceback."""
+    errors) become one line and a non-zero exit; anything else is a bug and keeps its traceback.
+    SIGINT and SIGTERM raise :class:`~edgediff.runtime.interrupts.Interrupted`, so staged
+    outputs are cleaned up on the way out; they end with "interrupted" and 130 / 143. The
+    previous signal handlers are restored on return (for callers in the same process)."""
+    sys.exit(_main(argv, console=False))
+
+
+def console():
+    """The ``edgediff`` console script (``edgediff.entry``): as :func:`main`, but once the
+    command is over (outputs in place or cleaned up) a signal during interpreter shutdown,
+    where other libraries' atexit hooks (torch's among them) still run, ends the process at
+    once without a traceback."""
+    sys.exit(_main(None, console=True))
+
+
+def _main(argv, console: bool) -> int:
+    previous = install_interrupts()
+    try:
+        return _run(argv)
+    except (Interrupted, _Stop) as exc:       # a signal while a message was being printed
+        return exc.exit_code
+    finally:
+        if console:
+            exit_quietly_on_signal()
+        else:
+            restore_interrupts(previous)
+
+
+def _run(argv) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:       # click turns a KeyboardInterrupt into Abort
+        return _interrupted(exc.__cause__ or exc.__context__)
+    except (_Stop, KeyboardInterrupt) as exc:   # KeyboardInterrupt: a signal outside a command
+        return _interrupted(exc)
     except click.ClickException as exc:        # usage errors too: one line, click's exit code
         click.echo(f"error: {_one_line(exc.format_message())}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except EdgediffError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
-        sys.exit(1)
+        return 1
     except ImportError as exc:
         extra = missing_extra(exc)
         if extra is None:
             raise
         click.echo(f"error: {extra}", err=True)
-        sys.exit(1)
-    sys.exit(0)
+        return 1
+    return 0
+
+
+def _interrupted(exc) -> int:
+    click.echo("interrupted", err=True)
+    return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

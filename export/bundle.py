@@ -11,6 +11,7 @@ import torch
 from edgediff.runtime.bundle import MANIFEST, finalize_manifest
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, staged_dir, write_json_atomic
+from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.manifest import TEXT_CONTEXT, Manifest, Sampling
 from edgediff.runtime.parity import ParityResult
 
@@ -116,10 +117,12 @@ def _add_companions(family, module, spec, companions, tmp, manifest, entries, fa
 def install_into_bundle(bundle, tmp: Path, parity_entries: dict, manifest: Manifest) -> Manifest:
     """Move the staged files of ``tmp`` into ``bundle``, merge ``parity_entries`` into
     parity.json, then write ``manifest`` with every file hashed (atomic renames). Readers keep
-    verifying against the old manifest until the last rename; it does not list the new files."""
-    for f in sorted(tmp.iterdir()):
-        f.replace(bundle.path / f.name)
+    verifying against the old manifest until the last rename; it does not list the new files.
+    SIGINT/SIGTERM are held until it is done, so the bundle never keeps half an addition."""
     parity_path = bundle.path / "parity.json"
     old = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
-    write_json_atomic(parity_path, {**old, **parity_entries})
-    return finalize_manifest(bundle.path, manifest)
+    with deferred():
+        for f in sorted(tmp.iterdir()):
+            f.replace(bundle.path / f.name)
+        write_json_atomic(parity_path, {**old, **parity_entries})
+        return finalize_manifest(bundle.path, manifest)

@@ -27,6 +27,7 @@ from edgediff.runtime.backends.ort import OrtBackend
 from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.files import sha256_file, staged_dir
 from edgediff.runtime.errors import EdgediffError
+from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.parity import ParityResult
 
 from .fp16_targets import (Target, as_target, classifier_target, component_target, denoiser_target,
@@ -122,8 +123,9 @@ def activation_peaks(fp32_path: Path, feed: dict) -> dict[str, float]:
                               if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name not in have)
     names = [o.name for o in model.graph.output]
     # Beside the original, so that relative external-data locations still resolve.
-    fd, tmp = tempfile.mkstemp(dir=fp32_path.parent, prefix=".calib-", suffix=".onnx")
-    os.close(fd)
+    with deferred():                       # a signal cannot strand the file in the bundle
+        fd, tmp = tempfile.mkstemp(dir=fp32_path.parent, prefix=".calib-", suffix=".onnx")
+        os.close(fd)
     try:
         onnx.save_model(model, tmp)
         opts = ort.SessionOptions()

@@ -18,6 +18,7 @@ from edgediff.runtime.files import sha256_file, write_atomic, write_json_atomic
 from edgediff.runtime.engines import (ENGINE_DIR, PRECISIONS, BatchProfile, EngineError, EngineKey, batch_profile,
                                       check_engine, make_sidecar, model_digest, sidecar_path, timing_cache_name)
 from edgediff.runtime.errors import InvalidInput
+from edgediff.runtime.interrupts import deferred
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,17 @@ def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), lo
     key = EngineKey(opts.precision, gpu["compute_capability"], trt.__version__,
                     model_digest(bundle.manifest, opts.precision, opts.component), profile)
     folder = bundle.path / ENGINE_DIR
+    made_folder = not folder.exists()
     folder.mkdir(exist_ok=True)
+    try:
+        return _build_into(bundle, opts, component, onnx_path, profile, trt, gpu, key, folder, log)
+    except BaseException:                  # errors and interrupts: leave the bundle as it was
+        if made_folder and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _build_into(bundle, opts, component, onnx_path, profile, trt, gpu, key, folder, log) -> Path:
     path = folder / key.name
     if not opts.force and path.is_file() and check_engine(path, key)[1] is None:
         log(f"{path} is up to date (use --force to rebuild)")
@@ -131,7 +142,13 @@ def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), lo
     log(f"building a strongly typed {opts.precision} {opts.component} engine for {gpu['name']} (sm {key.compute_capability}, "
         f"TensorRT {key.tensorrt_version}), engine batch {profile.min}..{profile.opt}..{profile.max} ...")
     engine = _build(trt, onnx_path, profile_shapes(component.inputs, profile), opts, cache_path)
-    _write_atomic(path, engine)
+    with deferred():                                # engine and sidecar: both or neither
+        _write_atomic(path, engine)
+        _write_sidecar(path, key, onnx_path, gpu, opts)
+    return path
+
+
+def _write_sidecar(path: Path, key, onnx_path: Path, gpu: dict, opts: BuildOptions) -> None:
     side = make_sidecar(key, sha256_file(path), onnx_path.name, gpu_name=gpu["name"],
                         built=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         sample_batch={"min": opts.min_batch, "opt": opts.opt_batch,
@@ -139,7 +156,6 @@ def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), lo
                         workspace_gib=opts.workspace_gib, optimization_level=opts.optimization_level,
                         component=opts.component)
     write_json_atomic(sidecar_path(path), side)     # after the engine: a stale sidecar fails its sha check
-    return path
 
 
 def _build(trt, onnx_path: Path, shapes: dict, opts: BuildOptions, cache_path: Path | None) -> memoryview:

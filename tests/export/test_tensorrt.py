@@ -6,6 +6,7 @@ sidecar) is checked without TensorRT; the real build is marked ``tensorrt`` and 
 """
 import importlib.util
 import shutil
+import signal
 import types
 from pathlib import Path
 
@@ -206,3 +207,36 @@ def test_cli_add_precision_then_build(tiny_bundle, fake_build):
     assert parse[1][0].endswith("model_fp16.onnx")
     bad = runner.invoke(build, [str(tiny_bundle), "--opt-batch", "8", "--max-batch", "4"])
     assert bad.exit_code != 0 and "--min-batch ≤ --opt-batch ≤ --max-batch" in str(bad.exception)
+
+
+def _listing(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-build", "forced-rebuild"])
+def test_interrupted_build_leaves_the_bundle_as_it_was(tiny_bundle, monkeypatch, capsys, signum, code, first):
+    """`edgediff build` hit by a signal while TensorRT builds: exit 130/143 with one line, no
+    engine, sidecar or temporary written, no engines/ folder left by a first build, and an
+    existing engine untouched by a forced rebuild."""
+    from edgediff.cli import main
+
+    if not first:
+        monkeypatch.setattr(trt_build, "import_tensorrt", lambda: fake_tensorrt()[0])
+        monkeypatch.setattr(trt_build, "device_info", lambda d=0: {"compute_capability": "9.0", "name": "H100"})
+        build_engine(tiny_bundle, BuildOptions(precision="fp32"), log=lambda m: None)
+
+    def interrupted(*args):
+        signal.raise_signal(signum)                # delivered while the builder runs
+        return b"NEW ENGINE"
+
+    trt, _ = fake_tensorrt(built=interrupted)
+    monkeypatch.setattr(trt_build, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_build, "device_info", lambda d=0: {"compute_capability": "9.0", "name": "H100"})
+    before = _listing(tiny_bundle)
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(tiny_bundle), "--precision", "fp32", "--force"])
+    err = capsys.readouterr().err
+    assert exc.value.code == code and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    assert _listing(tiny_bundle) == before
+    assert (tiny_bundle / "engines").is_dir() != first
