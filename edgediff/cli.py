@@ -156,9 +156,12 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="Precomputed text contexts instead of prompts (no text encoder needed): an .npz with 'context' "
                    "float (K, L, D), optional 'null_context' (L, D) or (1, L, D), guidance's null: U-ViT's "
                    "MS-COCO empty_context.npy, and optional 'prompts' (K,) strings saved as labels.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Debugging: keep going when a model output or sample is NaN/inf or the sampling diverges "
+                   "(default: stop with the step, t and output).")
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, backend,
              precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts, prompts_file,
-             context_npz):
+             context_npz, allow_nonfinite):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
     from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.images import check_outputs, save_outputs
@@ -187,7 +190,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, c
         with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:
             result = pipe(num, classes=wanted, seed=seed, batch=batch, decode_batch=decode_batch,
                           progress=bar.update, cond=cond, classifier_scale=classifier_scale,
-                          prompt=prompts or None, context=context, **choice)
+                          prompt=prompts or None, context=context, allow_nonfinite=allow_nonfinite, **choice)
         for line in save_outputs(pipe.manifest, result, png=out, npz=npz):
             click.echo(line)
     click.echo(f"{count} samples in {time.perf_counter() - start:.1f} s")

@@ -6,10 +6,12 @@ The per-call checks cost a pass over the reduced batch's arrays, small beside a 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 
+from .backends.base import NonFiniteOutput
 from .errors import EdgediffError, InvalidInput
 
 # |x_t| beyond this many times the initial noise scale means the sampler diverged: a healthy
@@ -47,15 +49,34 @@ class FiniteChecked:
             what = f"{bad} NaN/inf values" if bad else f"|x| up to {float(np.abs(x).max()):.3g}"
             raise NonFinite(f"the sample diverged before {self._where(t)} ({what}){self.hint}; "
                             "lower the guidance scales, or pass --allow-nonfinite to keep going")
-        out = self.denoise(x, t, **kw)
-        for name, value in out.items():
+        try:
+            out = self.denoise(x, t, **kw)
+        except NonFiniteOutput as exc:          # the backend's own check, on the raw outputs
+            raise self._broken(exc.output, exc.bad, exc.size, t, "") from None
+        for name, value in out.items():         # after guidance: a huge w can overflow alone
             bad = _bad(value)
             if bad:
-                raise NonFinite(f"the model's output {name!r} is not finite at {self._where(t)}: {bad} of "
-                                f"{value.size} values NaN/inf{self.hint}; the bundle's weights or inputs are "
-                                "broken (re-export it), or pass --allow-nonfinite to keep going")
+                raise self._broken(name, bad, value.size, t, self.hint)
         self.count += 1
         return out
+
+    def _broken(self, name: str, bad: int, size: int, t, hint: str) -> NonFinite:
+        cause = "lower the guidance scales" if hint else "the bundle's weights or inputs are broken (re-export it)"
+        return NonFinite(f"the model's output {name!r} is not finite at {self._where(t)}: {bad} of {size} values "
+                         f"NaN/inf{hint}; {cause}, or pass --allow-nonfinite to keep going")
+
+
+@contextlib.contextmanager
+def finite_checks(backends, enabled: bool):
+    """Turn the backends' own NaN/inf output checks on or off for a run, then restore them."""
+    saved = [(b, b.check_finite) for b in backends if b is not None and hasattr(b, "check_finite")]
+    for b, _ in saved:
+        b.check_finite = enabled
+    try:
+        yield
+    finally:
+        for b, before in saved:
+            b.check_finite = before
 
 
 def check_samples(samples: np.ndarray, what: str = "the samples") -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import FiniteChecked, check_memory, check_samples, finite_checks
 from .conditions import COND_COMPONENT, ConditionFeatures, check_conditions, encode_conditions
 from .engines import engine_batch
 from .errors import InvalidInput
@@ -101,23 +102,26 @@ class Generation:
         return self.decoded_images if self.latent else to_uint8(self.samples)
 
 
-def _decoded_chunks(decoder, latents: np.ndarray, batch: int):
+def _decoded_chunks(decoder, latents: np.ndarray, batch: int, allow_nonfinite: bool = False):
     if batch < 1:
         raise InvalidInput(f"the decode batch must be positive, got {batch}")
     for start in range(0, len(latents), batch):
         chunk = np.ascontiguousarray(latents[start:start + batch], dtype=np.float32)
-        yield decoder.infer({"latents": chunk})["image"]
+        image = decoder.infer({"latents": chunk})["image"]
+        if not allow_nonfinite:
+            check_samples(image, f"the decoder's images {start}..{start + len(chunk) - 1}")
+        yield image
 
 
-def decode(decoder, latents: np.ndarray, batch: int = 16) -> np.ndarray:
+def decode(decoder, latents: np.ndarray, batch: int = 16, allow_nonfinite: bool = False) -> np.ndarray:
     """Latents -> float32 images in [-1, 1] through a decoder backend, ``batch`` at a time."""
-    return np.concatenate(list(_decoded_chunks(decoder, latents, batch)))
+    return np.concatenate(list(_decoded_chunks(decoder, latents, batch, allow_nonfinite)))
 
 
-def decode_images(decoder, latents: np.ndarray, batch: int = 16) -> np.ndarray:
+def decode_images(decoder, latents: np.ndarray, batch: int = 16, allow_nonfinite: bool = False) -> np.ndarray:
     """Latents -> (N, H, W, C) uint8 images, converted chunk by chunk: only ``batch`` float
     images exist at a time, so peak memory does not grow with N beyond the uint8 result."""
-    return np.concatenate([to_uint8(img) for img in _decoded_chunks(decoder, latents, batch)])
+    return np.concatenate([to_uint8(img) for img in _decoded_chunks(decoder, latents, batch, allow_nonfinite)])
 
 
 @dataclass(frozen=True)
@@ -156,36 +160,49 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
 def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None, steps: int | None = None,
              batch: int = 16, labels: np.ndarray | None = None, guidance: float | None = None, seed: int = 0,
              first: int = 0, progress=None, conditions: ConditionFeatures | None = None, classifier=None,
-             classifier_scale: float = 0.0, **options) -> Generation:
+             classifier_scale: float = 0.0, allow_nonfinite: bool = False, **options) -> Generation:
     """Sample ``n`` images (sample indices ``first .. first+n-1``) batch by batch.
     ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options).
     ``conditions``: the encoded condition of each of the ``n`` samples (conditional bundles).
-    ``classifier_scale`` ≠ 0 guides with ``classifier`` (a backend of the bundle's classifier)."""
+    ``classifier_scale`` ≠ 0 guides with ``classifier`` (a backend of the bundle's classifier).
+    Every model call's outputs and the final samples must be finite, and the sample must not
+    diverge (:mod:`.checks`), unless ``allow_nonfinite``."""
     _check_text_context(manifest, conditions)
     s = resolve_settings(manifest, sampler, steps, guidance, **options)
     _check_text_null(manifest, conditions, s.guidance, guidance is None)
+    _check_int("batch", batch, 1)
+    check_memory(n, batch, manifest.sample_shape, guided=s.guidance != 1.0)
     schedule = manifest.noise_schedule
     guide = classifier_guidance(classifier, classifier_scale, labels, s.sampler)
     scale = init_noise_sigma(s.sampler, schedule, s.steps, **s.options)
+    calls = model_calls(s.sampler, schedule, s.steps, **s.options)
+    hint = "".join([f"; guided with w = {s.guidance:g}" if s.guidance != 1.0 else "",
+                    f"; classifier scale {classifier_scale:g}" if guide else ""])
     guided_options = effective_options(s.sampler, schedule, s.options) if guide else None    # once, not per batch
     chunks = []
-    for start in range(0, n, batch):
-        size = min(batch, n - start)
-        batch_labels = None if labels is None else labels[start:start + size]
-        extra = None if conditions is None else conditions.rows(start, start + size)
-        null = None if conditions is None else conditions.null
-        denoise, opts = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra, null), s.options
-        if SELF_COND in manifest.inputs:                # fresh state per batch
-            denoise = SelfConditioned(denoise, schedule, manifest.option("clip_sample", manifest.space == "pixel"))
-        if guide:
-            denoise = ClassifierGuided(denoise, classifier, batch_labels, classifier_scale, schedule, s.sampler,
-                                       s.steps, guided_options)
-            opts = denoise.sampler_options(opts)
-        if progress is not None:
-            denoise = _Counting(denoise, progress)
-        noise = SampleNoise(seed, range(first + start, first + start + size))
-        x_T = noise.initial(manifest.sample_shape, scale)
-        chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **opts))
+    # NaN/inf are caught by the checks (one line naming the step), not by numpy's warnings
+    with finite_checks([backend, classifier], not allow_nonfinite), np.errstate(all="ignore"):
+        for start in range(0, n, batch):
+            size = min(batch, n - start)
+            batch_labels = None if labels is None else labels[start:start + size]
+            extra = None if conditions is None else conditions.rows(start, start + size)
+            null = None if conditions is None else conditions.null
+            denoise, opts = GuidedDenoiser(backend, manifest, batch_labels, s.guidance, extra, null), s.options
+            if SELF_COND in manifest.inputs:                # fresh state per batch
+                denoise = SelfConditioned(denoise, schedule, manifest.option("clip_sample", manifest.space == "pixel"))
+            if guide:
+                denoise = ClassifierGuided(denoise, classifier, batch_labels, classifier_scale, schedule, s.sampler,
+                                           s.steps, guided_options)
+                opts = denoise.sampler_options(opts)
+            if not allow_nonfinite:
+                denoise = FiniteChecked(denoise, s.steps, calls, scale, hint)
+            if progress is not None:
+                denoise = _Counting(denoise, progress)
+            noise = SampleNoise(seed, range(first + start, first + start + size))
+            x_T = noise.initial(manifest.sample_shape, scale)
+            chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **opts))
+            if not allow_nonfinite:
+                check_samples(chunks[-1], f"samples {first + start}..{first + start + size - 1}")
     return Generation(np.concatenate(chunks), labels, manifest.space == "latent")
 
 
@@ -401,34 +418,39 @@ class Pipeline:
                  first: int = 0, decode_batch: int = 16, progress=None, cond: np.ndarray | None = None,
                  classifier_scale: float = 0.0, prompt: str | list[str] | None = None,
                  context: np.ndarray | TextContexts | None = None, null_context: np.ndarray | None = None,
-                 **options) -> Generation:
+                 allow_nonfinite: bool = False, **options) -> Generation:
         """Generate ``n`` samples (per condition image, for image-conditioned bundles: ``cond``
         is (K, C, H, W) in [-1, 1], each encoded once); latent bundles with a decoder are
         decoded ``decode_batch`` at a time (``out.images``), latents kept in ``out.samples``.
         ``classifier_scale`` s ≠ 0 adds classifier guidance (the bundle's classifier, :mod:`.guidance`).
         Text-to-image bundles draw ``n`` samples per ``prompt`` (each distinct prompt encoded
         once) or per row of ``context`` (K, L, D) precomputed (or a :class:`TextContexts`);
-        guidance's null is ``null_context`` ((1, L, D) or (L, D)), else the empty prompt encoded."""
+        guidance's null is ``null_context`` ((1, L, D) or (L, D)), else the empty prompt encoded.
+        A NaN/inf model output or sample stops the run (:class:`~.checks.NonFinite`) unless
+        ``allow_nonfinite``."""
         for name, value, low in (("n", n, 1), ("batch", batch, 1), ("decode_batch", decode_batch, 1),
                                  ("first", first, 0), ("seed", seed, 0)):
             _check_int(name, value, low)
         w = resolve_settings(self.manifest, sampler, steps, guidance).guidance
+        check_memory(n, batch, self.manifest.sample_shape, guided=w != 1.0)   # n per condition: at least n
         conditions, index, prompts = self._conditions(cond, n, batch, w, (prompt, context, null_context))
         total = n if index is None else len(index)
+        check_memory(total, batch, self.manifest.sample_shape, guided=w != 1.0)     # before any n-sized array
         guided = bool(classifier_guidance(self.classifier, classifier_scale))
         labels = resolve_labels(self.manifest, total, classes,
                                 self.manifest.component("classifier").extra["num_classes"] if guided else None)
         out = generate(self.backend, self.manifest, total, sampler=sampler, steps=steps, batch=batch,
                        labels=labels, guidance=guidance, seed=seed, first=first, progress=progress,
                        conditions=conditions, classifier=self.classifier, classifier_scale=classifier_scale,
-                       **options)
+                       allow_nonfinite=allow_nonfinite, **options)
         if cond is not None:
             out.conditions, out.cond_index = np.asarray(cond, dtype=np.float32), index
         elif index is not None:
             out.prompts = None if prompts is None else np.array(prompts, dtype=str)
             out.prompt_index = index
         if out.latent and self.decoder is not None:
-            out.decoded_images = decode_images(self.decoder, out.samples, decode_batch)
+            with finite_checks([self.decoder], not allow_nonfinite), np.errstate(all="ignore"):
+                out.decoded_images = decode_images(self.decoder, out.samples, decode_batch, allow_nonfinite)
         return out
 
     def close(self) -> None:

@@ -20,6 +20,15 @@ class BackendError(EdgediffError, RuntimeError):
     """A backend that cannot be created or fed, or a model that computed non-finite values."""
 
 
+class NonFiniteOutput(BackendError):
+    """A model output holds NaN/inf (``output``: its name)."""
+
+    def __init__(self, output: str, bad: int, size: int):
+        super().__init__(f"the model produced non-finite values (NaN/inf) in {output!r} ({bad} of {size}): "
+                         "check the weights, or use a higher precision")
+        self.output, self.bad, self.size = output, bad, size
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """Everything a caller may say about where and how to run; each backend takes its part."""
@@ -57,6 +66,7 @@ class Backend:
     """Base of every backend: one validation, one output check, one lifecycle."""
 
     name = "base"
+    check_finite = True       # refuse NaN/inf outputs (generate --allow-nonfinite turns it off)
 
     def __init__(self, inputs: dict[str, dict], outputs: list[str], graph_outputs: dict | None = None):
         self.inputs = inputs
@@ -78,9 +88,8 @@ class Backend:
         for name, arr in out.items():
             if arr.shape[:1] != (batch,):
                 raise BackendError(f"output {name!r} has shape {arr.shape} for a batch of {batch}")
-            if not np.isfinite(arr).all():
-                raise BackendError(f"the model produced non-finite values (NaN/inf) in {name!r}: "
-                                   "check the weights, or use a higher precision")
+            if self.check_finite and not np.isfinite(arr).all():
+                raise NonFiniteOutput(name, int(arr.size - np.count_nonzero(np.isfinite(arr))), arr.size)
         return out
 
     def close(self) -> None:
