@@ -14,7 +14,7 @@ from edgediff.export.models import FAMILIES
 BLOCK = ("import sys\n"
          "class _NoTorch:\n"
          "    def find_spec(self, name, path=None, target=None):\n"
-         "        if name.split('.')[0] in ('torch', 'onnxscript'):\n"
+         "        if name.split('.')[0] in ('torch', 'onnxscript', 'transformers'):\n"
          "            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
          "sys.meta_path.insert(0, _NoTorch())\n")
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -53,6 +53,18 @@ def test_generate_without_torch(digits_like_bundle):
                   "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert out.is_file()
+
+
+def test_generate_prompt_without_torch_or_transformers(tmp_path):
+    """A text-to-image bundle: tokenizer (`tokenizers`) and text encoder (ONNX) run without
+    torch and transformers."""
+    from edgediff.digits.demo import ensure_bundle
+
+    bundle = ensure_bundle("uvit_t2i", tmp_path / "t2i", log=lambda m: None)
+    res = run_cli("generate", str(bundle), "--prompt", "the digit 7", "--prompt", "a handwritten two", "-n", "2",
+                  "--steps", "2", "--npz", str(tmp_path / "g.npz"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "g.npz").is_file()
 
 
 def test_readme_python_blocks_run_as_written_without_torch(digits_like_bundle):
