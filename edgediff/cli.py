@@ -131,6 +131,9 @@ def _parse_classes(value: str | None) -> list[int] | None:
               help="Classifier guidance scale s (guided-diffusion's classifier_scale); needs the bundle's classifier "
                    "(edgediff add-classifier) and the ddpm, ddim or dpmpp_2m sampler.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the per-sample noise streams.")
+@click.option("--first", default=0, show_default=True, type=click.IntRange(0),
+              help="Index of the first sample: draws samples FIRST..FIRST+n-1 of the seed's sequence, so a large set "
+                   "can be made in parts that equal one run.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(list(BACKENDS)), help="Backend.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
@@ -159,7 +162,7 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Debugging: keep going when a model output or sample is NaN/inf or the sampling diverges "
                    "(default: stop with the step, t and output).")
-def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, backend,
+def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, first, backend,
              precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts, prompts_file,
              context_npz, allow_nonfinite):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
@@ -188,7 +191,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, c
         choice = dict(sampler=sampler, steps=steps, guidance=guidance)
         total = total_model_calls(pipe.manifest, count, min(batch, count), **choice)
         with tqdm(total=total, desc="sampling", unit="call", disable=None) as bar:
-            result = pipe(num, classes=wanted, seed=seed, batch=batch, decode_batch=decode_batch,
+            result = pipe(num, classes=wanted, seed=seed, first=first, batch=batch, decode_batch=decode_batch,
                           progress=bar.update, cond=cond, classifier_scale=classifier_scale,
                           prompt=prompts or None, context=context, allow_nonfinite=allow_nonfinite, **choice)
         for line in save_outputs(pipe.manifest, result, png=out, npz=npz):

@@ -253,9 +253,10 @@ def _check_int(name: str, value, low: int) -> None:
 
 
 def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None,
-                   classifier_classes: int | None = None) -> np.ndarray | None:
-    """Labels for ``n`` samples: the given classes cycled, or every class in turn. An
-    unconditional model guided by a classifier takes the classifier's classes."""
+                   classifier_classes: int | None = None, first: int = 0) -> np.ndarray | None:
+    """Labels for samples ``first .. first+n-1``: the given classes cycled, or every class in
+    turn (so parts drawn with ``first`` equal one run). An unconditional model guided by a
+    classifier takes the classifier's classes."""
     if not manifest.conditional and classifier_classes is None:
         if classes:
             kind = "image-conditioned, not class-conditional" if COND_COMPONENT in manifest.components \
@@ -267,7 +268,8 @@ def resolve_labels(manifest: Manifest, n: int, classes: list[int] | None,
     bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < k]
     if bad:
         raise InvalidInput(f"class label(s) {bad} out of range: the model has classes 0..{k - 1}")
-    return np.resize(np.asarray(classes, dtype=np.int64), n)
+    cycle = np.asarray(classes, dtype=np.int64)
+    return cycle[(first + np.arange(n)) % len(cycle)]
 
 
 class Pipeline:
@@ -438,7 +440,8 @@ class Pipeline:
         check_memory(total, batch, self.manifest.sample_shape, guided=w != 1.0)     # before any n-sized array
         guided = bool(classifier_guidance(self.classifier, classifier_scale))
         labels = resolve_labels(self.manifest, total, classes,
-                                self.manifest.component("classifier").extra["num_classes"] if guided else None)
+                                self.manifest.component("classifier").extra["num_classes"] if guided else None,
+                                first)
         out = generate(self.backend, self.manifest, total, sampler=sampler, steps=steps, batch=batch,
                        labels=labels, guidance=guidance, seed=seed, first=first, progress=progress,
                        conditions=conditions, classifier=self.classifier, classifier_scale=classifier_scale,

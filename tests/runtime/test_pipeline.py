@@ -78,3 +78,16 @@ def test_cli_generate_bad_class(bundle, tmp_path):
     res = CliRunner().invoke(cli, ["generate", str(bundle.path), "--class", "99", "--out", str(tmp_path / "g.png")])
     assert res.exit_code != 0 and "out of range" in str(res.exception or res.output)
     assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_generate_first_draws_a_part_of_one_run(bundle, tmp_path):
+    """--first k -n m gives samples k..k+m-1 of the seed's sequence, images and labels alike."""
+    def run(name, *args):
+        res = CliRunner().invoke(cli, ["generate", str(bundle.path), "--steps", "3", "--classes", "0,1,2",
+                                       "--npz", str(tmp_path / name), *args])
+        assert res.exit_code == 0, res.output
+        return np.load(tmp_path / name)
+
+    whole, part = run("a.npz", "-n", "7"), run("b.npz", "-n", "3", "--first", "4", "--batch", "2")
+    np.testing.assert_array_equal(part["images"], whole["images"][4:])
+    assert part["labels"].tolist() == whole["labels"][4:].tolist() == [1, 2, 0]
