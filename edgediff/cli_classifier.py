@@ -2,12 +2,12 @@
 torch loads only inside the command."""
 from __future__ import annotations
 
-import json
 import time
 
 import click
 
 from edgediff.runtime.errors import InvalidInput
+from edgediff.runtime.files import read_json
 
 NAMED = ["64x64", "128x128", "256x256", "512x512", "tiny"]    # export.models.adm_classifier.CONFIGS, torch-free
 
@@ -23,11 +23,7 @@ def _config(config_path: str | None, size: str | None) -> dict:
         from edgediff.export.models.adm_classifier import CONFIGS
 
         return dict(CONFIGS[size])
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"cannot read {config_path} as JSON: {exc}") from None
+    return read_json(config_path)
 
 
 @click.command("add-classifier")

@@ -2,24 +2,15 @@
 (registered in cli.py). torch and transformers load only inside the command."""
 from __future__ import annotations
 
-import json
 import time
 
 import click
 
-from edgediff.runtime.errors import InvalidInput
+from edgediff.runtime.files import read_json
 
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"cannot read {path} as JSON: {exc}") from None
 
 
 @click.command("add-text-encoder")
@@ -38,7 +29,7 @@ def add_text_encoder_command(bundle, checkpoint, config_path, tokenizer):
     from edgediff.export.text_encoder import add_text_encoder
 
     start = time.perf_counter()
-    parity = add_text_encoder(bundle, checkpoint, _read_json(config_path), tokenizer=tokenizer, log=_log)
+    parity = add_text_encoder(bundle, checkpoint, read_json(config_path), tokenizer=tokenizer, log=_log)
     click.echo(f"text encoder: {parity.summary()}")
     click.echo(f"added the text encoder to {bundle} in {time.perf_counter() - start:.1f} s")
 

@@ -12,7 +12,7 @@ from edgediff.runtime.bundle import MANIFEST, finalize_manifest
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, staged_dir, write_json_atomic
 from edgediff.runtime.interrupts import deferred
-from edgediff.runtime.manifest import TEXT_CONTEXT, Manifest, Sampling
+from edgediff.runtime.manifest import TEXT_CONTEXT, Component, Manifest, Sampling
 from edgediff.runtime.parity import ParityResult
 
 from .companions import component_records, export_companions, feature_source, validate_pair
@@ -112,6 +112,19 @@ def _add_companions(family, module, spec, companions, tmp, manifest, entries, fa
     entries.update({f"{n}.fp32": r.to_dict() for n, r in results.items()}, **{"pair.fp32": pair.to_dict()})
     failures.extend(f"{n}: {r.summary()}" for n, r in {**results, "pair": pair}.items() if not r.passed)
     return manifest.replace(components=component_records(companions, results, pair, manifest.source))
+
+
+def install_component(bundle, stage: Path, name: str, file: str, parity, io: tuple[dict, dict],
+                      extra: dict) -> Manifest:
+    """Install ``stage``'s ``file`` into ``bundle`` as the FP32 model of companion ``name``
+    (``io``: its declared inputs and outputs), with the rung-1 ``parity`` it passed."""
+    inputs, outputs = io
+    component = Component(inputs=inputs, outputs=outputs, models={"fp32": file},
+                          parity={"fp32": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}},
+                          extra=extra)
+    m = bundle.manifest
+    return install_into_bundle(bundle, stage, {f"{name}.fp32": parity.to_dict()},
+                               m.replace(components={**m.components, name: component}))
 
 
 def install_into_bundle(bundle, tmp: Path, parity_entries: dict, manifest: Manifest) -> Manifest:

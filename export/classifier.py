@@ -19,7 +19,6 @@ import torch
 from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.errors import InvalidInput
 from edgediff.runtime.files import sha256_file, staged_dir
-from edgediff.runtime.manifest import Component
 from edgediff.runtime.parity import ParityResult
 
 from .classifier_grad import trace_gradient
@@ -104,7 +103,7 @@ def export_grad(view, config: dict, schedule, path: Path, opset: int = 21, max_b
 
 def add_classifier(bundle_dir, checkpoint, config: dict, log=print) -> ParityResult:
     """Add ``classifier_grad.onnx`` (validated, rung 1) to a bundle; the bundle changes only if it passes."""
-    from .bundle import ParityError, install_into_bundle
+    from .bundle import ParityError, install_component
 
     bundle = read_bundle(bundle_dir)
     m = bundle.manifest
@@ -123,15 +122,10 @@ def add_classifier(bundle_dir, checkpoint, config: dict, log=print) -> ParityRes
         if not parity.passed:
             failed = stage.keep_failed(".classifier.failed")
             raise ParityError(f"classifier: {parity.summary()}; the graph was left in {failed} for inspection")
-        inputs, outputs = component_io(cfg)
         extra = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                  "num_classes": cfg["out_channels"], "time": "training step of the bundle's schedule",
                  "source": {"checkpoint": Path(checkpoint).name, "sha256": sha256_file(checkpoint)}}
-        component = Component(inputs=inputs, outputs=outputs, models={"fp32": FILE},
-                              parity={"fp32": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}},
-                              extra=extra)
-        install_into_bundle(bundle, stage.path, {f"{NAME}.fp32": parity.to_dict()},
-                            m.replace(components={**m.components, NAME: component}))
+        install_component(bundle, stage.path, NAME, FILE, parity, component_io(cfg), extra)
     return parity
 
 

@@ -19,7 +19,7 @@ import torch
 from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.errors import InvalidInput
 from edgediff.runtime.files import sha256_file, staged_dir
-from edgediff.runtime.manifest import TEXT_CONTEXT, Component
+from edgediff.runtime.manifest import TEXT_CONTEXT
 from edgediff.runtime.parity import ParityResult
 from edgediff.runtime.tokenizer import BOS, EOS, FILES, ClipTokenizer
 
@@ -132,7 +132,7 @@ def check_fits(config: dict, manifest, tokenizer: Path | None) -> tuple[int, int
 def add_text_encoder(bundle_dir, checkpoint, config: dict, tokenizer=None, log=print) -> ParityResult:
     """Add ``text_encoder.onnx`` (validated, rung 1) and the tokenizer files to a t2i bundle;
     the bundle changes only if the graph passes."""
-    from .bundle import ParityError, install_into_bundle
+    from .bundle import ParityError, install_component
 
     bundle = read_bundle(bundle_dir)
     m = bundle.manifest
@@ -163,12 +163,7 @@ def add_text_encoder(bundle_dir, checkpoint, config: dict, tokenizer=None, log=p
                 if (tokenizer / f).is_file():
                     shutil.copyfile(tokenizer / f, stage.path / TOKENIZER_DIR / f)
             extra["tokenizer"] = TOKENIZER_DIR
-        inputs, outputs = component_io(length, dim)
-        component = Component(inputs=inputs, outputs=outputs, models={"fp32": FILE},
-                              parity={"fp32": {"passed": parity.passed, "worst_rel_l2": parity.worst_rel_l2}},
-                              extra=extra)
-        install_into_bundle(bundle, stage.path, {f"{NAME}.fp32": parity.to_dict()},
-                            m.replace(components={**m.components, NAME: component}))
+        install_component(bundle, stage.path, NAME, FILE, parity, component_io(length, dim), extra)
     return parity
 
 

@@ -32,6 +32,15 @@ class CannotWrite(InvalidInput, OSError):
     """An output location that cannot be written."""
 
 
+def read_json(path: str | Path):
+    """The JSON value in the file at ``path``; one-line InvalidInput when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"cannot read {path} as JSON: {exc}") from None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
