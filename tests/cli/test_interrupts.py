@@ -2,7 +2,6 @@
 with exit 130 / 143 and the one line "interrupted", no traceback, no temporary left, and the
 destination (an existing bundle, previous outputs, a user's look-alike files) untouched."""
 import glob
-import hashlib
 import os
 import shutil
 import signal
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from fs_snapshot import snapshot  # (tests/)
 
 SCRIPT = Path(sys.executable).parent / "edgediff"
 SIGNALS = [pytest.param(signal.SIGTERM, 143, id="SIGTERM"), pytest.param(signal.SIGINT, 130, id="SIGINT")]
@@ -23,14 +24,7 @@ def command(*args):
     return [sys.executable, "-c", "from edgediff.entry import main; main()", *args]
 
 
-def snapshot(root):
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            out[rel] = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) else "dir"
-    return out
+
 
 
 def start(args, cwd):

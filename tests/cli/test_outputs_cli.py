@@ -1,28 +1,15 @@
 """Bad output paths and option combinations of `generate` and `export`, table-driven: each case
 asserts the exit code, one line on stderr naming the problem, no traceback, no file left behind
 and every pre-existing file (the user's, the bundle's) untouched."""
-import hashlib
-import os
 
 import numpy as np
 import pytest
 
 from edgediff.cli import main
+from fs_snapshot import snapshot  # (tests/)
 
 
-def snapshot(*roots):
-    out = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                p = os.path.join(dirpath, name)
-                if os.path.islink(p):
-                    out[p] = "-> " + os.readlink(p)
-                elif os.path.isfile(p):
-                    out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-                else:
-                    out[p] = "dir"
-    return out
+
 
 
 @pytest.fixture(scope="module")

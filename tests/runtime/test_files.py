@@ -1,7 +1,6 @@
 """runtime/files.py and runtime/interrupts.py: outputs appear whole or not at all, temporary and
 backup names are ours alone, a user's look-alike files are never touched, and SIGINT/SIGTERM
 unwind through the cleanups (torch-free, in-process)."""
-import hashlib
 import os
 import signal
 
@@ -13,21 +12,11 @@ from edgediff.runtime.files import (CannotWrite, check_replaceable, claim_siblin
                                     write_atomic, write_atomic_all)
 from edgediff.runtime.images import check_writable
 
+import fs_snapshot  # noqa: E402  (tests/)
+
 
 def snapshot(root):
-    """Every path under ``root`` (hidden ones too) with its content hash or link target."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root)
-            if os.path.islink(p):
-                out[rel] = "-> " + os.readlink(p)
-            elif os.path.isfile(p):
-                out[rel] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-            else:
-                out[rel] = "dir"
-    return out
+    return fs_snapshot.snapshot(root, relative=True)
 
 
 def user_lookalikes(root, name):
