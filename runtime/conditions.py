@@ -69,13 +69,14 @@ def _read_image(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     return arr.transpose(2, 0, 1) / 127.5 - 1.0                    # (C, H, W) in [-1, 1]
 
 
-def read_npz_arrays(path: Path, required: str, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """The arrays ``required`` and those of ``optional`` present in the .npz at ``path`` (no
-    pickles); one-line InvalidInput for an unreadable archive or a missing ``required``."""
+def read_npz_arrays(path: Path, required: str, optional: tuple[str, ...] | None = ()) -> dict[str, np.ndarray]:
+    """The arrays ``required`` and those of ``optional`` present in the .npz at ``path``
+    (``optional=None``: every array in it), no pickles; one-line InvalidInput for an
+    unreadable archive or a missing ``required``."""
     try:
         with np.load(path, allow_pickle=False) as data:
             found = list(data.files)
-            arrays = {k: data[k] for k in (required, *optional) if k in found}
+            arrays = {k: data[k] for k in (found if optional is None else (required, *optional)) if k in found}
     except (OSError, ValueError, EOFError):
         raise InvalidInput(f"cannot read {path}: not an .npz archive of plain arrays") from None
     if required not in arrays:          # raised out of the try: InvalidInput is a ValueError
