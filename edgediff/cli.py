@@ -14,6 +14,7 @@ from edgediff.cli_classifier import COMMANDS as CLASSIFIER_COMMANDS
 from edgediff.cli_digits import DIGITS_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
+from edgediff.cli_sign import COMMANDS as SIGN_COMMANDS
 from edgediff.cli_text import COMMANDS as TEXT_COMMANDS
 from edgediff.cli_vae import COMMANDS as VAE_COMMANDS
 from edgediff.cli_vae import LAYOUTS as VAE_LAYOUTS
@@ -123,8 +124,10 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--cond-size", help="Resize condition images to H,W (default: the bundle's condition size).")
 @click.option("--prompt", "prompts", multiple=True,
               help="Text prompt of a text-to-image bundle with a text encoder (repeatable: -n samples per prompt).")
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
+              help="EC public key (PEM): refuse a bundle that is unsigned or changed since it was signed.")
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, backend,
-             precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts):
+             precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts, public_key):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
     from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.images import check_outputs, save_outputs
@@ -137,7 +140,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, c
     wanted = [one_class] if one_class is not None else _parse_classes(classes)
     start = time.perf_counter()
     with Pipeline.from_bundle(bundle, backend, precision, device=device, threads=threads, max_batch=batch,
-                              decode_batch=decode_batch) as pipe:
+                              decode_batch=decode_batch, public_key=public_key) as pipe:
         check_outputs(bundle, pipe.manifest, pipe.decoder is not None, png=out, npz=npz)
         cond = read_conditions(pipe, cond_path, cond_size)
         per = len(cond) if cond is not None else len(prompts) if prompts else None
@@ -167,7 +170,8 @@ def families():
         click.echo("  sizes: " + ", ".join(family.configs))
 
 
-for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *TEXT_COMMANDS, *DIGITS_COMMANDS):
+for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *TEXT_COMMANDS, *DIGITS_COMMANDS,
+                 *SIGN_COMMANDS):
     cli.add_command(_command)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from edgediff.runtime.bundle import MANIFEST, finalize_manifest
+from edgediff.runtime.bundle import MANIFEST, finalize_manifest, hash_bundle_files
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, staged_dir, write_json_atomic
 from edgediff.runtime.manifest import Manifest, Sampling
@@ -113,11 +113,16 @@ def _add_companions(family, module, spec, companions, tmp, manifest, entries, fa
 
 def install_into_bundle(bundle, tmp: Path, parity_entries: dict, manifest: Manifest) -> Manifest:
     """Move the staged files of ``tmp`` into ``bundle``, merge ``parity_entries`` into
-    parity.json, then write ``manifest`` with every file hashed (atomic renames). Readers keep
-    verifying against the old manifest until the last rename; it does not list the new files."""
-    for f in sorted(tmp.iterdir()):
-        f.replace(bundle.path / f.name)
+    parity.json, then write ``manifest`` with every file hashed. Everything is hashed while
+    still staged, so the bundle's own files change only in a short burst of renames followed by
+    the new bundle.json (atomic); a reader that lands in that burst sees bundle.json unchanged
+    but a file changed, and reads again (runtime/bundle.py) rather than crying "altered"."""
     parity_path = bundle.path / "parity.json"
     old = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
-    write_json_atomic(parity_path, {**old, **parity_entries})
-    return finalize_manifest(bundle.path, manifest)
+    write_json_atomic(tmp / "parity.json", {**old, **parity_entries})
+    staged = hash_bundle_files(tmp)
+    replaced = {f.name for f in tmp.iterdir()}
+    kept = {rel: digest for rel, digest in hash_bundle_files(bundle.path).items() if rel.split("/")[0] not in replaced}
+    for f in sorted(tmp.iterdir()):
+        f.replace(bundle.path / f.name)
+    return finalize_manifest(bundle.path, manifest, files={**kept, **staged})
