@@ -27,11 +27,3 @@ def bundle_copy(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, copy)
     return copy
 
-
-def tree(path):
-    """relative path -> bytes (or link target) of everything under ``path``: "untouched" checks."""
-    out = {}
-    for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path).as_posix()
-        out[rel] = ("->" + str(p.readlink())) if p.is_symlink() else p.read_bytes() if p.is_file() else None
-    return out
