@@ -48,7 +48,7 @@ class Sampling:
         _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "sampling")
         out = cls(**d)
         if out.sampler is not None and not isinstance(out.sampler, str):
-            raise ManifestError(f"sampling.sampler must be a string, got {out.sampler!r}")
+            raise ManifestError(f"sampling.sampler must be a string, got {_short(out.sampler)}")
         _positive_int(out.steps, "sampling.steps")
         _finite(out.guidance, "sampling.guidance")
         return out
@@ -210,7 +210,7 @@ class Manifest(_NamedIO):
             raise ManifestError(f"lacks required key(s): {', '.join(missing)}")
         version = d.get("schema_version", SCHEMA_VERSION)
         if type(version) is not int or version not in READABLE_SCHEMAS:
-            raise ManifestError(f"has schema version {version!r}; this edgediff reads {READABLE_SCHEMAS}")
+            raise ManifestError(f"has schema version {_short(version)}; this edgediff reads {READABLE_SCHEMAS}")
         kw = {k: v for k, v in d.items() if k in known}
         for key in ("config", "inputs", "outputs", "time", "schedule", "models", "files", "extra",
                     "source", "tools", "parity", "precision"):
@@ -220,7 +220,7 @@ class Manifest(_NamedIO):
         comps = _mapping(d.get("components") or {}, "components")
         unknown = sorted(set(comps) - set(COMPONENTS))
         if unknown:
-            raise ManifestError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
+            raise ManifestError(f"unknown component(s) {_names(unknown)}; known: {', '.join(COMPONENTS)}")
         kw["components"] = {k: Component.from_dict(k, v) for k, v in comps.items()}
         _check_pairing(kw["components"], kw["inputs"])
         kw["sample_shape"] = _shape(d["sample_shape"])
@@ -231,7 +231,7 @@ class Manifest(_NamedIO):
         _check_scalars(kw)
         schedule = _check_model(kw)
         if kw.get("space", "pixel") not in SPACES:
-            raise ManifestError(f"space must be one of {SPACES}, got {kw['space']!r}")
+            raise ManifestError(f"space must be one of {SPACES}, got {_short(kw['space'])}")
         _check_models(kw["models"], "models")
         _check_files(kw.get("files", {}))
         manifest = cls(**kw)
@@ -249,24 +249,24 @@ def _mapping(value, what: str) -> dict:
 def _no_unknown(d: dict, known: set, what: str) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ManifestError(f"{what} has unknown key(s): {', '.join(unknown)}")
+        raise ManifestError(f"{what} has unknown key(s): {_names(unknown)}")
 
 
 def _positive_int(value, what: str, limit: int = 1 << 20) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-        raise ManifestError(f"{what} must be an integer in 1..{limit}, got {value!r}")
+        raise ManifestError(f"{what} must be an integer in 1..{limit}, got {_short(value)}")
     return value
 
 
 def _finite(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ManifestError(f"{what} must be a finite number, got {value!r}")
+        raise ManifestError(f"{what} must be a finite number, got {_short(value)}")
     return float(value)
 
 
 def _shape(value) -> tuple:
     if not isinstance(value, list) or len(value) != 3:
-        raise ManifestError(f"sample_shape must be a list [C, H, W], got {value!r}")
+        raise ManifestError(f"sample_shape must be a list [C, H, W], got {_short(value)}")
     shape = tuple(_positive_int(v, "sample_shape entries", 1 << 14) for v in value)
     if shape[0] * shape[1] * shape[2] > 1 << 26:
         raise ManifestError(f"sample_shape {list(shape)} is implausibly large")
@@ -276,10 +276,10 @@ def _shape(value) -> tuple:
 def _check_io(io: dict, what: str) -> None:
     for name, decl in io.items():
         if not isinstance(decl, dict) or decl.get("dtype") not in DTYPES or not isinstance(decl.get("shape"), list):
-            raise ManifestError(f"bad {what} declaration for {name!r}: {_short(decl)}")
+            raise ManifestError(f"bad {what} declaration for {_short(name)}: {_short(decl)}")
         for dim in decl["shape"]:       # a static size, or a symbolic name (the batch axis)
             if not (isinstance(dim, str) and dim) and not (type(dim) is int and 0 < dim <= 1 << 20):
-                raise ManifestError(f"{what}.{name}.shape entries must be positive integers or axis names, "
+                raise ManifestError(f"{what}.{_name(name)}.shape entries must be positive integers or axis names, "
                                     f"got {_short(dim)}")
 
 
@@ -287,6 +287,17 @@ def _short(value, limit: int = 80) -> str:
     """repr(value), cut short: a one-line message must stay one line of sane length."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _name(key) -> str:
+    """A key as written in a message: plain when it is a plain name, else its repr (a key
+    may hold newlines or control characters)."""
+    return key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 40 else _short(key, 40)
+
+
+def _names(keys) -> str:
+    keys = list(keys)
+    return ", ".join(_name(k) for k in keys[:8]) + (" ..." if len(keys) > 8 else "")
 
 
 _OPTIONAL = {"family": str, "prediction": str, "created": (str, type(None)), "space": str}
@@ -312,14 +323,14 @@ def _check_files(files: dict) -> None:
     for rel, digest in files.items():
         check_relative(rel, "files")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise ManifestError(f"files[{rel!r}] must be a sha256 hex digest, got {_short(digest)}")
+            raise ManifestError(f"files[{_short(rel)}] must be a sha256 hex digest, got {_short(digest)}")
 
 
 def _check_models(models: dict, what: str) -> None:
     if not models:
         raise ManifestError(f"{what} names no model file")
     for precision, rel in models.items():
-        check_relative(rel, f"{what}.{precision}")
+        check_relative(rel, f"{what}.{_name(precision)}")
 
 
 TOKENIZER_KEY = "tokenizer"     # components.text_encoder.extra.tokenizer: the tokenizer's directory
@@ -358,10 +369,10 @@ def _check_model(kw: dict):
     prediction = kw["prediction"]
     known = LEGACY_PREDICTIONS.get(kw.get("schema_version", SCHEMA_VERSION), tuple(PREDICTIONS))
     if prediction not in known:
-        raise ManifestError(f"prediction must be one of {', '.join(known)}, got {prediction!r}")
+        raise ManifestError(f"prediction must be one of {', '.join(known)}, got {_short(prediction)}")
     stated = kw["schedule"].get("prediction_type", prediction)
     if stated != prediction:
-        raise ManifestError(f"schedule.prediction_type {stated!r} contradicts prediction {prediction!r}")
+        raise ManifestError(f"schedule.prediction_type {_short(stated)} contradicts prediction {prediction!r}")
     needs, kinds = PREDICTIONS[prediction]
     missing = [n for n in needs if n not in kw["outputs"]]
     if missing:
@@ -371,7 +382,7 @@ def _check_model(kw: dict):
         raise ManifestError(f"inputs.x must have shape [batch, {', '.join(map(str, kw['sample_shape']))}]")
     n = kw["schedule"].get("num_train_timesteps", 1000)
     if type(n) is not int or not 2 <= n <= 100_000:
-        raise ManifestError(f"schedule.num_train_timesteps must be an integer in 2..100000, got {n!r}")
+        raise ManifestError(f"schedule.num_train_timesteps must be an integer in 2..100000, got {_short(n)}")
     try:
         schedule = Schedule.from_config(kw["schedule"])
     except (ValueError, TypeError, ArithmeticError, LookupError) as exc:     # numbers NumPy cannot use
@@ -390,14 +401,14 @@ def _check_pairing(components: dict, inputs: dict) -> None:
     enc = components.get(FEATURE_COMPONENT)
     if enc is None:
         if extra:
-            raise ManifestError(f"inputs {', '.join(extra)} need a {FEATURE_COMPONENT} component to compute them")
+            raise ManifestError(f"inputs {_names(extra)} need a {FEATURE_COMPONENT} component to compute them")
         return
     if extra != list(enc.outputs):
         raise ManifestError(f"components.{FEATURE_COMPONENT}.outputs {list(enc.outputs)} must be the denoiser's "
-                            f"inputs after x and t, in order; they are {extra}")
+                            f"inputs after x and t, in order; they are {_short(extra)}")
     bad = [n for n in extra if enc.outputs[n] != inputs[n]]
     if bad:
-        raise ManifestError(f"components.{FEATURE_COMPONENT} declares {', '.join(bad)} unlike the denoiser's inputs")
+        raise ManifestError(f"components.{FEATURE_COMPONENT} declares {_names(bad)} unlike the denoiser's inputs")
 
 
 def _check_labels(num_classes, null_label, conditional: bool) -> None:
@@ -406,7 +417,7 @@ def _check_labels(num_classes, null_label, conditional: bool) -> None:
     k = _positive_int(num_classes, "num_classes")
     if null_label is not None and (isinstance(null_label, bool) or not isinstance(null_label, int)
                                    or not 0 <= null_label <= k):
-        raise ManifestError(f"null_label must be an integer in 0..{k}, got {null_label!r}")
+        raise ManifestError(f"null_label must be an integer in 0..{k}, got {_short(null_label)}")
 
 
 def check_relative(rel, what: str = "path") -> str:
