@@ -23,12 +23,15 @@ def sign(bundle, private_key):
 @click.option("--public-key", type=PEM,
               help="EC public key (PEM): also require a valid signature over exactly the bundle's current files.")
 def verify(bundle, public_key):
-    """Check a bundle before use: manifest integrity, paths, every file's sha256, and the signature."""
-    from edgediff.runtime.bundle import read_bundle
+    """Check a bundle before use: manifest integrity, paths, every file's sha256, engines against
+    their sidecars, and with --public-key the signature."""
+    from edgediff.runtime.bundle import check_engines, read_bundle
 
     b = read_bundle(bundle, verify=True, public_key=public_key)
+    engines = check_engines(bundle)
     signed = "signature valid" if public_key else "signature not checked (give --public-key)"
-    click.echo(f"{bundle}: ok ({len(b.manifest.files)} files match bundle.json; {signed})")
+    built = f", {engines} engine(s) match their sidecars" if engines else ""
+    click.echo(f"{bundle}: ok ({len(b.manifest.files)} files match bundle.json{built}; {signed})")
 
 
 COMMANDS = (sign, verify)

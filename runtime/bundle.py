@@ -32,7 +32,7 @@ MAX_MANIFEST_BYTES = 16 << 20
 RETRIES = 3                         # re-reads when a writer changed the bundle under the reader
 RACE_GRACE_S = 0.02                 # a writer's renames + manifest write take far less
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "SIGNATURE", "Bundle", "BundleAltered", "BundleError",
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "SIGNATURE", "Bundle", "BundleAltered", "BundleError", "check_engines",
            "finalize_manifest", "hash_bundle_files", "io_spec", "manifest_digest", "read_bundle", "write_manifest"]
 
 
@@ -272,3 +272,21 @@ def _verify_files(path: Path, manifest: Manifest) -> None:
                 raise BundleAltered(f"bundle file altered (sha256 mismatch): {f}")
         except OSError as exc:
             raise BundleError(f"cannot read bundle file {f}: {exc.strerror or exc}") from None
+
+
+def check_engines(path: str | Path) -> int:
+    """Every TensorRT engine under ``engines/`` has a sidecar and the bytes it records (what
+    the TensorRT backend checks again before it loads one); returns how many. Engines are not
+    in ``files``: they are built per GPU after export, each vouched for by its sidecar."""
+    from .engines import PRECISIONS, EngineError, engine_candidates, read_sidecar
+
+    engines = sorted({p for precision in PRECISIONS for p in engine_candidates(path, precision)})
+    for engine in engines:
+        try:
+            recorded = read_sidecar(engine).get("engine_sha256")
+            actual = sha256_file(engine)
+        except (EngineError, OSError, ValueError, AttributeError) as exc:   # no/garbled sidecar
+            raise BundleAltered(f"{engine}: {' '.join(str(exc).split()) or 'unreadable sidecar'}") from None
+        if actual != recorded:
+            raise BundleAltered(f"{engine} does not match its sidecar's sha256 (partial copy or altered); rebuild it")
+    return len(engines)

@@ -73,6 +73,16 @@ def _engine(b):
     (b / "engines" / "fp16_sm90_trt10.12_b1-16-16_abc.engine").write_bytes(b"plan")
 
 
+def _engine_with_sidecar(b, corrupt=False):
+    from edgediff.runtime.files import sha256_file
+
+    _engine(b)
+    engine = b / "engines" / "fp16_sm90_trt10.12_b1-16-16_abc.engine"
+    (b / "engines" / (engine.name + ".json")).write_text(json.dumps({"engine_sha256": sha256_file(engine)}))
+    if corrupt:
+        engine.write_bytes(b"plan, truncated")
+
+
 def _sign(b, keys):
     from edgediff.runtime.signing import sign_bundle
 
@@ -113,11 +123,17 @@ CASES = {
                             ["verify", "{b}"], 1, "sample_shape entries"),
     "sample_shape vs model": (_edit(lambda r: r.update(sample_shape=[3, 8, 8]), stamp=True), False,
                               ["verify", "{b}"], 1, "inputs.x must have shape [batch, 3, 8, 8]"),
+    "engine ok": (_engine_with_sidecar, False, ["verify", "{b}"], 0, "1 engine(s) match their sidecars"),
+    "engine without sidecar": (_engine, False, ["verify", "{b}"], 1, "has no sidecar"),
+    "engine altered": (lambda b: _engine_with_sidecar(b, corrupt=True), False, ["verify", "{b}"], 1,
+                       "does not match its sidecar's sha256"),
+    "engine garbled sidecar": (lambda b: (_engine(b), (b / "engines" / "fp16_sm90_trt10.12_b1-16-16_abc.engine.json")
+                                          .write_bytes(b"\xff[")), False, ["verify", "{b}"], 1, "abc.engine"),
     "not a bundle": (lambda b: (b / "bundle.json").unlink(), False, ["verify", "{b}"], 1, "not a bundle"),
     "unsigned, key given": (None, False, ["verify", "{b}", "--public-key", "{main_pub}"], 1, "is not signed"),
     "signed ok": (None, True, ["verify", "{b}", "--public-key", "{main_pub}"], 0, "signature valid"),
     "signed, other key": (None, True, ["verify", "{b}", "--public-key", "{other_pub}"], 1, "does not verify"),
-    "signed, engine built": (_engine, True, ["verify", "{b}", "--public-key", "{main_pub}"], 1,
+    "signed, engine built": (_engine_with_sidecar, True, ["verify", "{b}", "--public-key", "{main_pub}"], 1,
                              "engines built after signing are not covered: re-sign"),
     "signed, manifest edited": (_edit(SAMPLING, stamp=True), True, ["verify", "{b}", "--public-key", "{main_pub}"],
                                 1, "changed bundle.json"),
@@ -182,7 +198,7 @@ def test_sign_then_build_then_resign_round_trip(bundle_copy, keys, capsys):
         return exit_.value.code, capsys.readouterr()
 
     assert run("sign", bundle_copy, "--key", keys["main"])[0] == 0
-    _engine(bundle_copy)
+    _engine_with_sidecar(bundle_copy)
     code, (_, err) = run("verify", bundle_copy, "--public-key", keys["main_pub"])
     assert code == 1 and f"edgediff sign {bundle_copy} --key" in err
     assert run("sign", bundle_copy, "--key", keys["main"])[0] == 0
