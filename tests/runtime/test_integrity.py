@@ -244,3 +244,17 @@ def test_write_manifest_round_trips(bundle_copy):
     m = read_bundle(bundle_copy).manifest
     write_manifest(bundle_copy, m.replace(created="x"))
     assert read_bundle(bundle_copy).manifest == m.replace(created="x")
+
+
+def test_signing_without_the_extra_is_one_line(bundle_copy, tmp_path, monkeypatch):
+    import sys
+
+    from edgediff.runtime.errors import MissingExtra
+    from edgediff.runtime.signing import sign_bundle, verify_signature
+
+    monkeypatch.setitem(sys.modules, "model_signing", None)        # as if not installed
+    (bundle_copy / "bundle.sig").write_text("{}")
+    for call in (lambda: verify_signature(bundle_copy, tmp_path / "k.pub.pem"),
+                 lambda: sign_bundle(bundle_copy, tmp_path / "k.pem")):
+        with pytest.raises(MissingExtra, match=r"pip install 'edgediff\[sign\]'"):
+            call()
