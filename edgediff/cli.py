@@ -15,6 +15,7 @@ from edgediff.cli_classifier import COMMANDS as CLASSIFIER_COMMANDS
 from edgediff.cli_digits import DIGITS_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
+from edgediff.cli_sign import COMMANDS as SIGN_COMMANDS
 from edgediff.cli_text import COMMANDS as TEXT_COMMANDS
 from edgediff.cli_vae import COMMANDS as VAE_COMMANDS
 from edgediff.cli_vae import LAYOUTS as VAE_LAYOUTS
@@ -163,9 +164,11 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Debugging: keep going when a model output or sample is NaN/inf or the sampling diverges "
                    "(default: stop with the step, t and output).")
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
+              help="EC public key (PEM): refuse a bundle that is unsigned or changed since it was signed.")
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, first, backend,
              precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts, prompts_file,
-             context_npz, allow_nonfinite):
+             context_npz, allow_nonfinite, public_key):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
     from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.images import check_outputs, save_outputs
@@ -182,7 +185,7 @@ def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, c
     prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file else [])]
     start = time.perf_counter()
     with Pipeline.from_bundle(bundle, backend, precision, device=device, threads=threads, max_batch=batch,
-                              decode_batch=decode_batch) as pipe:
+                              decode_batch=decode_batch, public_key=public_key) as pipe:
         check_outputs(bundle, pipe.manifest, pipe.decoder is not None, png=out, npz=npz)
         cond = read_conditions(pipe, cond_path, cond_size)
         context = _read_contexts(pipe, context_npz)
@@ -225,7 +228,7 @@ def families():
 
 
 for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *TEXT_COMMANDS, *CALIBRATE_COMMANDS,
-                 *DIGITS_COMMANDS):
+                 *DIGITS_COMMANDS, *SIGN_COMMANDS):
     cli.add_command(_command)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from edgediff.runtime.bundle import MANIFEST, finalize_manifest
+from edgediff.runtime.bundle import MANIFEST, finalize_manifest, hash_bundle_files
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.files import check_replaceable, replace_dir, sha256_file, staged_dir, write_json_atomic
 from edgediff.runtime.interrupts import deferred
@@ -129,13 +129,18 @@ def install_component(bundle, stage: Path, name: str, file: str, parity, io: tup
 
 def install_into_bundle(bundle, tmp: Path, parity_entries: dict, manifest: Manifest) -> Manifest:
     """Move the staged files of ``tmp`` into ``bundle``, merge ``parity_entries`` into
-    parity.json, then write ``manifest`` with every file hashed (atomic renames). Readers keep
-    verifying against the old manifest until the last rename; it does not list the new files.
-    SIGINT/SIGTERM are held until it is done, so the bundle never keeps half an addition."""
+    parity.json, then write ``manifest`` with every file hashed. Everything is hashed while
+    still staged, so the bundle's own files change only in a short burst of renames followed by
+    the new bundle.json (atomic); a reader that lands in that burst sees bundle.json unchanged
+    but a file changed, and reads again (runtime/bundle.py) rather than crying "altered".
+    SIGINT/SIGTERM are held during the burst, so the bundle never keeps half an addition."""
     parity_path = bundle.path / "parity.json"
     old = json.loads(parity_path.read_text()) if parity_path.is_file() else {}
+    write_json_atomic(tmp / "parity.json", {**old, **parity_entries})
+    staged = hash_bundle_files(tmp)
+    replaced = {f.name for f in tmp.iterdir()}
+    kept = {rel: digest for rel, digest in hash_bundle_files(bundle.path).items() if rel.split("/")[0] not in replaced}
     with deferred():
         for f in sorted(tmp.iterdir()):
             f.replace(bundle.path / f.name)
-        write_json_atomic(parity_path, {**old, **parity_entries})
-        return finalize_manifest(bundle.path, manifest)
+        return finalize_manifest(bundle.path, manifest, files={**kept, **staged})

@@ -4,20 +4,27 @@ module reads attributes, never raw ``manifest["..."]`` keys.
 
 Schema 2 adds ``sampling`` (the model's recommended sampler, steps and guidance) and names
 DiT's variance-interpolation output ``var`` (schema 1 called it ``v``, easily mistaken for
-v-prediction); schema-1 bundles are read with that output renamed on the fly.
+v-prediction); schema-1 bundles are read with that output renamed on the fly. Schema 3 adds
+the ``integrity`` record (the manifest's own canonical hash, written and checked by
+:mod:`.bundle`); its content is the same as schema 2's.
+
+Every problem is one line naming the key; every path the manifest names is relative,
+normalised and free of tricks (:func:`check_relative`), so it cannot leave the bundle.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInput
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
+INTEGRITY = "integrity"         # the top-level key of the manifest's own hash (see bundle.py)
 DTYPES = ("float32", "float16", "int64", "int32")
 SPACES = ("pixel", "latent")
 LEGACY_OUTPUTS = {1: {"v": "var"}}          # schema -> {name in the graph: name in edgediff}
@@ -41,7 +48,7 @@ class Sampling:
         _no_unknown(d, {f.name for f in dataclasses.fields(cls)}, "sampling")
         out = cls(**d)
         if out.sampler is not None and not isinstance(out.sampler, str):
-            raise ManifestError(f"sampling.sampler must be a string, got {out.sampler!r}")
+            raise ManifestError(f"sampling.sampler must be a string, got {_short(out.sampler)}")
         _positive_int(out.steps, "sampling.steps")
         _finite(out.guidance, "sampling.guidance")
         return out
@@ -88,8 +95,8 @@ class Component(_NamedIO):
         kw = {k: _mapping(v if v is not None else {}, f"components.{name}.{k}") for k, v in d.items()}
         _check_io(kw["inputs"], f"components.{name}.inputs")
         _check_io(kw["outputs"], f"components.{name}.outputs")
-        for rel in kw["models"].values():
-            _relative(rel)
+        _check_models(kw["models"], f"components.{name}.models")
+        _check_extra(name, kw.get("extra", {}))
         return cls(**kw)
 
 
@@ -171,6 +178,12 @@ class Manifest(_NamedIO):
         """Every ONNX file the manifest names, companions included."""
         return [*self.models.values(), *(rel for c in self.components.values() for rel in c.models.values())]
 
+    @property
+    def referenced_dirs(self) -> list[str]:
+        """Directories the runtime reads files from (a text encoder's tokenizer): each file in
+        them must be among ``files``."""
+        return [c.extra[TOKENIZER_KEY] for c in self.components.values() if TOKENIZER_KEY in c.extra]
+
     def option(self, key: str, default=None):
         """A family-specific fact from ``extra`` (variance, clip_sample, cfg_scale ...)."""
         return self.extra.get(key, default)
@@ -195,6 +208,7 @@ class Manifest(_NamedIO):
     @classmethod
     def _parse(cls, d: dict) -> "Manifest":
         known = {f.name for f in dataclasses.fields(cls)} - {"graph_outputs"}
+        _no_unknown(d, known | {INTEGRITY}, "the manifest")
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if k not in d]
@@ -202,7 +216,7 @@ class Manifest(_NamedIO):
             raise ManifestError(f"lacks required key(s): {', '.join(missing)}")
         version = d.get("schema_version", SCHEMA_VERSION)
         if type(version) is not int or version not in READABLE_SCHEMAS:
-            raise ManifestError(f"has schema version {version!r}; this edgediff reads {READABLE_SCHEMAS}")
+            raise ManifestError(f"has schema version {_short(version)}; this edgediff reads {READABLE_SCHEMAS}")
         kw = {k: v for k, v in d.items() if k in known}
         for key in ("config", "inputs", "outputs", "time", "schedule", "models", "files", "extra",
                     "source", "tools", "parity", "precision"):
@@ -212,7 +226,7 @@ class Manifest(_NamedIO):
         comps = _mapping(d.get("components") or {}, "components")
         unknown = sorted(set(comps) - set(COMPONENTS))
         if unknown:
-            raise ManifestError(f"unknown component(s) {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
+            raise ManifestError(f"unknown component(s) {_names(unknown)}; known: {', '.join(COMPONENTS)}")
         kw["components"] = {k: Component.from_dict(k, v) for k, v in comps.items()}
         _check_pairing(kw["components"], kw["inputs"])
         kw["sample_shape"] = _shape(d["sample_shape"])
@@ -220,11 +234,12 @@ class Manifest(_NamedIO):
         _check_io(kw["outputs"], "outputs")
         kw["outputs"], kw["graph_outputs"] = _rename_legacy(kw["outputs"], version)
         _check_labels(kw.get("num_classes"), kw.get("null_label"), "y" in kw["inputs"])
+        _check_scalars(kw)
         schedule = _check_model(kw)
         if kw.get("space", "pixel") not in SPACES:
-            raise ManifestError(f"space must be one of {SPACES}, got {kw['space']!r}")
-        for rel in (*kw["models"].values(), *kw.get("files", {})):
-            _relative(rel)
+            raise ManifestError(f"space must be one of {SPACES}, got {_short(kw['space'])}")
+        _check_models(kw["models"], "models")
+        _check_files(kw.get("files", {}))
         manifest = cls(**kw)
         manifest.__dict__["noise_schedule"] = schedule      # cached_property's own slot
         return manifest
@@ -240,24 +255,24 @@ def _mapping(value, what: str) -> dict:
 def _no_unknown(d: dict, known: set, what: str) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ManifestError(f"{what} has unknown key(s): {', '.join(unknown)}")
+        raise ManifestError(f"{what} has unknown key(s): {_names(unknown)}")
 
 
 def _positive_int(value, what: str, limit: int = 1 << 20) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-        raise ManifestError(f"{what} must be an integer in 1..{limit}, got {value!r}")
+        raise ManifestError(f"{what} must be an integer in 1..{limit}, got {_short(value)}")
     return value
 
 
 def _finite(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ManifestError(f"{what} must be a finite number, got {value!r}")
+        raise ManifestError(f"{what} must be a finite number, got {_short(value)}")
     return float(value)
 
 
 def _shape(value) -> tuple:
     if not isinstance(value, list) or len(value) != 3:
-        raise ManifestError(f"sample_shape must be a list [C, H, W], got {value!r}")
+        raise ManifestError(f"sample_shape must be a list [C, H, W], got {_short(value)}")
     shape = tuple(_positive_int(v, "sample_shape entries", 1 << 14) for v in value)
     if shape[0] * shape[1] * shape[2] > 1 << 26:
         raise ManifestError(f"sample_shape {list(shape)} is implausibly large")
@@ -267,7 +282,74 @@ def _shape(value) -> tuple:
 def _check_io(io: dict, what: str) -> None:
     for name, decl in io.items():
         if not isinstance(decl, dict) or decl.get("dtype") not in DTYPES or not isinstance(decl.get("shape"), list):
-            raise ManifestError(f"bad {what} declaration for {name!r}: {decl!r}")
+            raise ManifestError(f"bad {what} declaration for {_short(name)}: {_short(decl)}")
+        for dim in decl["shape"]:       # a static size, or a symbolic name (the batch axis)
+            if not (isinstance(dim, str) and dim) and not (type(dim) is int and 0 < dim <= 1 << 20):
+                raise ManifestError(f"{what}.{_name(name)}.shape entries must be positive integers or axis names, "
+                                    f"got {_short(dim)}")
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value), cut short: a one-line message must stay one line of sane length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _name(key) -> str:
+    """A key as written in a message: plain when it is a plain name, else its repr (a key
+    may hold newlines or control characters)."""
+    return key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 40 else _short(key, 40)
+
+
+def _names(keys) -> str:
+    keys = list(keys)
+    return ", ".join(_name(k) for k in keys[:8]) + (" ..." if len(keys) > 8 else "")
+
+
+_OPTIONAL = {"family": str, "prediction": str, "created": (str, type(None)), "space": str}
+_OPTIONAL_INTS = {"max_batch": 1 << 20, "opset": 100}
+
+
+def _check_scalars(kw: dict) -> None:
+    """The plain fields: strings where strings belong, bounded integers or null."""
+    for key, kind in _OPTIONAL.items():
+        if key in kw and not isinstance(kw[key], kind):
+            raise ManifestError(f"{key} must be a string, got {_short(kw[key])}")
+    for key, limit in _OPTIONAL_INTS.items():
+        if kw.get(key) is not None:
+            _positive_int(kw[key], key, limit)
+    if kw.get("num_classes") is not None:
+        _positive_int(kw["num_classes"], "num_classes")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_files(files: dict) -> None:
+    for rel, digest in files.items():
+        check_relative(rel, "files")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ManifestError(f"files[{_short(rel)}] must be a sha256 hex digest, got {_short(digest)}")
+
+
+def _check_models(models: dict, what: str) -> None:
+    if not models:
+        raise ManifestError(f"{what} names no model file")
+    for precision, rel in models.items():
+        check_relative(rel, f"{what}.{_name(precision)}")
+
+
+TOKENIZER_KEY = "tokenizer"     # components.text_encoder.extra.tokenizer: the tokenizer's directory
+
+
+def _check_extra(name: str, extra: dict) -> None:
+    """The component facts the runtime reads: the classifier's class count, the text
+    encoder's token length and tokenizer directory."""
+    if name == "classifier":
+        _positive_int(extra.get("num_classes"), "components.classifier.extra.num_classes")
+    if name == TEXT_COMPONENT and TOKENIZER_KEY in extra:
+        check_relative(extra[TOKENIZER_KEY], f"components.{name}.extra.{TOKENIZER_KEY}")
+        _positive_int(extra.get("max_length"), f"components.{name}.extra.max_length", 1 << 16)
 
 
 def _rename_legacy(outputs: dict, version: int) -> tuple[dict, dict]:
@@ -293,10 +375,10 @@ def _check_model(kw: dict):
     prediction = kw["prediction"]
     known = LEGACY_PREDICTIONS.get(kw.get("schema_version", SCHEMA_VERSION), tuple(PREDICTIONS))
     if prediction not in known:
-        raise ManifestError(f"prediction must be one of {', '.join(known)}, got {prediction!r}")
+        raise ManifestError(f"prediction must be one of {', '.join(known)}, got {_short(prediction)}")
     stated = kw["schedule"].get("prediction_type", prediction)
     if stated != prediction:
-        raise ManifestError(f"schedule.prediction_type {stated!r} contradicts prediction {prediction!r}")
+        raise ManifestError(f"schedule.prediction_type {_short(stated)} contradicts prediction {prediction!r}")
     needs, kinds = PREDICTIONS[prediction]
     missing = [n for n in needs if n not in kw["outputs"]]
     if missing:
@@ -306,11 +388,11 @@ def _check_model(kw: dict):
         raise ManifestError(f"inputs.x must have shape [batch, {', '.join(map(str, kw['sample_shape']))}]")
     n = kw["schedule"].get("num_train_timesteps", 1000)
     if type(n) is not int or not 2 <= n <= 100_000:
-        raise ManifestError(f"schedule.num_train_timesteps must be an integer in 2..100000, got {n!r}")
+        raise ManifestError(f"schedule.num_train_timesteps must be an integer in 2..100000, got {_short(n)}")
     try:
         schedule = Schedule.from_config(kw["schedule"])
-    except (ValueError, TypeError) as exc:
-        raise ManifestError(f"schedule: {exc}") from None
+    except (ValueError, TypeError, ArithmeticError, LookupError) as exc:     # numbers NumPy cannot use
+        raise ManifestError(f"schedule: {' '.join(str(exc).split())[:200]}") from None
     if schedule.kind not in kinds:
         raise ManifestError(f"a {prediction} model cannot use a {schedule.kind} schedule")
     return schedule
@@ -325,14 +407,14 @@ def _check_pairing(components: dict, inputs: dict) -> None:
     enc = components.get(FEATURE_COMPONENT)
     if enc is None:
         if extra:
-            raise ManifestError(f"inputs {', '.join(extra)} need a {FEATURE_COMPONENT} component to compute them")
+            raise ManifestError(f"inputs {_names(extra)} need a {FEATURE_COMPONENT} component to compute them")
         return
     if extra != list(enc.outputs):
         raise ManifestError(f"components.{FEATURE_COMPONENT}.outputs {list(enc.outputs)} must be the denoiser's "
-                            f"inputs after x and t, in order; they are {extra}")
+                            f"inputs after x and t, in order; they are {_short(extra)}")
     bad = [n for n in extra if enc.outputs[n] != inputs[n]]
     if bad:
-        raise ManifestError(f"components.{FEATURE_COMPONENT} declares {', '.join(bad)} unlike the denoiser's inputs")
+        raise ManifestError(f"components.{FEATURE_COMPONENT} declares {_names(bad)} unlike the denoiser's inputs")
 
 
 def _check_labels(num_classes, null_label, conditional: bool) -> None:
@@ -341,13 +423,26 @@ def _check_labels(num_classes, null_label, conditional: bool) -> None:
     k = _positive_int(num_classes, "num_classes")
     if null_label is not None and (isinstance(null_label, bool) or not isinstance(null_label, int)
                                    or not 0 <= null_label <= k):
-        raise ManifestError(f"null_label must be an integer in 0..{k}, got {null_label!r}")
+        raise ManifestError(f"null_label must be an integer in 0..{k}, got {_short(null_label)}")
 
 
-def _relative(rel) -> None:
-    """Every path the manifest names stays inside the bundle."""
+def check_relative(rel, what: str = "path") -> str:
+    """Every path the manifest names stays inside the bundle: a non-empty relative POSIX path
+    in normal form (no ``..``, ``.``, empty or trailing parts), without backslashes, drive
+    colons or control characters, encodable as UTF-8, of sane length. Symlinks are the
+    reader's to resolve (bundle.py); this is the syntax."""
     from pathlib import PurePosixPath
 
-    p = PurePosixPath(rel) if isinstance(rel, str) else None
-    if p is None or p.is_absolute() or ".." in p.parts or "\\" in rel or not rel:
-        raise ManifestError(f"path {rel!r} must be relative and inside the bundle")
+    ok = isinstance(rel, str) and 0 < len(rel) <= 1024 and not any(c in rel for c in "\\:") \
+        and all(ord(c) >= 32 and c != "\x7f" for c in rel)
+    if ok:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:              # lone surrogates: no file can have that name
+            ok = False
+    if ok:
+        parts = rel.split("/")
+        ok = all(p and p not in (".", "..") for p in parts) and str(PurePosixPath(rel)) == rel
+    if not ok:
+        raise ManifestError(f"{what}: path {_short(rel)} must be relative, normalised and inside the bundle")
+    return rel

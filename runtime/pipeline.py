@@ -292,14 +292,14 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path, backend: str = "ort", precision: str = "fp32", device: str = "cpu",
                     threads: int | None = None, gpu: int = 0, max_batch: int = 16, decode_batch: int = 16,
-                    verify: bool = True):
+                    verify: bool = True, public_key=None):
         """Open the bundle at ``path`` (hashes verified) on ``backend``; ``max_batch`` and
         ``decode_batch`` are the largest sample and decode batches you will ask for (TensorRT
-        picks its engines by them)."""
+        picks its engines by them). ``public_key`` (PEM): refuse unless signed by its key."""
         from .backends import load_backend
         from .bundle import read_bundle
 
-        bundle = read_bundle(path, verify=verify)
+        bundle = read_bundle(path, verify=verify, public_key=public_key)
         engine = load_backend(bundle, backend, precision, device=device, threads=threads, gpu=gpu,
                               max_batch=engine_batch(max_batch, bundle.manifest.guidable))
 

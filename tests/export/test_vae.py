@@ -19,7 +19,7 @@ from edgediff.export import vae as vae_mod
 from edgediff.export.vae_layouts import LDM_SCHEMA, build_vae, ldm_to_diffusers_config, read_vae
 from edgediff.runtime import read_bundle
 from edgediff.runtime.backends import load_backend
-from edgediff.runtime.bundle import MANIFEST
+from edgediff.runtime.bundle import write_manifest
 from edgediff.runtime.errors import InvalidInput
 from edgediff.runtime.parity import rel_l2
 
@@ -81,12 +81,12 @@ def bundle(store, tmp_path):
 
 
 def _latent_bundle_without_vae(bundle):
-    """The same bundle with the autoencoder taken out again (the manifest is not hashed)."""
+    """The same bundle with the autoencoder taken out again (bundle.json rewritten as a writer would)."""
     b = read_bundle(bundle)
     for name in ("decoder.onnx", "encoder.onnx"):
         (bundle / name).unlink()
     files = {k: v for k, v in b.manifest.files.items() if k not in ("decoder.onnx", "encoder.onnx")}
-    (bundle / MANIFEST).write_text(json.dumps(b.manifest.replace(components={}, files=files).to_dict()))
+    write_manifest(bundle, b.manifest.replace(components={}, files=files))
     return read_bundle(bundle)
 
 
@@ -218,12 +218,12 @@ def test_cli_refusals_are_one_line_and_leave_nothing(bundle, store, tmp_path, ca
     assert code == 1 and "already has decoder, encoder" in err
     b = _latent_bundle_without_vae(bundle)
     pixel = b.manifest.replace(space="pixel")
-    (bundle / MANIFEST).write_text(json.dumps(pixel.to_dict()))
+    write_manifest(bundle, pixel)
     before = _listing(bundle)
     code, _, err = _cli(["add-vae", str(bundle), "--checkpoint", vae_dir], capsys)
     assert code == 1 and "pixel-space model" in err and err.startswith("error:") and err.strip().count("\n") == 0
     assert _listing(bundle) == before
-    (bundle / MANIFEST).write_text(json.dumps(b.manifest.to_dict()))
+    write_manifest(bundle, b.manifest)
     before = _listing(bundle)
     save_file({"x": torch.zeros(2)}, tmp_path / "w.safetensors")
     (tmp_path / "bad.json").write_text(json.dumps(dict(DIFFUSERS_CFG, shift_factor=0.1159)))

@@ -10,7 +10,7 @@ from edgediff.export.bundle import export_bundle
 from edgediff.export.models import FAMILIES
 from edgediff.runtime import Pipeline, read_bundle
 from edgediff.runtime.backends import Backend
-from edgediff.runtime.bundle import BundleError
+from edgediff.runtime.bundle import BundleError, write_manifest
 from edgediff.runtime.manifest import Manifest
 from edgediff.runtime.pipeline import generate, resolve_labels
 from edgediff.runtime.samplers import SAMPLERS
@@ -82,7 +82,7 @@ def test_recommended_sampling_is_recorded_and_used(ddpm_bundle, tmp_path):
     raw = json.loads((copy / "bundle.json").read_text())
     assert raw["sampling"] == {"sampler": None, "steps": 20, "guidance": 1.0}
     raw["sampling"] = {"sampler": "ddim", "steps": 3, "guidance": 3.0}
-    (copy / "bundle.json").write_text(json.dumps(raw))
+    write_manifest(copy, Manifest.from_dict(raw))       # as a legitimate writer would (integrity record)
     calls = []
     with Pipeline.from_bundle(copy) as pipe:
         real = pipe.backend.infer
@@ -175,7 +175,7 @@ def test_model_errors_at_run_time_are_one_line(ddpm_bundle, tmp_path):
     shutil.copytree(ddpm_bundle.path, copy)
     raw = json.loads((copy / "bundle.json").read_text())
     raw["num_classes"] = 1000
-    (copy / "bundle.json").write_text(json.dumps(raw))
+    write_manifest(copy, Manifest.from_dict(raw))
     with Pipeline.from_bundle(copy) as pipe, pytest.raises(Exception, match="onnxruntime failed") as err:
         pipe(1, classes=[500], steps=1)
     assert "\n" not in str(err.value)
