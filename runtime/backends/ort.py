@@ -31,6 +31,16 @@ def _session(path: Path, device: str, threads: int | None):
         raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
+def _check_shapes(session, inputs: dict[str, dict], name: str) -> None:
+    """The manifest's declared input shapes must agree with the graph's fixed dimensions, so a
+    bundle.json that misdescribes its model fails at load in one line, not at the first call."""
+    for i in session.get_inputs():
+        declared = inputs[i.name].get("shape", [])
+        fixed = [(k, d, g) for k, (d, g) in enumerate(zip(declared, i.shape)) if isinstance(d, int) and isinstance(g, int)]
+        if len(declared) != len(i.shape) or any(d != g for _, d, g in fixed):
+            raise BackendError(f"bundle.json declares {i.name!r} as {declared} but {name} takes {list(i.shape)}")
+
+
 class OrtBackend(Backend):
     """ONNX Runtime over an ONNX file: one session, reused for every call."""
 
@@ -48,6 +58,7 @@ class OrtBackend(Backend):
         if graph_in != set(inputs) or not set(self.graph_names) <= graph_out:
             raise BackendError(f"{Path(model_path).name} has inputs {sorted(graph_in)} and outputs "
                                f"{sorted(graph_out)}; the manifest declares {sorted(inputs)} -> {self.graph_names}")
+        _check_shapes(self.session, inputs, Path(model_path).name)
 
     @classmethod
     def from_bundle(cls, bundle, precision: str, options: RunOptions) -> "OrtBackend":

@@ -121,3 +121,18 @@ def test_evaluate_refuses_nan_samples_and_labels_out_of_range(images, labels, ne
     np.savez(tmp_path / "s.npz", images=images, labels=labels)
     code, err = run(["evaluate", str(tmp_path / "s.npz")], capsys)
     assert code == 1 and needle in err and err.count("\n") == 1, err
+
+
+def test_a_manifest_that_misdescribes_its_model_fails_at_load(bundle, tmp_path, capsys):
+    """A consistently rewritten bundle.json (hash recomputed) whose sample shape is not the
+    graph's: one line naming the input, both shapes, before any sampling."""
+    from edgediff.runtime.bundle import write_manifest
+
+    shutil.copytree(bundle, tmp_path / "b")
+    m = read_bundle(tmp_path / "b").manifest
+    shape = [m.sample_shape[0], 4, 4]
+    write_manifest(tmp_path / "b", m.replace(sample_shape=shape, inputs={**m.inputs, "x": {**m.inputs["x"],
+                                                                                        "shape": ["batch", *shape]}}))
+    code, err = run(["generate", str(tmp_path / "b"), "-n", "2", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 1 and "bundle.json declares 'x' as ['batch', 1, 4, 4] but model.onnx takes" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "g.png").exists()
