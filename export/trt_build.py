@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgediff.runtime.backends.trt import device_info, import_tensorrt
-from edgediff.runtime.bundle import read_bundle
+from edgediff.runtime.bundle import SIGNATURE, read_bundle
 from edgediff.runtime.files import sha256_file, write_atomic, write_json_atomic
 from edgediff.runtime.engines import (ENGINE_DIR, PRECISIONS, BatchProfile, EngineError, EngineKey, batch_profile,
                                       check_engine, make_sidecar, model_digest, sidecar_path, timing_cache_name)
@@ -145,6 +145,8 @@ def _build_into(bundle, opts, component, onnx_path, profile, trt, gpu, key, fold
     with deferred():                                # engine and sidecar: both or neither
         _write_atomic(path, engine)
         _write_sidecar(path, key, onnx_path, gpu, opts)
+    if (bundle.path / SIGNATURE).is_file():        # the signature covers engines/: now it does not verify
+        log(f"note: {bundle.path} was signed before this build; re-sign it (edgediff sign {bundle.path} --key KEY.pem)")
     return path
 
 

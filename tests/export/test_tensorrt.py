@@ -156,6 +156,17 @@ def test_existing_engine_is_reused_unless_forced(tiny_bundle, fake_build):
     assert len(fake_build) > n
 
 
+def test_build_on_a_signed_bundle_says_to_re_sign(tiny_bundle, fake_build, tmp_path):
+    """The signature covers engines/, so a build after signing says so (signing itself needs
+    the sign extra: test_signing.py; here the signature file's presence is what counts)."""
+    messages = []
+    build_engine(tiny_bundle, BuildOptions(precision="fp32"), log=messages.append)
+    assert not any("re-sign" in m for m in messages)
+    (tiny_bundle / "bundle.sig").write_text("{}")
+    build_engine(tiny_bundle, BuildOptions(precision="fp32", force=True), log=messages.append)
+    assert "re-sign it (edgediff sign" in messages[-1]
+
+
 def test_timing_cache_is_loaded_back(tiny_bundle, fake_build, tmp_path):
     cache = tmp_path / "my.cache"
     cache.write_bytes(b"OLD")
