@@ -13,6 +13,7 @@ from edgediff import __version__
 from edgediff.cli_calibrate import COMMANDS as CALIBRATE_COMMANDS
 from edgediff.cli_classifier import COMMANDS as CLASSIFIER_COMMANDS
 from edgediff.cli_digits import DIGITS_COMMANDS
+from edgediff.cli_parity import COMMANDS as PARITY_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
 from edgediff.cli_sign import COMMANDS as SIGN_COMMANDS
@@ -227,8 +228,8 @@ def families():
         click.echo("  sizes: " + ", ".join(family.configs))
 
 
-for _command in (*PRECISION_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *TEXT_COMMANDS, *CALIBRATE_COMMANDS,
-                 *DIGITS_COMMANDS, *SIGN_COMMANDS):
+for _command in (*PRECISION_COMMANDS, *PARITY_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *TEXT_COMMANDS,
+                 *CALIBRATE_COMMANDS, *DIGITS_COMMANDS, *SIGN_COMMANDS):
     cli.add_command(_command)
 
 

@@ -25,6 +25,7 @@ import onnx
 
 from edgediff.runtime.backends.ort import OrtBackend
 from edgediff.runtime.bundle import read_bundle
+from edgediff.runtime.drift import forward_cases
 from edgediff.runtime.files import sha256_file, staged_dir
 from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.interrupts import deferred
@@ -58,10 +59,9 @@ def measure(reference: Reference, ref_name: str, spec: ModelSpec | Target, path:
     schedule with both labels, for a component on fresh data-like draws."""
     target = as_target(spec)
     backend = OrtBackend(path, target.inputs, list(target.outputs))
-    result = ParityResult(ref_name, "onnx-fp16 (onnxruntime CPU)", GATE_REL_L2, None)
-    for tag, feed in target.gate(points, seed):
-        result.add(tag, reference(feed), backend.infer(feed))
-    return result
+    report = forward_cases(reference, backend, target.gate(points, seed), gate=GATE_REL_L2,
+                           names=(ref_name, "onnx-fp16 (onnxruntime CPU)"))     # as `edgediff parity` measures
+    return report.to_parity()
 
 
 # --- FP32 islands ------------------------------------------------------------------------

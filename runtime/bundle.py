@@ -31,6 +31,7 @@ ENGINES = "engines"                 # TensorRT engines: built per GPU, each with
 MAX_MANIFEST_BYTES = 16 << 20
 RETRIES = 3                         # re-reads when a writer changed the bundle under the reader
 RACE_GRACE_S = 0.02                 # a writer's renames + manifest write take far less
+PARITY = "parity"                   # `edgediff parity` reports: derived, rewritten at every run
 
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "SIGNATURE", "Bundle", "BundleAltered", "BundleError", "check_engines",
            "finalize_manifest", "hash_bundle_files", "io_spec", "manifest_digest", "read_bundle", "write_manifest"]
@@ -66,7 +67,7 @@ def manifest_digest(raw: dict) -> str:
 
 
 def _unhashed(rel: Path) -> bool:
-    return rel.as_posix() in (MANIFEST, SIGNATURE) or rel.parts[0] == ENGINES
+    return rel.as_posix() in (MANIFEST, SIGNATURE) or rel.parts[0] in (ENGINES, PARITY)
 
 
 def hash_bundle_files(directory: str | Path) -> dict[str, str]:
@@ -89,8 +90,9 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> dict:
 def finalize_manifest(directory: str | Path, manifest: Manifest, files: dict[str, str] | None = None) -> Manifest:
     """Hash every file in the bundle into ``files`` (or take ``files``, hashed by the caller
     before it moved them in) and write bundle.json with its integrity record. The manifest,
-    the signature and ``engines/`` are left out: engines come and go per GPU and carry their
-    own sidecar (a signature covers them, see runtime/signing.py)."""
+    the signature, ``engines/`` and ``parity/`` are left out: engines come and go per GPU and
+    carry their own sidecar (a signature covers them, see runtime/signing.py); ``parity/``
+    holds the reports `edgediff parity` writes about a sealed bundle, rewritten at every run."""
     files = hash_bundle_files(directory) if files is None else dict(sorted(files.items()))
     manifest = manifest.replace(files=files, schema_version=SCHEMA_VERSION)
     write_manifest(directory, manifest)

@@ -14,7 +14,8 @@ NO_EXPORT = "or m.startswith('edgediff.export') or m.startswith('edgediff.calibr
                                  "edgediff.runtime.backends.ort", "edgediff.runtime.engines",
                                  "edgediff.runtime.backends.trt", "edgediff.runtime.pipeline",
                                  "edgediff.runtime.guidance", "edgediff.runtime.tokenizer",
-                                 "edgediff.runtime.prompts"])
+                                 "edgediff.runtime.prompts", "edgediff.runtime.drift", "edgediff.runtime.polygraphy_check",
+                                 "edgediff.runtime.plot"])
 def test_runtime_imports_neither_torch_nor_export(mod):
     proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra=NO_EXPORT)],
                           capture_output=True, text=True)
@@ -22,7 +23,7 @@ def test_runtime_imports_neither_torch_nor_export(mod):
 
 
 @pytest.mark.parametrize("mod", ["edgediff.calibration", "edgediff.calibration.feeds", "edgediff.cli", "edgediff.cli_precision",
-                                 "edgediff.cli_classifier", "edgediff.cli_calibrate"])
+                                 "edgediff.cli_classifier", "edgediff.cli_calibrate", "edgediff.cli_parity"])
 def test_imports_no_torch(mod):
     """The CLI lists families from the torch-free registry; torch loads only inside export."""
     proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra="")], capture_output=True, text=True)

@@ -11,6 +11,8 @@ The engine is checked against this GPU, this TensorRT and the bundle's ONNX hash
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..engines import EngineError, EngineKey, model_digest, select_engine
@@ -73,6 +75,7 @@ class TrtBackend(Backend):
                  device: int = 0, cuda_graph: bool = False, graph_outputs: dict | None = None):
         super().__init__(inputs, outputs, graph_outputs)
         trt = import_tensorrt()
+        self.engine_path = Path(engine_path)          # Polygraphy's rung-4 check reloads it (runtime/drift)
         self.rt = cudart()
         self.min_batch, self.max_batch = sidecar["profile"]["min"], sidecar["profile"]["max"]
         self.buffers, self.graphs, self.batch = {}, ({} if cuda_graph else None), None
