@@ -1,7 +1,9 @@
 """Signing bundles with the OpenSSF ``model-signing`` library: elliptic-curve keys, offline.
 
-``sign_bundle`` hashes every file of the bundle (SHA-256 per file, ``bundle.json``, parity
-files and ``engines/`` included, nothing ignored but the signature ``bundle.sig`` itself)
+``sign_bundle`` hashes every file of the bundle (SHA-256 per file, ``bundle.json``, parity.json
+and ``engines/`` included) except the signature ``bundle.sig`` itself and the ``parity/``
+reports, which ``edgediff parity`` rewrites on every run (derived evidence, like a cache: a
+check run after signing must not break the signature; they are not in ``files`` either)
 into model-signing's in-toto statement and signs it with a PEM private key; the signature is
 a Sigstore bundle (JSON) written to ``BUNDLE/bundle.sig``. ``verify_signature`` checks it with
 the PEM public key and recomputes every hash: any file added, removed or changed since
@@ -21,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .bundle import MANIFEST, SIGNATURE, BundleError, read_bundle
+from .bundle import MANIFEST, PARITY, SIGNATURE, BundleError, read_bundle
 from .errors import MissingExtra
 from .files import sha256_file, write_atomic
 
@@ -42,9 +44,9 @@ def _library():
 
 
 def _hashing(hashing):
-    """Every file, SHA-256 each; symlinks refused; only the signature itself left out."""
+    """Every file, SHA-256 each; symlinks refused; the signature itself and parity/ left out."""
     return (hashing.Config().use_file_serialization(hashing_algorithm="sha256", allow_symlinks=False)
-            .set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False))
+            .set_ignored_paths(paths=[SIGNATURE, PARITY], ignore_git_paths=False))
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -108,8 +110,9 @@ def _signed_files(sig: Path) -> dict[str, str] | None:
 
 
 def _current_files(path: Path) -> dict[str, str]:
-    return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*"))
-            if p.is_file() and p.relative_to(path).as_posix() != SIGNATURE}
+    rel = lambda p: p.relative_to(path).as_posix()       # noqa: E731
+    return {rel(p): sha256_file(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and rel(p) != SIGNATURE and rel(p).split("/")[0] != PARITY}
 
 
 def _explain(path: Path, sig: Path, public_key, exc: Exception) -> str:

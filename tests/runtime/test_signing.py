@@ -80,6 +80,17 @@ def test_engines_built_after_signing_need_a_re_sign(signed, keys):
     verify_signature(signed, keys["main"][1])
 
 
+def test_parity_reports_written_after_signing_keep_the_signature(signed, keys):
+    """parity/ is derived evidence rewritten at every `edgediff parity` run: left out of the
+    signature (and of the manifest's hashes), so checking a signed bundle does not break it."""
+    (signed / "parity").mkdir()
+    (signed / "parity" / "fp16-ort-denoiser.json").write_text("{}")
+    verify_signature(signed, keys["main"][1])
+    (signed / "parity.json").write_text("{}")              # the export-time record is covered
+    with pytest.raises(SignatureError, match="changed parity.json"):
+        verify_signature(signed, keys["main"][1])
+
+
 def test_an_altered_bundle_is_never_signed(bundle_copy, keys):
     raw = json.loads((bundle_copy / "bundle.json").read_text())
     raw["sampling"]["steps"] = 2
