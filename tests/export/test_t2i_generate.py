@@ -5,7 +5,6 @@ the bundle's recommended guidance (w = 1 + U-ViT's cfg_scale), and every refusal
 Fixtures (tiny t2i bundle, tiny CLIP text encoder): tests/export/conftest.py."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -41,11 +40,14 @@ def _contexts(k: int, seed: int = 0) -> np.ndarray:
 
 
 def _with_guidance(src, dst, w: float):
-    """A copy of a bundle recommending guidance w (bundle.json is not among the hashed files)."""
+    """A copy of a bundle recommending guidance w, its manifest rewritten as writers do."""
+    from dataclasses import replace
+
+    from edgediff.runtime.bundle import read_bundle, write_manifest
+
     shutil.copytree(src, dst)
-    raw = json.loads((dst / "bundle.json").read_text())
-    raw["sampling"]["guidance"] = w
-    (dst / "bundle.json").write_text(json.dumps(raw))
+    m = read_bundle(dst).manifest
+    write_manifest(dst, m.replace(sampling=replace(m.sampling, guidance=w)))
     return dst
 
 
