@@ -1,5 +1,6 @@
 """Speed of a bundle's model, side by side: ONNX Runtime (or TensorRT), PyTorch eager and
-``torch.compile``, and a NumPy sgemm as the machine's yardstick, all in one run.
+``torch.compile``, and a square sgemm (NumPy's BLAS and ONNX Runtime's own MatMul) as the
+machine's yardstick, all in one run.
 
 Each engine runs in its own process (``python -m edgediff.runtime.bench worker ...`` here,
 ``python -m edgediff.export.bench_torch ...`` for PyTorch) and is driven over stdin/stdout
@@ -27,6 +28,7 @@ from .errors import InvalidInput
 SGEMM_N = 2048                 # square float32 GEMM: 2·N³ flops per call, the BLAS's best case
 COUNTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 TORCH_ENGINES = ("eager", "compile")
+YARDSTICKS = ("sgemm", "ort_sgemm")     # NumPy's BLAS and ORT's MatMul on the same square GEMM
 
 
 # --- measurements -------------------------------------------------------------------------
@@ -183,13 +185,35 @@ def sgemm_loader(size: int = SGEMM_N):
     return load
 
 
+def ort_sgemm_loader(size: int = SGEMM_N, threads: int | None = None):
+    """The same GEMM as one ONNX MatMul on ONNX Runtime's CPU kernels (MLAS): the best a
+    MatMul-bound graph can do under ORT on this machine, beside NumPy's BLAS."""
+    def load():
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        a_info, b_info, c_info = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "abc")
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm", [a_info, b_info], [c_info])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feed = {n: rng.standard_normal((size, size), dtype=np.float32) for n in "ab"}
+        return lambda batch: sess.run(None, feed)
+    return load
+
+
 def worker_main(argv: list[str]) -> None:
-    """``python -m edgediff.runtime.bench worker ort|sgemm JSON``: JSON holds the options."""
+    """``python -m edgediff.runtime.bench worker ort|sgemm|ort_sgemm JSON``: JSON holds the options."""
     kind, opts = argv[0], json.loads(argv[1])
     if kind == "ort":
         load = ort_loader(opts["bundle"], opts["backend"], opts["precision"], opts["threads"])
     elif kind == "sgemm":
         load = sgemm_loader(opts["size"])
+    elif kind == "ort_sgemm":
+        load = ort_sgemm_loader(opts["size"], opts["threads"])
     else:
         raise SystemExit(f"unknown worker {kind!r}")
     serve(load, opts["batches"], opts["warmup"])
@@ -260,7 +284,8 @@ def run_bench(bundle_path: str | Path, precision: str = "fp32", backend: str = "
     ort_batches = sorted(set(batches) | ({2 * b for b in batches} if guided else set()))
     base = {"bundle": str(bundle.path), "threads": threads, "warmup": warmup}
     specs = {backend: _argv_ort("ort", {**base, "backend": backend, "precision": precision, "batches": ort_batches}),
-             "sgemm": _argv_ort("sgemm", {**base, "batches": [1], "size": sgemm_size})}
+             "sgemm": _argv_ort("sgemm", {**base, "batches": [1], "size": sgemm_size}),
+             "ort_sgemm": _argv_ort("ort_sgemm", {**base, "batches": [1], "size": sgemm_size})}
     for engine in against:
         specs[engine] = _argv_torch(engine, {**base, "batches": batches, "checkpoint": checkpoint})
     workers: dict[str, Worker] = {}
@@ -274,7 +299,7 @@ def run_bench(bundle_path: str | Path, precision: str = "fp32", backend: str = "
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 w = workers[name]
-                for batch in (ort_batches if name == backend else [1] if name == "sgemm" else batches):
+                for batch in (ort_batches if name == backend else [1] if name in YARDSTICKS else batches):
                     w.ms.setdefault(batch, []).append(w.ask({"batch": batch})["ms"])
             log(f"round {r + 1}/{repeats}")
         finals = {name: w.close() for name, w in workers.items()}
@@ -291,8 +316,10 @@ def _loadavg() -> list[float]:
 
 
 def _report(bundle, m, precision, backend, batches, guided, workers, finals, load, checkpoint, size) -> dict:
-    sg = workers.pop("sgemm")
-    sgemm_gflops = 2 * size ** 3 / (percentiles(sg.ms[1])["p50"] * 1e-3) / 1e9
+    yard = {}
+    for name in YARDSTICKS:
+        stats = percentiles(workers.pop(name).ms[1])
+        yard[name] = {**stats, "size": size, "gflops_per_s": 2 * size ** 3 / (stats["p50"] * 1e-3) / 1e9}
     model_path = bundle.model_path(precision)
     engines = {}
     for name, w in workers.items():
@@ -316,7 +343,7 @@ def _report(bundle, m, precision, backend, batches, guided, workers, finals, loa
                      for b in batches} for name, e in engines.items() if name != backend}
     return {"bundle": str(bundle.path), "family": m.family, "precision": precision, "backend": backend,
             "batches": batches, "guided": guided,
-            "steps": steps, "sgemm": {**percentiles(sg.ms[1]), "size": size, "gflops_per_s": sgemm_gflops},
+            "steps": steps, **yard,
             "engines": engines, "per_step": per_step, "speedup_vs": ratios, "loadavg": load,
             "checkpoint": checkpoint}
 
@@ -326,14 +353,16 @@ def format_report(r: dict) -> str:
     be = r["backend"]
     lines = [f"{r['family']} {r['precision']} · {Path(r['bundle']).name} · load average "
              f"{r['loadavg']['uptime_before']} -> {r['loadavg']['uptime_after']}",
-             f"NumPy sgemm {r['sgemm']['size']}³: {r['sgemm']['gflops_per_s']:.1f} GFLOP/s (p50 {r['sgemm']['p50']:.1f} ms)",
+             f"sgemm {r['sgemm']['size']}³: NumPy {r['sgemm']['gflops_per_s']:.1f} GFLOP/s (p50 {r['sgemm']['p50']:.1f} ms), "
+             f"ONNX Runtime MatMul {r['ort_sgemm']['gflops_per_s']:.1f} GFLOP/s (p50 {r['ort_sgemm']['p50']:.1f} ms)",
              f"{'engine':<8} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'first ms':>9} {'GFLOP/s':>8} "
-             f"{'%sgemm':>6} {'vs ' + be:>8}"]
+             f"{'%np':>5} {'%ortmm':>6} {'vs ' + be:>8}"]
     for name, e in r["engines"].items():
         for b, s in e["batches"].items():
             ratio = r["speedup_vs"].get(name, {}).get(b)
             lines.append(f"{name:<8} {b:>5} {s['p50']:>9.2f} {s['p90']:>9.2f} {s['first_ms']:>9.1f} "
-                         f"{s['gflops_per_s']:>8.1f} {100 * s['gflops_per_s'] / r['sgemm']['gflops_per_s']:>5.0f}% "
+                         f"{s['gflops_per_s']:>8.1f} {100 * s['gflops_per_s'] / r['sgemm']['gflops_per_s']:>4.0f}% "
+                         f"{100 * s['gflops_per_s'] / r['ort_sgemm']['gflops_per_s']:>5.0f}% "
                          f"{(f'{ratio:.2f}x' if ratio else '–'):>8}")
     for name, e in r["engines"].items():
         note = f" ({e['weights']})" if e.get("weights") else ""
@@ -342,7 +371,8 @@ def format_report(r: dict) -> str:
         what = f"one call at batch {s['call_batch']} (guidance doubles the batch)" if r["guided"] else "one call"
         lines.append(f"batch {b}: {s['step_ms']:.1f} ms per step ({what}), {s['image_ms']:.1f} ms per image "
                      f"over {r['steps']} steps")
-    lines.append(f"ratios: the engine's p50 over {be}'s at the same batch (> 1: {be} is faster)")
+    lines.append(f"ratios: the engine's p50 over {be}'s at the same batch (> 1: {be} is faster); GFLOP/s: the "
+                 "graph's MatMul/Gemm/Conv flops at the batch over the p50, as % of each sgemm")
     return "\n".join(lines)
 
 
