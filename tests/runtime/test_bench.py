@@ -85,3 +85,17 @@ def test_run_bench_times_every_engine_and_batch(tiny_bundle):
     text = format_report(r)
     assert "per step (one call at batch 4" in text and "sgemm 64³: NumPy" in text
     json.dumps(r)                                 # the JSON report is serialisable as is
+
+
+@pytest.mark.parametrize("mod", ["edgediff.runtime.bench", "edgediff.cli_bench"])
+def test_bench_modules_import_no_torch(mod):
+    """The coordinator and the ORT worker run on a core install; only the PyTorch workers
+    (edgediff.export.bench_torch, their own processes) load torch."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, importlib; importlib.import_module({mod!r}); "
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('edgediff.export')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-300:]
