@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def graph_flops(model_path: str | Path, batch: int) -> dict:
 
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
+    stored = _stored_shapes(graph, batch)
     del graph.value_info[:]
     for vi in graph.input:
         dims = vi.type.tensor_type.shape.dim
@@ -62,6 +64,9 @@ def graph_flops(model_path: str | Path, batch: int) -> dict:
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
               for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    for name, shape in stored.items():      # where inference stops (e.g. past a data-dependent Reshape)
+        if not _known(shapes.get(name)) and _known(shape):
+            shapes[name] = shape
     shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
     total, uncounted = 0, []
     for node in _all_nodes(model.graph):
@@ -72,6 +77,22 @@ def graph_flops(model_path: str | Path, batch: int) -> dict:
             else:
                 total += flops
     return {"flops": int(total), "uncounted": uncounted}
+
+
+_BATCH_EXPR = re.compile(r"^[0-9*+ ()]*batch[0-9*+ ()]*$")
+
+
+def _stored_shapes(graph, batch: int) -> dict:
+    """The shapes the export stored (symbolic in ``batch``: "batch", "6*batch"), evaluated at
+    ``batch``; other symbols (``unk__3``) stay unknown."""
+    def dim(d):
+        if d.HasField("dim_value"):
+            return d.dim_value
+        if _BATCH_EXPR.match(d.dim_param):
+            return int(eval(d.dim_param, {"__builtins__": {}}, {"batch": batch}))   # digits, *, +, batch only
+        return None
+    return {vi.name: [dim(d) for d in vi.type.tensor_type.shape.dim]
+            for vi in [*graph.input, *graph.value_info, *graph.output]}
 
 
 def _all_nodes(graph):
