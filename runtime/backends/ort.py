@@ -16,11 +16,13 @@ _PREFERRED = {"cpu": ["CPUExecutionProvider"],
 def session_options(ort, threads: int | None):
     """The CPU session settings, each chosen by measurement (benchmarks/ort_options.py, 2 cores,
     batch 8, FP32, interleaved rounds; README "Benchmarks"): all graph optimisations (at load,
-    for this machine: the NCHWc conv layout and the MatMul/LayerNorm/Gelu fusions; saving the
-    optimised graph into the bundle saved < 0.2 s of load and ties the file to one CPU), one
-    sequential executor (ORT_PARALLEL with 2 inter-op threads was 1.5x slower on DiT-S/2), the
-    memory arena and memory-pattern planning left on (turning either off was no faster), and
-    intra-op threads = the caller's ``threads`` or ORT's default (the physical cores)."""
+    for this machine: the NCHWc conv layout, worth 11-26% on the U-Nets, and the MatMul/
+    SkipLayerNorm/Gelu fusions; a saved optimised graph loaded no faster, 0.57 s against 0.37 s
+    for DiT-S/2, and would tie the bundle to one CPU), one sequential executor (ORT_PARALLEL
+    with 2 inter-op threads was 1.56x slower on DiT-S/2), the memory arena and memory-pattern
+    planning left on (turning either off was no faster), ORT's own thread spinning (turning it
+    off won on some families and lost 2.8x on a small one), and intra-op threads = the caller's
+    ``threads`` or ORT's default (the physical cores)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
