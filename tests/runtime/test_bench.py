@@ -99,3 +99,18 @@ def test_bench_modules_import_no_torch(mod):
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-300:]
+
+
+def test_graph_flops_falls_back_to_stored_symbolic_shapes(tmp_path):
+    """A Reshape whose target shape is data (not constant) stops re-inference; the export's
+    stored shapes, symbolic in batch ("2*batch"), fill the gap."""
+    m = numpy_helper.from_array(np.ones((128, 5), np.float32), "m")
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node("MatMul", ["r", "m"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "stored",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256]),
+         helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["2*batch", 5])], [m],
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, ["2*batch", 128])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "m.onnx"))
+    assert graph_flops(tmp_path / "m.onnx", 3) == {"flops": 2 * (2 * 3) * 5 * 128, "uncounted": []}
