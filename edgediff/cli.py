@@ -10,6 +10,7 @@ import click
 from tqdm.auto import tqdm
 
 from edgediff import __version__
+from edgediff.cli_bench import COMMANDS as BENCH_COMMANDS
 from edgediff.cli_calibrate import COMMANDS as CALIBRATE_COMMANDS
 from edgediff.cli_classifier import COMMANDS as CLASSIFIER_COMMANDS
 from edgediff.cli_digits import DIGITS_COMMANDS
@@ -228,8 +229,8 @@ def families():
         click.echo("  sizes: " + ", ".join(family.configs))
 
 
-for _command in (*PRECISION_COMMANDS, *PARITY_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS, *TEXT_COMMANDS,
-                 *CALIBRATE_COMMANDS, *DIGITS_COMMANDS, *SIGN_COMMANDS):
+for _command in (*BENCH_COMMANDS, *PRECISION_COMMANDS, *PARITY_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS,
+                 *TEXT_COMMANDS, *CALIBRATE_COMMANDS, *DIGITS_COMMANDS, *SIGN_COMMANDS):
     cli.add_command(_command)
 
 

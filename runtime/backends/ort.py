@@ -13,6 +13,26 @@ _PREFERRED = {"cpu": ["CPUExecutionProvider"],
               "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
+def session_options(ort, threads: int | None):
+    """The CPU session settings, each chosen by measurement (benchmarks/ort_options.py, 2 cores,
+    batch 8, FP32, interleaved rounds; README "Benchmarks"): all graph optimisations (at load,
+    for this machine: the NCHWc conv layout, worth 11-26% on the U-Nets, and the MatMul/
+    SkipLayerNorm/Gelu fusions; a saved optimised graph loaded no faster, 0.57 s against 0.37 s
+    for DiT-S/2, and would tie the bundle to one CPU), one sequential executor (ORT_PARALLEL
+    with 2 inter-op threads was 1.56x slower on DiT-S/2), the memory arena and memory-pattern
+    planning left on (turning either off was no faster), ORT's own thread spinning (turning it
+    off won on some families and lost 2.8x on a small one), and intra-op threads = the caller's
+    ``threads`` or ORT's default (the physical cores)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = True
+    opts.enable_mem_pattern = True
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 def _session(path: Path, device: str, threads: int | None):
     import onnxruntime as ort
 
@@ -21,10 +41,7 @@ def _session(path: Path, device: str, threads: int | None):
     if providers[0] != _PREFERRED[device][0]:
         raise BackendError(f"onnxruntime here has no {_PREFERRED[device][0]} (has {', '.join(available)}); "
                            "install the 'gpu' extra (onnxruntime-gpu) for GPU execution")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts = session_options(ort, threads)
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
