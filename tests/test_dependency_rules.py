@@ -15,7 +15,7 @@ NO_EXPORT = "or m.startswith('edgediff.export') or m.startswith('edgediff.calibr
                                  "edgediff.runtime.backends.trt", "edgediff.runtime.pipeline",
                                  "edgediff.runtime.guidance", "edgediff.runtime.tokenizer",
                                  "edgediff.runtime.prompts", "edgediff.runtime.drift", "edgediff.runtime.polygraphy_check",
-                                 "edgediff.runtime.plot"])
+                                 "edgediff.runtime.plot", "edgediff.runtime.bench"])
 def test_runtime_imports_neither_torch_nor_export(mod):
     proc = subprocess.run([sys.executable, "-c", PROBE.format(mod=mod, extra=NO_EXPORT)],
                           capture_output=True, text=True)
