@@ -7,12 +7,11 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgediff.cli import main
-from edgediff.runtime.bundle import finalize_manifest, read_bundle
+import cli_helpers  # (tests/)
+from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.checks import FiniteChecked, NonFinite, check_memory
 from edgediff.runtime.errors import InvalidInput
 
@@ -33,22 +32,20 @@ def nan_bundle(bundle, tmp_path_factory):
     training run would export it)."""
     out = tmp_path_factory.mktemp("nan") / "uvit"
     shutil.copytree(bundle, out)
-    path = out / read_bundle(out).manifest.models["fp32"]
-    model = onnx.load(str(path))
-    init = max(model.graph.initializer, key=lambda i: int(np.prod(i.dims)))     # the largest weight
-    arr = numpy_helper.to_array(init).copy()
-    arr.flat[0] = np.nan
-    init.CopyFrom(numpy_helper.from_array(arr, init.name))
-    onnx.save(model, str(path))
-    finalize_manifest(out, read_bundle(out, verify=False).manifest)
+
+    def nan_weight(model):
+        init = max(model.graph.initializer, key=lambda i: int(np.prod(i.dims)))     # the largest weight
+        arr = numpy_helper.to_array(init).copy()
+        arr.flat[0] = np.nan
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+
+    cli_helpers.rewrite_model(out, "fp32", nan_weight)
     return out
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.err
+    code, _, err = cli_helpers.run(args, capsys)
+    return code, err
 
 
 CASES = [

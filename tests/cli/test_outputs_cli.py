@@ -5,7 +5,7 @@ and every pre-existing file (the user's, the bundle's) untouched."""
 import numpy as np
 import pytest
 
-from edgediff.cli import main
+from cli_helpers import run  # (tests/)
 from fs_snapshot import snapshot  # (tests/)
 
 
@@ -32,13 +32,6 @@ def work(tmp_path):
     (tmp_path / "adir").mkdir()
     (tmp_path / "link.png").symlink_to(tmp_path / "old.png")
     return tmp_path
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 GEN = ["-n", "2", "--steps", "2"]

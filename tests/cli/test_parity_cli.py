@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgediff.cli import main
+from cli_helpers import rewrite_model, run  # (tests/)
 from edgediff.runtime.bundle import finalize_manifest, read_bundle
 
 HEAD_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -38,22 +38,15 @@ def damaged(fp16_bundle, tmp_path_factory):
     """The FP16 model with its last weighted layer (the output head) scaled by 1.1."""
     out = tmp_path_factory.mktemp("damaged") / "uvit"
     shutil.copytree(fp16_bundle, out, ignore=shutil.ignore_patterns("parity"))
-    path = read_bundle(out).model_path("fp16")
-    model = onnx.load(str(path))
-    weights = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
-    head = [n for n in model.graph.node if n.op_type in HEAD_OPS and any(i in weights for i in n.input)][-1]
-    init = weights[next(i for i in head.input if i in weights)]
-    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float16(1.1), init.name))
-    onnx.save(model, str(path))
-    finalize_manifest(out, read_bundle(out, verify=False).manifest)
+
+    def scale_head(model):
+        weights = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+        head = [n for n in model.graph.node if n.op_type in HEAD_OPS and any(i in weights for i in n.input)][-1]
+        init = weights[next(i for i in head.input if i in weights)]
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float16(1.1), init.name))
+
+    rewrite_model(out, "fp16", scale_head)
     return out
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def test_parity_of_a_good_fp16_model_passes_and_writes_its_report(fp16_bundle, capsys):
