@@ -13,9 +13,10 @@ from .errors import InvalidInput
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) data in [-1, 1] -> (N, H, W, C) uint8."""
+    """(N, C, H, W) data in [-1, 1] -> (N, H, W, C) uint8; NaN (only ever written under
+    ``--allow-nonfinite``) shows as black."""
     pixels = np.clip((samples.astype(np.float32) + 1.0) * 127.5 + 0.5, 0, 255)
-    return pixels.astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.nan_to_num(pixels, nan=0.0).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
