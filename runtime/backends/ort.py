@@ -42,10 +42,24 @@ def _session(path: Path, device: str, threads: int | None):
         raise BackendError(f"onnxruntime here has no {_PREFERRED[device][0]} (has {', '.join(available)}); "
                            "install the 'gpu' extra (onnxruntime-gpu) for GPU execution")
     opts = session_options(ort, threads)
+    if device != "cpu" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()          # CUDA/cuDNN from pip wheels (nvidia-*), when they are installed
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+    check_providers(session.get_providers(), providers[0])
+    return session
+
+
+def check_providers(used: list[str], wanted: str) -> None:
+    """ONNX Runtime falls back to the CPU with only a printed warning when a GPU provider
+    cannot start (CUDA/cuDNN libraries missing or mismatched): refuse to run anywhere but on
+    the provider asked for."""
+    if not used or used[0] != wanted:
+        raise BackendError(f"onnxruntime could not start {wanted} and would run on {', '.join(used) or 'nothing'}: "
+                           "its CUDA/cuDNN (or TensorRT) libraries are missing or do not match this onnxruntime "
+                           "build; see onnxruntime's warning above, or run on --device cpu")
 
 
 def _check_shapes(session, inputs: dict[str, dict], name: str) -> None:

@@ -91,3 +91,21 @@ def test_cli_generate_first_draws_a_part_of_one_run(bundle, tmp_path):
     whole, part = run("a.npz", "-n", "7"), run("b.npz", "-n", "3", "--first", "4", "--batch", "2")
     np.testing.assert_array_equal(part["images"], whole["images"][4:])
     assert part["labels"].tolist() == whole["labels"][4:].tolist() == [1, 2, 0]
+
+
+def test_a_gpu_provider_that_cannot_start_is_refused_not_silently_cpu(bundle, monkeypatch):
+    """ONNX Runtime, asked for CUDA it cannot start, falls back to the CPU with a warning only
+    (the real behaviour of this onnxruntime, made to list CUDA as available): refused."""
+    import warnings
+
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BackendError, match="could not start CUDAExecutionProvider and would run on "
+                                               "CPUExecutionProvider"):
+            load_backend(bundle, "ort", device="cuda")
+    from edgediff.runtime.backends.ort import check_providers
+
+    check_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDAExecutionProvider")   # in use: fine
