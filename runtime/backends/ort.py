@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engines import ENGINE_DIR
 from .base import Backend, BackendError, RunOptions
 
 # Execution providers in order of preference, when the installed onnxruntime has them.
@@ -33,7 +34,23 @@ def session_options(ort, threads: int | None):
     return opts
 
 
-def _session(path: Path, device: str, threads: int | None):
+def tensorrt_provider_options(cache_dir: Path, inputs: dict[str, dict], max_batch: int | None) -> dict:
+    """Options of ONNX Runtime's TensorRT provider: engines and timing cache kept under the
+    bundle's ``engines/`` (built once, not in every process) and, when only the batch is
+    dynamic, one explicit profile 1..``max_batch`` (no rebuild at a new batch size). The
+    FP16 flag stays off: edgediff's FP16 models carry their types (strongly typed graphs)."""
+    opts = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir),
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache_dir), "trt_fp16_enable": "False"}
+    dims = {n: d["shape"][1:] for n, d in inputs.items()}
+    if max_batch and all(isinstance(x, int) for shape in dims.values() for x in shape):
+        def shapes(b: int) -> str:
+            return ",".join(f"{n}:{'x'.join(str(x) for x in (b, *shape))}" for n, shape in dims.items())
+        opts.update(trt_profile_min_shapes=shapes(1), trt_profile_opt_shapes=shapes(max_batch),
+                    trt_profile_max_shapes=shapes(max_batch))
+    return opts
+
+
+def _session(path: Path, device: str, threads: int | None, trt_options: dict | None = None):
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -44,8 +61,9 @@ def _session(path: Path, device: str, threads: int | None):
     opts = session_options(ort, threads)
     if device != "cpu" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()          # CUDA/cuDNN from pip wheels (nvidia-*), when they are installed
+    listed = [(p, trt_options) if p == "TensorrtExecutionProvider" and trt_options else p for p in providers]
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=listed)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
     check_providers(session.get_providers(), providers[0])
@@ -78,12 +96,13 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, model_path: str | Path, inputs: dict[str, dict], outputs: list[str],
-                 device: str = "cpu", threads: int | None = None, graph_outputs: dict | None = None):
+                 device: str = "cpu", threads: int | None = None, graph_outputs: dict | None = None,
+                 trt_options: dict | None = None):
         super().__init__(inputs, outputs, graph_outputs)
         if device not in _PREFERRED:
             raise BackendError(f"unknown ORT device {device!r}; choose from {', '.join(_PREFERRED)}")
         self.device = device
-        self.session = _session(Path(model_path), device, threads)
+        self.session = _session(Path(model_path), device, threads, trt_options)
         graph_in = {i.name for i in self.session.get_inputs()}
         graph_out = {o.name for o in self.session.get_outputs()}
         if graph_in != set(inputs) or not set(self.graph_names) <= graph_out:
@@ -94,8 +113,12 @@ class OrtBackend(Backend):
     @classmethod
     def from_bundle(cls, bundle, precision: str, options: RunOptions) -> "OrtBackend":
         c = bundle.manifest.component(options.component)
+        trt = None
+        if options.device == "tensorrt":
+            cache = bundle.path / ENGINE_DIR / f"ort-trt-{options.component}-{precision}"
+            trt = tensorrt_provider_options(cache, c.inputs, options.max_batch)
         return cls(bundle.model_path(precision, options.component), c.inputs, c.output_names,
-                   device=options.device, threads=options.threads, graph_outputs=c.graph_outputs)
+                   device=options.device, threads=options.threads, graph_outputs=c.graph_outputs, trt_options=trt)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:

@@ -109,3 +109,18 @@ def test_a_gpu_provider_that_cannot_start_is_refused_not_silently_cpu(bundle, mo
     from edgediff.runtime.backends.ort import check_providers
 
     check_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDAExecutionProvider")   # in use: fine
+
+
+def test_ort_tensorrt_provider_caches_engines_in_the_bundle_with_one_profile(bundle, tmp_path):
+    """ORT's TensorRT provider gets its engine/timing caches under engines/ and an explicit
+    batch profile when only the batch is dynamic (the option names of ORT's TensorRT EP)."""
+    from edgediff.runtime.backends.ort import tensorrt_provider_options
+
+    inputs = bundle.manifest.inputs
+    opts = tensorrt_provider_options(tmp_path / "engines" / "ort-trt", inputs, 8)
+    assert opts["trt_engine_cache_enable"] == opts["trt_timing_cache_enable"] == "True"
+    assert opts["trt_engine_cache_path"] == str(tmp_path / "engines" / "ort-trt") and opts["trt_fp16_enable"] == "False"
+    x = "x".join(str(d) for d in inputs["x"]["shape"][1:])
+    assert f"x:1x{x}" in opts["trt_profile_min_shapes"] and f"x:8x{x}" in opts["trt_profile_max_shapes"]
+    free = tensorrt_provider_options(tmp_path, {"cond": {"shape": ["batch", 3, "h", "w"]}}, 8)
+    assert "trt_profile_min_shapes" not in free                  # other free dims: TensorRT's own profiles
