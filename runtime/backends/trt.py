@@ -11,6 +11,7 @@ The engine is checked against this GPU, this TensorRT and the bundle's ONNX hash
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,25 +135,44 @@ class TrtBackend(Backend):
         if self.graphs is None:
             return self._execute()
         if batch not in self.graphs:
-            self.graphs[batch] = self._capture()
+            graph = self._capture()
+            if graph is None:                   # cannot be captured: eager from now on, as trtexec does
+                self._release_graphs()
+                return self._execute()
+            self.graphs[batch] = graph
         cuda_call(self.rt.cudaGraphLaunch(self.graphs[batch], self.stream))
 
     def _capture(self):
-        """Capture one enqueue at the current shapes; addresses are fixed, so it stays valid."""
+        """Capture one enqueue at the current shapes (addresses are fixed, so it stays valid);
+        None, with one warning, when it cannot be: the capture is always ended, what it made
+        destroyed and the sticky error cleared, so the stream is usable eagerly."""
         rt = self.rt
         # The first enqueue after a shape change may do setup work that must not be captured.
         self._execute()
         cuda_call(rt.cudaStreamSynchronize(self.stream))
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_call(rt.cudaStreamBeginCapture(self.stream, mode))
-        ok = self.context.execute_async_v3(int(self.stream))
-        graph = cuda_call(rt.cudaStreamEndCapture(self.stream))
-        if not ok:
-            raise BackendError("TensorRT execute_async_v3 failed while capturing a CUDA graph")
         try:
-            return cuda_call(rt.cudaGraphInstantiate(graph, 0))
+            ok = self.context.execute_async_v3(int(self.stream))
         finally:
-            cuda_call(rt.cudaGraphDestroy(graph))
+            err, graph = rt.cudaStreamEndCapture(self.stream)       # never leave the stream capturing
+        try:
+            if not ok or int(err) != 0:
+                raise BackendError("TensorRT's enqueue could not be captured"
+                                   + (f" (CUDA error {int(err)})" if int(err) else ""))
+            return cuda_call(rt.cudaGraphInstantiate(graph, 0))
+        except BackendError as exc:
+            rt.cudaGetLastError()                                  # clear the capture's sticky error
+            warnings.warn(f"CUDA graph capture failed, running without graphs: {exc}", RuntimeWarning, stacklevel=2)
+            return None
+        finally:
+            if graph is not None and int(err) == 0:
+                rt.cudaGraphDestroy(graph)                          # the executable graph keeps what it needs
+
+    def _release_graphs(self) -> None:
+        for exe in (self.graphs or {}).values():
+            self.rt.cudaGraphExecDestroy(exe)
+        self.graphs = None
 
     @classmethod
     def from_bundle(cls, bundle, precision: str, options: RunOptions) -> "TrtBackend":
@@ -191,8 +211,7 @@ class TrtBackend(Backend):
         rt = getattr(self, "rt", None)
         if rt is None:
             return
-        for exe in (self.graphs or {}).values():
-            rt.cudaGraphExecDestroy(exe)
+        self._release_graphs()
         for ptr in self.buffers.values():
             rt.cudaFree(ptr)
         if getattr(self, "stream", None) is not None:

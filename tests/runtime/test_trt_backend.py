@@ -187,3 +187,23 @@ def test_missing_tensorrt_is_one_line():
     with pytest.raises(BackendError) as err:
         trt_backend.import_tensorrt()
     assert "edgediff[gpu]" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_failed_graph_capture_falls_back_to_eager_and_cleans_up(tmp_path, fakes, rng):
+    """A capture that CUDA refuses (error 901, cudaErrorStreamCaptureInvalidated, as in the
+    field): one warning, the capture ended, its graph destroyed, the error cleared, eager from
+    then on, results unchanged."""
+    destroyed, cleared = [], []
+    fakes.cudaStreamEndCapture = lambda s: (fakes.__dict__.update(capturing=None), (901, None))[1]
+    fakes.cudaGraphDestroy = lambda g: destroyed.append(g) or OK
+    fakes.cudaGetLastError = lambda: cleared.append(1) or OK
+    backend = load_backend(_bundle(tmp_path), "trt", "fp16", cuda_graph=True)
+    feed = _feed(3, rng)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed, running without graphs.*CUDA error 901"):
+        out = backend.infer(feed)["eps"]
+    np.testing.assert_array_equal(out, _expected(feed))
+    assert backend.graphs is None and cleared == [1] and destroyed == [] and fakes.capturing is None
+    feed = _feed(8, rng)
+    np.testing.assert_array_equal(backend.infer(feed)["eps"], _expected(feed))                   # eager
+    assert fakes.launches == 0
+    backend.close()
