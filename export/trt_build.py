@@ -98,7 +98,9 @@ def _config(trt, builder, network, shapes: dict, opts: BuildOptions, cache: byte
     for name in names:
         profile.set_shape(name, *shapes[name])
     config.add_optimization_profile(profile)
-    config.set_timing_cache(config.create_timing_cache(cache), ignore_mismatch=False)
+    if not config.set_timing_cache(config.create_timing_cache(cache), ignore_mismatch=False):
+        raise EngineError("TensorRT refused the timing cache (another TensorRT or GPU wrote it); "
+                          "delete it or pass --timing-cache '' to build without one")
     return config
 
 
@@ -141,10 +143,13 @@ def _build_into(bundle, opts, component, onnx_path, profile, trt, gpu, key, fold
                   if opts.timing_cache is None else Path(opts.timing_cache) if opts.timing_cache else None)
     log(f"building a strongly typed {opts.precision} {opts.component} engine for {gpu['name']} (sm {key.compute_capability}, "
         f"TensorRT {key.tensorrt_version}), engine batch {profile.min}..{profile.opt}..{profile.max} ...")
-    engine = _build(trt, onnx_path, profile_shapes(component.inputs, profile), opts, cache_path)
+    engine, timing = _build(trt, onnx_path, profile_shapes(component.inputs, profile), opts, cache_path)
     with deferred():                                # engine and sidecar: both or neither
         _write_atomic(path, engine)
         _write_sidecar(path, key, onnx_path, gpu, opts)
+    if cache_path is not None and timing is not None:   # after the engine: a failed cache write loses no build
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cache_path, timing)
     if (bundle.path / SIGNATURE).is_file():        # the signature covers engines/: now it does not verify
         log(f"note: {bundle.path} was signed before this build; re-sign it (edgediff sign {bundle.path} --key KEY.pem)")
     return path
@@ -160,7 +165,8 @@ def _write_sidecar(path: Path, key, onnx_path: Path, gpu: dict, opts: BuildOptio
     write_json_atomic(sidecar_path(path), side)     # after the engine: a stale sidecar fails its sha check
 
 
-def _build(trt, onnx_path: Path, shapes: dict, opts: BuildOptions, cache_path: Path | None) -> memoryview:
+def _build(trt, onnx_path: Path, shapes: dict, opts: BuildOptions, cache_path: Path | None):
+    """(serialized engine, the timing cache to keep or None)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network, _parser = _parse(trt, builder, logger, onnx_path)   # the parser must outlive the build
@@ -169,7 +175,5 @@ def _build(trt, onnx_path: Path, shapes: dict, opts: BuildOptions, cache_path: P
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
-    if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
-    return memoryview(serialized)
+    cache = config.get_timing_cache() if cache_path is not None else None      # may be None
+    return memoryview(serialized), (memoryview(cache.serialize()) if cache is not None else None)

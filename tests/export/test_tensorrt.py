@@ -167,6 +167,24 @@ def test_build_on_a_signed_bundle_says_to_re_sign(tiny_bundle, fake_build, tmp_p
     assert "re-sign it (edgediff sign" in messages[-1]
 
 
+def test_timing_cache_refused_or_missing(tiny_bundle, monkeypatch):
+    """set_timing_cache's verdict is checked (a refused cache is a one-line error, no engine);
+    a builder that returns no timing cache writes none (and the engine is still written)."""
+    for answer, raised in ((False, True), (None, False)):
+        trt, _ = fake_tensorrt()
+        key = "set_timing_cache" if raised else "get_timing_cache"
+        trt._answers[key] = (lambda *a: False) if raised else (lambda *a: None)
+        monkeypatch.setattr(trt_build, "import_tensorrt", lambda: trt)
+        monkeypatch.setattr(trt_build, "device_info", lambda d=0: {"compute_capability": "9.0", "name": "H100"})
+        if raised:
+            with pytest.raises(EngineError, match="refused the timing cache"):
+                build_engine(tiny_bundle, BuildOptions(precision="fp32"), log=lambda m: None)
+            assert not list((tiny_bundle / "engines").glob("*.engine")) if (tiny_bundle / "engines").exists() else True
+        else:
+            path = build_engine(tiny_bundle, BuildOptions(precision="fp32", force=True), log=lambda m: None)
+            assert path.is_file() and not list(path.parent.glob("timing_*.cache"))
+
+
 def test_timing_cache_is_loaded_back(tiny_bundle, fake_build, tmp_path):
     cache = tmp_path / "my.cache"
     cache.write_bytes(b"OLD")
