@@ -283,6 +283,9 @@ def _run(argv) -> int:
         click.echo(f"error: {_one_line(exc)}", err=True)
         return 1
     except ImportError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, KeyboardInterrupt):    # a signal while a C extension initialised
+            return _interrupted(cause)              # (onnxruntime turns it into ImportError)
         extra = missing_extra(exc)
         if extra is None:
             raise

@@ -175,3 +175,20 @@ def test_signal_during_interpreter_shutdown_is_quiet(tmp_path):
     got, out, err = stop(proc, signal.SIGINT)
     assert got == 130 and "Traceback" not in err and "Exception ignored" not in err, err
     assert "dit" in out                        # the command itself completed
+
+
+def test_a_signal_while_a_c_extension_initialises_is_an_interrupt(monkeypatch, capsys):
+    """onnxruntime turns an exception raised while its C module initialises (our SIGTERM)
+    into ImportError("initialization failed"): still the one line and 143, no traceback."""
+    from edgediff import cli as cli_mod
+    from edgediff.runtime.interrupts import Interrupted
+
+    def failing(*a, **k):
+        try:
+            raise Interrupted(signal.SIGTERM)
+        except Interrupted as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(cli_mod.cli, "main", failing)
+    assert cli_mod._run(["generate"]) == 143
+    assert capsys.readouterr().err == "interrupted\n"
