@@ -184,7 +184,9 @@ def profile_top(path: Path, threads: int, feed: dict, out_names: list[str], k: i
     s = session(path, threads, profile=True)
     for _ in range(3):
         s.run(out_names, feed)
-    trace = json.loads(Path(s.end_profiling()).read_text())
+    trace_path = Path(s.end_profiling())          # ORT writes it into the current directory
+    trace = json.loads(trace_path.read_text())
+    trace_path.unlink()                           # read once; never left in the user's tree
     by_op = defaultdict(float)
     for ev in trace:
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
