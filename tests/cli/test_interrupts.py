@@ -103,27 +103,22 @@ def test_export_interrupted_leaves_the_existing_bundle(bundle, tmp_path, signum,
     assert snapshot(tmp_path) == before
 
 
+# add-precision, and export's FP16 step (export --precision fp16 is one change: the FP32
+# bundle it made first is not installed either): the existing bundle X stays as it was.
+FP16_STEPS = [(["add-precision", "X", "--precision", "fp16"], ".X.fp16-*"),
+              (["export", "--family", "uvit", "--size", "tiny", "--out", "X", "--precision", "fp16"],
+               ".X.tmp-*/.X.fp16-*")]
+
+
+@pytest.mark.parametrize("args, stage", FP16_STEPS, ids=["add-precision", "export-fp16-step"])
 @pytest.mark.parametrize("signum, code", SIGNALS)
-def test_add_precision_interrupted_leaves_the_bundle(bundle, tmp_path, signum, code):
+def test_fp16_step_interrupted_leaves_the_existing_bundle(bundle, tmp_path, signum, code, args, stage):
     pytest.importorskip("modelopt")
     shutil.copytree(bundle, tmp_path / "X")
     lookalikes(tmp_path, "X")
     before = snapshot(tmp_path)
-    proc = start(["add-precision", "X", "--precision", "fp16"], tmp_path)
-    wait_for(".X.fp16-*", proc, tmp_path)
-    got, out, err = stop(proc, signum)
-    assert_interrupted(got, code, err)
-    assert snapshot(tmp_path) == before
-
-
-@pytest.mark.parametrize("signum, code", SIGNALS)
-def test_export_interrupted_in_its_fp16_step_leaves_the_existing_bundle(bundle, tmp_path, signum, code):
-    """export --precision fp16 is one change: the FP32 bundle it made first is not installed."""
-    pytest.importorskip("modelopt")
-    shutil.copytree(bundle, tmp_path / "X")
-    before = snapshot(tmp_path)
-    proc = start(["export", "--family", "uvit", "--size", "tiny", "--out", "X", "--precision", "fp16"], tmp_path)
-    wait_for(".X.tmp-*/.X.fp16-*", proc, tmp_path)
+    proc = start(args, tmp_path)
+    wait_for(stage, proc, tmp_path)
     got, out, err = stop(proc, signum)
     assert_interrupted(got, code, err)
     assert snapshot(tmp_path) == before

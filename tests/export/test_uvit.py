@@ -167,22 +167,27 @@ def test_parameter_count_matches_architecture_and_paper(name, paper_millions):
         assert round(count / 1e6) == paper_millions
 
 
-@torch.no_grad()
-def test_token_layout_label_then_time_then_patches_with_cos_first_embedding():
-    config = {**TINY, "mlp_time_embed": False}                      # time token = raw sinusoid
+def _first_block_tokens(config, t):
+    """(model, official net, x, its third input, t, the first block's input tokens minus
+    pos_embed) with the time token a raw sinusoid, and that sinusoid, cos first."""
+    config = {**config, "mlp_time_embed": False}
     model = _randomized(config)
     net = FAMILY.official(model)
     seen = {}
     net.in_blocks[0].register_forward_hook(_record(seen, "tokens", lambda a, out: a[0]))
-    x, t, y = _inputs(config)
-    t = torch.tensor([0.0, 1.0, 999.0])
-    model(x, t, y)
-    tokens = seen["tokens"] - net.pos_embed                         # (N, 2 + L, D)
-    d, half = net.embed_dim, net.embed_dim // 2
-    freqs = np.exp(-math.log(10000.0) * np.arange(half) / half)
-    args = t.double().numpy()[:, None] * freqs[None]
-    expected_time = np.concatenate([np.cos(args), np.sin(args)], axis=1)
-    assert tokens.shape[1] == 2 + 16 and tokens.shape[2] == d
+    x, _, third = _inputs(config)
+    t = torch.tensor(t)
+    model(x, t, third)
+    half = net.embed_dim // 2
+    args = t.double().numpy()[:, None] * np.exp(-math.log(10000.0) * np.arange(half) / half)[None]
+    sinusoid = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    return model, net, x, third, t, seen["tokens"] - net.pos_embed, sinusoid
+
+
+@torch.no_grad()
+def test_token_layout_label_then_time_then_patches_with_cos_first_embedding():
+    model, net, x, y, t, tokens, expected_time = _first_block_tokens(TINY, [0.0, 1.0, 999.0])   # (N, 2 + L, D)
+    assert tokens.shape[1] == 2 + 16 and tokens.shape[2] == net.embed_dim
     np.testing.assert_allclose(tokens[:, 0].numpy(), net.label_emb.weight[y].numpy(), atol=1e-6)
     np.testing.assert_allclose(tokens[:, 1].numpy(), expected_time, atol=2e-4)
     # Patch token k is the row-major patch (k // 4, k % 4) of the 4x4 grid.
@@ -359,19 +364,9 @@ def test_t2i_official_key_layout_and_parameter_count():
 
 @torch.no_grad()
 def test_t2i_token_layout_time_then_context_then_patches():
-    config = {**TINY_T2I, "mlp_time_embed": False}                  # time token = raw sinusoid
-    model = _randomized(config)
-    net = FAMILY.official(model)
-    seen = {}
-    net.in_blocks[0].register_forward_hook(_record(seen, "tokens", lambda a, out: a[0]))
-    x, _, context = _inputs(config)
-    t = torch.tensor([1.0, 500.0, 1000.0])
-    model(x, t, context)
-    tokens = seen["tokens"] - net.pos_embed                         # (N, 1 + 5 + 16, D)
-    half = net.embed_dim // 2
-    args = t.double().numpy()[:, None] * np.exp(-math.log(10000.0) * np.arange(half) / half)[None]
-    assert tokens.shape[1] == 1 + 5 + 16
-    np.testing.assert_allclose(tokens[:, 0].numpy(), np.concatenate([np.cos(args), np.sin(args)], 1), atol=2e-4)
+    model, net, x, context, t, tokens, expected_time = _first_block_tokens(TINY_T2I, [1.0, 500.0, 1000.0])
+    assert tokens.shape[1] == 1 + 5 + 16                            # (N, 1 + 5 + 16, D)
+    np.testing.assert_allclose(tokens[:, 0].numpy(), expected_time, atol=2e-4)
     words = context @ net.context_embed.weight.T + net.context_embed.bias
     np.testing.assert_allclose(tokens[:, 1:6].numpy(), words.numpy(), atol=1e-5)
     conv = net.patch_embed.proj
