@@ -9,7 +9,7 @@ import time
 
 import click
 
-ADDABLE = ["fp16"]                    # precisions `add-precision` (and `export --precision`) can add
+ADDABLE = ["fp16", "int8"]            # precisions `add-precision` can add (`export --precision`: fp16)
 COMPONENTS = ["denoiser", "decoder", "encoder", "cond_encoder", "classifier", "text_encoder"]     # the denoiser and runtime.manifest.COMPONENTS
 
 
@@ -29,9 +29,23 @@ def add_to_bundle(bundle: str, precision: str, checkpoint: str | None, calibrati
     click.echo(parity.summary())
 
 
+def add_int8_to_bundle(bundle: str, calib_samples: int, calib_cap: int, calib_data: str | None,
+                       quality: bool | None) -> None:
+    """INT8 of the denoiser, gated per step and (digits bundles) on judged samples."""
+    from edgediff.export.int8_bundle import add_int8
+
+    parity, gate = add_int8(bundle, calib_samples=calib_samples, calib_cap=calib_cap, calib_data=calib_data,
+                            quality=quality, log=_log)
+    click.echo(parity.summary())
+    if gate is not None:
+        click.echo(f"sample quality {gate.summary()}")
+
+
 @click.command("add-precision")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--precision", required=True, type=click.Choice(ADDABLE), help="Precision to add.")
+@click.option("--precision", required=True, type=click.Choice(ADDABLE),
+              help="Precision to add: fp16 (ModelOpt AutoCast, gate rel-L2 ≤ 5e-3) or int8 (ModelOpt Q/DQ, "
+                   "denoiser only, gate rel-L2 ≤ 5e-2 at every step, and judged sample quality for digits bundles).")
 @click.option("--checkpoint", type=click.Path(exists=True),
               help="The checkpoint the model was exported from (the gate compares against PyTorch with it); "
                    "for a component, the autoencoder's weights file or diffusers folder.")
@@ -39,11 +53,26 @@ def add_to_bundle(bundle: str, precision: str, checkpoint: str | None, calibrati
               help="Calibration rows (schedule points for the denoiser, data draws for a component) whose "
                    "activations decide the FP32 islands.")
 @click.option("--component", default="denoiser", show_default=True, type=click.Choice(COMPONENTS),
-              help="Which model of the bundle to convert.")
-def add_precision(bundle, precision, checkpoint, calibration_rows, component):
-    """Add a mixed-precision model to an existing bundle, gated against FP32 (rel-L2 ≤ 5e-3)."""
+              help="Which model of the bundle to convert (int8: the denoiser only).")
+@click.option("--calib-samples", default=64, show_default=True, type=click.IntRange(1, 100_000),
+              help="int8: sampling trajectories recorded as calibration feeds (every class in turn).")
+@click.option("--calib-cap", default=16, show_default=True, type=click.IntRange(1, 100_000),
+              help="int8: calibration rows kept per sampler step.")
+@click.option("--calib-data", type=click.Path(exists=True, dir_okay=False),
+              help="int8: feeds .npz from `edgediff calibrate` instead of recording them (a quarter of each "
+                   "step's rows is held out for the gate); needed for text- and image-conditioned bundles.")
+@click.option("--quality/--no-quality", default=None,
+              help="int8: judge 500 FP32 and 500 INT8 samples (default: where the digits judge applies).")
+def add_precision(bundle, precision, checkpoint, calibration_rows, component, calib_samples, calib_cap, calib_data,
+                  quality):
+    """Add a lower-precision model to an existing bundle, gated against FP32."""
     start = time.perf_counter()
-    add_to_bundle(bundle, precision, checkpoint, calibration_rows, component)
+    if precision == "int8":
+        if component != "denoiser":
+            raise click.UsageError("--precision int8 converts the denoiser only (components stay FP32/FP16)")
+        add_int8_to_bundle(bundle, calib_samples, calib_cap, calib_data, quality)
+    else:
+        add_to_bundle(bundle, precision, checkpoint, calibration_rows, component)
     what = "" if component == "denoiser" else f" ({component})"
     click.echo(f"added {precision}{what} to {bundle} in {time.perf_counter() - start:.1f} s")
 

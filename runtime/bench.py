@@ -29,7 +29,8 @@ from .errors import InvalidInput
 SGEMM_N = 2048                 # square float32 GEMM: 2·N³ flops per call, the BLAS's best case
 COUNTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 TORCH_ENGINES = ("eager", "compile")
-YARDSTICKS = ("sgemm", "ort_sgemm")     # NumPy's BLAS and ORT's MatMul on the same square GEMM
+# NumPy's BLAS, ORT's MatMul and ORT's INT8 Q/DQ MatMul on the same square GEMM
+YARDSTICKS = ("sgemm", "ort_sgemm", "ort_igemm")
 
 
 # --- measurements -------------------------------------------------------------------------
@@ -206,35 +207,57 @@ def sgemm_loader(size: int = SGEMM_N):
     return load
 
 
-def ort_sgemm_loader(size: int = SGEMM_N, threads: int | None = None):
+def _gemm_model(size: int, int8: bool):
+    """x @ W as ONNX, W a constant (prepacked like a model's weights); ``int8``: W per-column
+    symmetric INT8 and x quantized per tensor, as ModelOpt's Q/DQ graphs are (ORT runs it as
+    MatMulIntegerToFloat)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((size, size)).astype(np.float32)
+    if int8:
+        scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+        inits = [numpy_helper.from_array(np.round(w / scale).astype(np.int8), "wq"),
+                 numpy_helper.from_array(scale, "ws"), numpy_helper.from_array(np.zeros(size, np.int8), "wz"),
+                 numpy_helper.from_array(np.array(4 / 127, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(0, np.int8), "xz")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1),
+                 helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    else:
+        inits, nodes = [numpy_helper.from_array(w, "w")], [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in ("x", "y")]
+    graph = helper.make_graph(nodes, "gemm", io[:1], io[1:], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def ort_gemm_loader(size: int = SGEMM_N, threads: int | None = None, int8: bool = False):
     """The same GEMM as one ONNX MatMul on ONNX Runtime's CPU kernels (MLAS): the best a
-    MatMul-bound graph can do under ORT on this machine, beside NumPy's BLAS."""
+    MatMul-bound graph can do under ORT on this machine, beside NumPy's BLAS; ``int8``: its
+    INT8 kernel, whose speed-up over FP32 is this machine's ceiling for INT8 models."""
     def load():
         import onnxruntime as ort
-        from onnx import TensorProto, helper
 
-        a_info, b_info, c_info = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "abc")
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm", [a_info, b_info], [c_info])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        rng = np.random.default_rng(0)
-        feed = {n: rng.standard_normal((size, size), dtype=np.float32) for n in "ab"}
+        model = _gemm_model(size, int8).SerializeToString()
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        feed = {"x": np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)}
         return lambda batch: sess.run(None, feed)
     return load
 
 
 def worker_main(argv: list[str]) -> None:
-    """``python -m edgediff.runtime.bench worker ort|sgemm|ort_sgemm JSON``: JSON holds the options."""
+    """``python -m edgediff.runtime.bench worker ort|sgemm|ort_sgemm|ort_igemm JSON``: JSON holds the options."""
     kind, opts = argv[0], json.loads(argv[1])
     if kind == "ort":
         load = ort_loader(opts["bundle"], opts["backend"], opts["precision"], opts["threads"])
     elif kind == "sgemm":
         load = sgemm_loader(opts["size"])
-    elif kind == "ort_sgemm":
-        load = ort_sgemm_loader(opts["size"], opts["threads"])
+    elif kind in ("ort_sgemm", "ort_igemm"):
+        load = ort_gemm_loader(opts["size"], opts["threads"], int8=kind == "ort_igemm")
     else:
         raise SystemExit(f"unknown worker {kind!r}")
     serve(load, opts["batches"], opts["warmup"])
@@ -305,8 +328,10 @@ def run_bench(bundle_path: str | Path, precision: str = "fp32", backend: str = "
     ort_batches = sorted(set(batches) | ({2 * b for b in batches} if guided else set()))
     base = {"bundle": str(bundle.path), "threads": threads, "warmup": warmup}
     specs = {backend: _argv_ort("ort", {**base, "backend": backend, "precision": precision, "batches": ort_batches}),
-             "sgemm": _argv_ort("sgemm", {**base, "batches": [1], "size": sgemm_size}),
-             "ort_sgemm": _argv_ort("ort_sgemm", {**base, "batches": [1], "size": sgemm_size})}
+             **{name: _argv_ort(name, {**base, "batches": [1], "size": sgemm_size}) for name in YARDSTICKS}}
+    if precision != "fp32":                 # the FP32 model in the same run: the precision's own speed-up
+        specs[f"{backend}-fp32"] = _argv_ort("ort", {**base, "backend": backend, "precision": "fp32",
+                                                      "batches": ort_batches})
     for engine in against:
         specs[engine] = _argv_torch(engine, {**base, "batches": batches, "checkpoint": checkpoint})
     workers: dict[str, Worker] = {}
@@ -320,7 +345,7 @@ def run_bench(bundle_path: str | Path, precision: str = "fp32", backend: str = "
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 w = workers[name]
-                for batch in (ort_batches if name == backend else [1] if name in YARDSTICKS else batches):
+                for batch in (ort_batches if name in (backend, f"{backend}-fp32") else [1] if name in YARDSTICKS else batches):
                     w.ms.setdefault(batch, []).append(w.ask({"batch": batch})["ms"])
             log(f"round {r + 1}/{repeats}")
         finals = {name: w.close() for name, w in workers.items()}
@@ -362,11 +387,26 @@ def _report(bundle, m, precision, backend, batches, guided, workers, finals, loa
                                 "image_ms": call["p50"] * steps / b}
     ratios = {name: {str(b): e["batches"][str(b)]["p50"] / engines[backend]["batches"][str(b)]["p50"]
                      for b in batches} for name, e in engines.items() if name != backend}
+    machine = yard["ort_sgemm"]["p50"] / yard["ort_igemm"]["p50"]
+    int8 = ({"machine_ratio": machine, "model_ratio": ratios[f"{backend}-fp32"],
+             "of_machine": {b: r / machine for b, r in ratios[f"{backend}-fp32"].items()}}
+            if precision == "int8" else None)
     return {"bundle": str(bundle.path), "family": m.family, "precision": precision, "backend": backend,
             "batches": batches, "guided": guided,
             "steps": steps, **yard,
             "engines": engines, "per_step": per_step, "speedup_vs": ratios, "loadavg": load,
-            "checkpoint": checkpoint}
+            "checkpoint": checkpoint, "int8": int8, "cpu_flags": cpu_flags()}
+
+
+def cpu_flags() -> list[str]:
+    """The x86 vector extensions that decide INT8 speed (VNNI: 8-bit dot products)."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "fma")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    found = set(re.findall(r"^flags\s*:(.*)$", text, re.M)[0].split()) if "flags" in text else set()
+    return [f for f in wanted if f in found]
 
 
 def format_report(r: dict) -> str:
@@ -375,7 +415,9 @@ def format_report(r: dict) -> str:
     lines = [f"{r['family']} {r['precision']} · {Path(r['bundle']).name} · load average "
              f"{r['loadavg']['uptime_before']} -> {r['loadavg']['uptime_after']}",
              f"sgemm {r['sgemm']['size']}³: NumPy {r['sgemm']['gflops_per_s']:.1f} GFLOP/s (p50 {r['sgemm']['p50']:.1f} ms), "
-             f"ONNX Runtime MatMul {r['ort_sgemm']['gflops_per_s']:.1f} GFLOP/s (p50 {r['ort_sgemm']['p50']:.1f} ms)",
+             f"ONNX Runtime MatMul {r['ort_sgemm']['gflops_per_s']:.1f} GFLOP/s (p50 {r['ort_sgemm']['p50']:.1f} ms), "
+             f"INT8 {r['ort_igemm']['p50']:.1f} ms ({r['ort_sgemm']['p50'] / r['ort_igemm']['p50']:.2f}x FP32); "
+             f"CPU: {' '.join(r.get('cpu_flags') or ['?'])}",
              f"{'engine':<8} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'first ms':>9} {'GFLOP/s':>8} "
              f"{'%np':>5} {'%ortmm':>6} {'vs ' + be:>8}"]
     for name, e in r["engines"].items():
@@ -392,6 +434,11 @@ def format_report(r: dict) -> str:
         what = f"one call at batch {s['call_batch']} (guidance doubles the batch)" if r["guided"] else "one call"
         lines.append(f"batch {b}: {s['step_ms']:.1f} ms per step ({what}), {s['image_ms']:.1f} ms per image "
                      f"over {r['steps']} steps")
+    if r.get("int8"):
+        i8 = r["int8"]
+        lines.append("int8 over fp32 (same run): " + ", ".join(
+            f"batch {b}: {x:.2f}x = {100 * i8['of_machine'][b]:.0f}% of the machine's INT8 GEMM ratio "
+            f"{i8['machine_ratio']:.2f}x" for b, x in i8["model_ratio"].items()))
     lines.append(f"ratios: the engine's p50 over {be}'s at the same batch (> 1: {be} is faster); GFLOP/s: the "
                  "graph's MatMul/Gemm/Conv flops at the batch over the p50, as % of each sgemm")
     return "\n".join(lines)

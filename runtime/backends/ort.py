@@ -13,6 +13,12 @@ _PREFERRED = {"cpu": ["CPUExecutionProvider"],
               "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
               "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 
+# ONNX Runtime's QDQ propagation moves a QuantizeLinear through a Reshape and its S8->U8 pass
+# then leaves it with an INT8 output type but a UINT8 zero point: the session fails to load
+# ("output_dtype INT8 does not match y_zero_point type UINT8", ORT 1.2x on ModelOpt's INT8
+# U-Nets). Without that propagation the INT8 models load, and were measured no slower.
+INT8_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
+
 
 def session_options(ort, threads: int | None):
     """The CPU session settings, each chosen by measurement (benchmarks/ort_options.py, 2 cores,
@@ -50,7 +56,8 @@ def tensorrt_provider_options(cache_dir: Path, inputs: dict[str, dict], max_batc
     return opts
 
 
-def _session(path: Path, device: str, threads: int | None, trt_options: dict | None = None):
+def _session(path: Path, device: str, threads: int | None, trt_options: dict | None = None,
+             disabled_optimizers=()):
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -63,7 +70,8 @@ def _session(path: Path, device: str, threads: int | None, trt_options: dict | N
         ort.preload_dlls()          # CUDA/cuDNN from pip wheels (nvidia-*), when they are installed
     listed = [(p, trt_options) if p == "TensorrtExecutionProvider" and trt_options else p for p in providers]
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=listed)
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=listed,
+                                       disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
     check_providers(session.get_providers(), providers[0])
@@ -97,12 +105,12 @@ class OrtBackend(Backend):
 
     def __init__(self, model_path: str | Path, inputs: dict[str, dict], outputs: list[str],
                  device: str = "cpu", threads: int | None = None, graph_outputs: dict | None = None,
-                 trt_options: dict | None = None):
+                 trt_options: dict | None = None, disabled_optimizers=()):
         super().__init__(inputs, outputs, graph_outputs)
         if device not in _PREFERRED:
             raise BackendError(f"unknown ORT device {device!r}; choose from {', '.join(_PREFERRED)}")
         self.device = device
-        self.session = _session(Path(model_path), device, threads, trt_options)
+        self.session = _session(Path(model_path), device, threads, trt_options, disabled_optimizers)
         graph_in = {i.name for i in self.session.get_inputs()}
         graph_out = {o.name for o in self.session.get_outputs()}
         if graph_in != set(inputs) or not set(self.graph_names) <= graph_out:
@@ -118,7 +126,8 @@ class OrtBackend(Backend):
             cache = bundle.path / ENGINE_DIR / f"ort-trt-{options.component}-{precision}"
             trt = tensorrt_provider_options(cache, c.inputs, options.max_batch)
         return cls(bundle.model_path(precision, options.component), c.inputs, c.output_names,
-                   device=options.device, threads=options.threads, graph_outputs=c.graph_outputs, trt_options=trt)
+                   device=options.device, threads=options.threads, graph_outputs=c.graph_outputs, trt_options=trt,
+                   disabled_optimizers=INT8_DISABLED_OPTIMIZERS if precision == "int8" else ())
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:

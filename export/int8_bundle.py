@@ -1,0 +1,164 @@
+"""``edgediff add-precision BUNDLE --precision int8``: calibrate on the bundle's own sampling
+trajectories, quantize with FP32 islands by measurement (export/int8.py), gate per forward and
+on sample quality, and install ``model_int8.onnx`` into the bundle.
+
+The reference is the bundle's FP32 ONNX model on ONNX Runtime: rung 1 already holds it to
+PyTorch within 1e-5, far below INT8's 5e-2 gate, and it needs no checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from edgediff.calibration.feeds import CalibrationFeeds, record_feeds
+from edgediff.runtime.backends.ort import INT8_DISABLED_OPTIMIZERS, OrtBackend
+from edgediff.runtime.bundle import read_bundle
+from edgediff.runtime.conditions import COND_COMPONENT
+from edgediff.runtime.errors import InvalidInput
+from edgediff.runtime.files import staged_dir
+from edgediff.runtime.manifest import TEXT_CONTEXT
+from edgediff.runtime.parity import ParityResult
+
+from .int8 import Int8Error, convert_int8, record, replace_record
+
+INT8_FILE = "model_int8.onnx"
+HELD_OUT_SEED = 1_000_003        # held-out trajectories: never the calibration draws
+QUALITY_PER_CLASS = 50           # 500 judged samples per precision
+ACCURACY_POINTS = 2.0            # the INT8 model's judge accuracy within 2 points of FP32
+FD_RATIO = 1.25                  # and its FD at most 1.25x FP32's
+
+
+@dataclass
+class QualityGate:
+    """Sample quality of FP32 and INT8 by the digits judge, same seeds."""
+    fp32: object
+    int8: object
+
+    @property
+    def passed(self) -> bool:
+        return (100 * (self.fp32.accuracy - self.int8.accuracy) <= ACCURACY_POINTS
+                and self.int8.fd <= FD_RATIO * self.fp32.fd)
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"{verdict}: judge accuracy {100 * self.int8.accuracy:.1f}% vs FP32 {100 * self.fp32.accuracy:.1f}% "
+                f"(≥ FP32 − {ACCURACY_POINTS:g} points), FD {self.int8.fd:.2f} vs {self.fp32.fd:.2f} "
+                f"(≤ {FD_RATIO:g}×), n={self.int8.n}")
+
+    def to_dict(self) -> dict:
+        return {"fp32": self.fp32.to_dict(), "int8": self.int8.to_dict(), "passed": self.passed,
+                "accuracy_points": ACCURACY_POINTS, "fd_ratio": FD_RATIO}
+
+
+def judge_applies(manifest) -> bool:
+    """The digits judge reads 1×16×16 digits drawn by class label (or unconditionally)."""
+    from edgediff.digits.judge import SIZE
+
+    if COND_COMPONENT in manifest.components or TEXT_CONTEXT in manifest.inputs:
+        return False
+    if manifest.space == "latent":
+        return "decoder" in manifest.components and \
+            manifest.component("decoder").outputs["image"]["shape"][1:] == [1, SIZE, SIZE]
+    return list(manifest.sample_shape) == [1, SIZE, SIZE]
+
+
+def _feeds(pipe, calib_data, samples: int, cap: int, log) -> tuple[CalibrationFeeds, CalibrationFeeds]:
+    """Calibration feeds (recorded here, or ``calib_data`` from `edgediff calibrate`) and
+    held-out trajectories of different seeds for the gate."""
+    m = pipe.manifest
+    needs = ("prompts" if TEXT_CONTEXT in m.inputs else "condition images" if COND_COMPONENT in m.components else None)
+    if needs and calib_data is None:
+        raise InvalidInput(f"this bundle's denoiser needs {needs}: record calibration feeds with `edgediff calibrate "
+                           f"BUNDLE --{'prompt' if needs == 'prompts' else 'cond'} ... --out feeds.npz` and pass "
+                           "--calib-data feeds.npz")
+    if calib_data is not None:
+        return _split(CalibrationFeeds.load(calib_data, list(m.inputs)))
+    log(f"recording calibration feeds: {samples} trajectories, ≤ {cap} rows per step ...")
+    calibration = record_feeds(pipe, samples=samples, cap=cap, seed=0)
+    held_out = record_feeds(pipe, samples=max(4, samples // 4), cap=8, seed=HELD_OUT_SEED)
+    return calibration, held_out
+
+
+def _split(feeds: CalibrationFeeds) -> tuple[CalibrationFeeds, CalibrationFeeds]:
+    """Given feeds only: every fourth row of each step is held out for the gate."""
+    import numpy as np
+
+    held = np.zeros(len(feeds), bool)
+    for k in np.unique(feeds.step):
+        rows = np.flatnonzero(feeds.step == k)
+        held[rows[3::4]] = True
+    if not held.any() or held.all():
+        raise InvalidInput("the calibration feeds are too few to hold some out for the gate (need ≥ 4 rows per step)")
+
+    def part(mask):
+        return CalibrationFeeds({k: v[mask] for k, v in feeds.arrays.items()}, feeds.step[mask],
+                                {**feeds.meta, "rows": int(mask.sum())})
+    return part(~held), part(held)
+
+
+def quality_gate(bundle_dir: Path, per_class: int = QUALITY_PER_CLASS, backend_int8=None) -> QualityGate:
+    """FP32 and INT8 samples of the bundle's recommended sampling, judged."""
+    from edgediff.digits.judge import judge_backend
+    from edgediff.runtime.pipeline import Pipeline
+
+    results = []
+    for precision in ("fp32", "int8"):
+        with Pipeline.from_bundle(bundle_dir, precision="fp32", max_batch=250) as pipe:
+            backend = pipe.backend if precision == "fp32" else backend_int8
+            results.append(judge_backend(backend, pipe.manifest, per_class, batch=250, decoder=pipe.decoder)[0])
+    return QualityGate(*results)
+
+
+def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 16, calib_data: str | Path | None = None,
+             quality: bool | None = None, log=print) -> tuple[ParityResult, QualityGate | None]:
+    """Add ``model_int8.onnx`` to a bundle, gated; on failure leave the last model tried at
+    BUNDLE.int8.failed. ``quality``: judge samples (default: where the digits judge applies)."""
+    from edgediff.runtime.pipeline import Pipeline
+
+    bundle = read_bundle(bundle_dir)
+    m, path = bundle.manifest, Path(bundle_dir)
+    quality = judge_applies(m) if quality is None else quality
+    if quality and not judge_applies(m):
+        raise InvalidInput("the sample-quality gate uses the digits judge, which cannot read this bundle's samples")
+    c = m.component("denoiser")
+    fp32 = bundle.model_path("fp32")
+    with Pipeline.from_bundle(bundle_dir, precision="fp32") as pipe:
+        calibration, held_out = _feeds(pipe, calib_data, calib_samples, calib_cap, log)
+    reference = OrtBackend(fp32, c.inputs, c.output_names, graph_outputs=c.graph_outputs)
+    with staged_dir(path, "int8") as stage:
+        out = stage.path / INT8_FILE
+        log(f"quantizing to INT8 with ModelOpt ({len(calibration)} calibration rows) and checking every step "
+            f"of {held_out.meta.get('samples', '?')} held-out trajectories against FP32 ...")
+        try:
+            final, trials, groups = convert_int8(fp32, out, c, reference.infer, calibration, held_out, log=log)
+            gate = _quality(bundle.path, out, c, log) if quality else None
+            if gate is not None and not gate.passed:
+                raise Int8Error(f"INT8 sample quality misses the gate: {gate.summary()}")
+        except Int8Error as exc:
+            if not out.exists():
+                raise
+            failed = stage.keep_failed(".int8.failed")
+            raise Int8Error(f"{exc}; the last INT8 model tried is in {failed}") from None
+        rec = record(onnx.load(str(fp32), load_external_data=False), final, trials, groups, calibration, held_out)
+        if gate is not None:
+            rec["quality"] = gate.to_dict()
+        _install(bundle, stage.path, final.parity, rec, gate)
+    return final.parity, gate
+
+
+def _quality(bundle_path: Path, model: Path, c, log) -> QualityGate:
+    log(f"judging {10 * QUALITY_PER_CLASS} FP32 and {10 * QUALITY_PER_CLASS} INT8 samples ...")
+    backend = OrtBackend(model, c.inputs, c.output_names, graph_outputs=c.graph_outputs,
+                         disabled_optimizers=INT8_DISABLED_OPTIMIZERS)
+    gate = quality_gate(bundle_path, backend_int8=backend)
+    log(f"  {gate.summary()}")
+    return gate
+
+
+def _install(bundle, tmp: Path, parity: ParityResult, rec: dict, gate: QualityGate | None) -> None:
+    from .bundle import install_into_bundle
+
+    entry = parity.to_dict() | ({"quality": gate.to_dict()} if gate is not None else {})
+    install_into_bundle(bundle, tmp, {"int8": entry}, replace_record(bundle.manifest, rec, parity, INT8_FILE))
