@@ -20,9 +20,9 @@ from ..engines import EngineError, EngineKey, model_digest, select_engine
 from .base import Backend, BackendError, RunOptions
 
 MIN_TENSORRT = (10, 12)
-MISSING_TENSORRT = ("TensorRT is not installed: pip install 'edgediff[gpu]' (TensorRT ≥ 10.12 and "
-                    "cuda-python, on a machine with an NVIDIA GPU)")
-MISSING_CUDA = "cuda-python is not installed: pip install 'edgediff[gpu]'"
+GPU_EXTRAS = "pip install 'edgediff[gpu-cu12]' (CUDA 12 driver) or 'edgediff[gpu-cu13]' (CUDA 13)"
+MISSING_TENSORRT = f"TensorRT is not installed: {GPU_EXTRAS}, on a machine with an NVIDIA GPU (TensorRT ≥ 10.12)"
+MISSING_CUDA = f"cuda-python is not installed: {GPU_EXTRAS}"
 
 
 def import_tensorrt():

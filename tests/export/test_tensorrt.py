@@ -60,7 +60,7 @@ def test_missing_tensorrt_is_one_line_naming_the_extra(tiny_bundle):
     with pytest.raises(BackendError) as err:
         build_engine(tiny_bundle, BuildOptions(precision="fp32"))
     msg = str(err.value)
-    assert "\n" not in msg and "edgediff[gpu]" in msg and "TensorRT" in msg
+    assert "\n" not in msg and "edgediff[gpu-cu12]" in msg and "TensorRT" in msg
 
 
 # --- a recording stand-in for the tensorrt module ---------------------------------------

@@ -186,7 +186,7 @@ def test_undeserialisable_engine_is_a_clear_error(tmp_path, fakes):
 def test_missing_tensorrt_is_one_line():
     with pytest.raises(BackendError) as err:
         trt_backend.import_tensorrt()
-    assert "edgediff[gpu]" in str(err.value) and "\n" not in str(err.value)
+    assert "edgediff[gpu-cu12]" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_failed_graph_capture_falls_back_to_eager_and_cleans_up(tmp_path, fakes, rng):
