@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all edge-check gpu-resolve clean
+.PHONY: install demo test test-all edge-check gpu-resolve bindings clean
 
 install: $(STAMP)
 
@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/edgediff demo --out demo.png
 
-test: $(STAMP)
+test: $(STAMP) bindings
 	$(PY) -m pytest -q -m "not slow" -n 2
 
-test-all: $(STAMP)
+test-all: $(STAMP) bindings
 	$(PY) -m pytest -q -n 2
+
+# The real TensorRT 10/11 and cuda-python 12/13 bindings, importable on a CPU, for the name
+# check (tests/runtime/test_trt_names.py); ~75 MB under build/bindings, fetched once.
+bindings: $(STAMP)
+	$(PY) scripts/trt_bindings.py
 
 # The edge story: a fresh venv with `pip install '.[cpu]'` (ONNX Runtime, no torch) runs a
 # bundle exported by the development venv.
