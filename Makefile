@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all edge-check gpu-resolve bindings clean
+.PHONY: install demo test test-all edge-check gpu-resolve bindings gpu-check clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ edge-check: $(STAMP)
 # Each gpu-* extra resolves (pip --dry-run, metadata only) to one ONNX Runtime and one CUDA major.
 gpu-resolve: $(STAMP)
 	$(PY) scripts/gpu_resolve.py
+
+# On a GPU machine: every digits family through every GPU stack importable (native TensorRT,
+# ONNX Runtime's CUDA/TensorRT providers, CuPy), one table; elsewhere: all skipped, with reasons.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py --json build/gpu-check/report.json
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

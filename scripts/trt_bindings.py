@@ -86,12 +86,17 @@ def _stub(folder: Path) -> None:
 
 
 def ensure(root: Path) -> Path:
-    """Lay out every set under ``root``; raise Unreachable when the index cannot be reached."""
+    """Lay out every set under ``root`` (one process at a time: test workers may race);
+    raise Unreachable when the index cannot be reached."""
+    import fcntl
+
     root.mkdir(parents=True, exist_ok=True)
-    for name, reqs in SETS.items():
-        _install(root / name, reqs)
-    _stub(root / "stub")
-    (root / "UNAVAILABLE").unlink(missing_ok=True)
+    with open(root / ".lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        for name, reqs in SETS.items():
+            _install(root / name, reqs)
+        _stub(root / "stub")
+        (root / "UNAVAILABLE").unlink(missing_ok=True)
     return root
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = ["runtime/backends/trt.py", "export/trt_build.py"]
+SOURCES = ["runtime/backends/trt.py", "export/trt_build.py", "scripts/gpu_check.py"]
 CHECKER = Path(__file__).with_name("trt_names.py")
 
 spec = importlib.util.spec_from_file_location("trt_bindings", REPO / "scripts" / "trt_bindings.py")
@@ -30,7 +30,7 @@ MUST_CHECK = {
     "Runtime.deserialize_cuda_engine()", "Builder.build_serialized_network()", "IBuilderConfig.set_timing_cache()",
     "IBuilderConfig.clear_flag()", "ITimingCache.combine()", "ITimingCache.serialize()", "trt.BuilderFlag.TF32",
     "OnnxParser.parse_from_file()", "cudart.cudaMemcpyAsync()", "cudart.cudaMallocHost()", "cudart.cudaFreeHost()",
-    "cudart.cudaStreamEndCapture()", "cudart.cudaGraphInstantiate()", "cudaDeviceProp.major",
+    "cudart.cudaStreamEndCapture()", "cudart.cudaGraphInstantiate()", "cudaDeviceProp.major", "cudart.cudaGetDeviceCount()",
 }
 
 
