@@ -18,7 +18,7 @@ C++ interfaces behind those), so one small shared library defining them, built w
 and copied under each soname, lets ``import tensorrt_bindings`` succeed; nothing in it runs.
 cuda-bindings loads the CUDA driver only on the first call, so it imports as it is.
 
-Usage:  python scripts/trt_bindings.py [ROOT]      (default: build/bindings)
+Usage:  python scripts/trt_bindings.py [--ort-gpu] [ROOT]      (default: build/bindings)
 Prints one line; exit 0 when ready, or when the index is unreachable (then ROOT/UNAVAILABLE
 says why, and the test skips with that reason); 1 on any other failure.
 """
@@ -39,6 +39,9 @@ SETS = {
     "cuda-12.9.10": ["cuda-bindings==12.9.10", "cuda-pathfinder==1.9.1"],
     "cuda-13.4.4": ["cuda-bindings==13.4.4", "cuda-pathfinder==1.9.1"],
 }
+# Opt-in (--ort-gpu, 434 MB unpacked): the real onnxruntime-gpu wheel, whose silent fallback
+# to the CPU without CUDA libraries test_ort_install.py shows being refused.
+ORT_GPU = {"onnxruntime-gpu-1.26.0": ["onnxruntime-gpu==1.26.0"]}
 # (TensorRT set, cuda-python set): the pairs a user's install can have
 PAIRS = [("tensorrt-10.12.0.36", "cuda-12.9.10"), ("tensorrt-10.16.1.11", "cuda-13.4.4"),
          ("tensorrt-11.4.0.106", "cuda-13.4.4")]
@@ -85,7 +88,7 @@ def _stub(folder: Path) -> None:
         shutil.copyfile(folder / "libstub.so", folder / n)
 
 
-def ensure(root: Path) -> Path:
+def ensure(root: Path, sets: dict = SETS) -> Path:
     """Lay out every set under ``root`` (one process at a time: test workers may race);
     raise Unreachable when the index cannot be reached."""
     import fcntl
@@ -93,7 +96,7 @@ def ensure(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        for name, reqs in SETS.items():
+        for name, reqs in sets.items():
             _install(root / name, reqs)
         _stub(root / "stub")
         (root / "UNAVAILABLE").unlink(missing_ok=True)
@@ -101,9 +104,11 @@ def ensure(root: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    sets = {**SETS, **ORT_GPU} if "--ort-gpu" in argv else SETS
+    argv = [a for a in argv if a != "--ort-gpu"]
     root = Path(argv[0]) if argv else ROOT / "build" / "bindings"
     try:
-        ensure(root)
+        ensure(root, sets)
     except Unreachable as exc:
         root.mkdir(parents=True, exist_ok=True)
         (root / "UNAVAILABLE").write_text(f"the package index is unreachable ({exc})\n")
@@ -112,7 +117,7 @@ def main(argv: list[str]) -> int:
     except (RuntimeError, subprocess.SubprocessError) as exc:
         print(f"trt-bindings: FAILED: {exc}")
         return 1
-    print(f"trt-bindings: ready in {root} ({', '.join(SETS)})")
+    print(f"trt-bindings: ready in {root} ({', '.join(sets)})")
     return 0
 
 

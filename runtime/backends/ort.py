@@ -32,11 +32,11 @@ def ort_distributions() -> list[str]:
     return found
 
 
-def import_onnxruntime(device: str = "cpu", dists=ort_distributions):
+def import_onnxruntime(device: str = "cpu", dists=None):
     """``onnxruntime``, or one line with the fix: none installed, or ``onnxruntime`` beside
     ``onnxruntime-gpu`` (the last one installed wins each shared file, and the GPU providers
     are lost: refused for a GPU device, warned about on the CPU, where it still works)."""
-    found = dists()
+    found = (dists or ort_distributions)()
     if len(found) > 1:
         msg = ("both onnxruntime and onnxruntime-gpu are installed and overwrite each other (only the CPU "
                "provider is left): pip uninstall -y onnxruntime onnxruntime-gpu, then " + INSTALL_GPU)
