@@ -279,13 +279,16 @@ def run(check: Check, wanted: list[str] | None = None) -> Check:
     if not model_stacks:
         check.skip(f"families ({', '.join(names)})", "no stack that runs models is usable here")
         return check
+    bundles = {}
     for family in names:
         if check.left() <= 0:
             check.skip(family, f"the time budget ({check.budget:.0f} s) was spent")
-            continue
-        path, precisions = bundle_for(family, check)
-        for precision in precisions:
-            for stack in model_stacks:
+        else:
+            bundles[family] = bundle_for(family, check)
+    # Precision-major, FP16 (what is deployed) first: a spent budget cuts whole precisions last.
+    for precision in ("fp16", "fp32", "int8"):
+        for family, (path, precisions) in bundles.items():
+            for stack in model_stacks if precision in precisions else ():
                 if check.left() <= 0:
                     check.skip(f"{family} {precision} {stack}", f"the time budget ({check.budget:.0f} s) was spent")
                 elif stack == "trt":

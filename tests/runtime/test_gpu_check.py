@@ -81,3 +81,30 @@ def test_the_native_row_comes_from_build_parity_and_bench(monkeypatch, tmp_path,
     else:
         assert row.parity.startswith("per-forward rel-L2 9.00e-03")
     assert "(nothing ran" not in gpu_check.table(gpu_check.Check(gpu="H200", rows=[row]))
+
+
+def test_the_run_goes_through_each_usable_stack_and_lists_the_rest(monkeypatch, tiny_bundle, one_thread):
+    """Detection says only ONNX Runtime's CUDA provider is usable (run here on the CPU provider):
+    one row per family and precision on it, every other stack and the missing precisions
+    listed with their reasons; a spent budget skips what is left, saying so."""
+    real_run_ort = gpu_check.run_ort
+    monkeypatch.setattr(gpu_check, "detect_gpu", lambda: ("", "cuda-python is not installed"))
+    monkeypatch.setattr(gpu_check, "detect", lambda why: {"trt": "TensorRT is not installed", "ort-cuda": None,
+                                                          "ort-tensorrt": "no TensorrtExecutionProvider",
+                                                          "cupy": "CuPy is not installed"})
+
+    def bundle_for(family, check):
+        check.skip(f"{family} int8", "the bundle has no INT8 model")
+        return tiny_bundle, ["fp32"]
+
+    monkeypatch.setattr(gpu_check, "bundle_for", bundle_for)
+    monkeypatch.setattr(gpu_check, "run_ort", lambda p, f, prec, stack: real_run_ort(p, f, prec, "ort-cpu"))
+    check = gpu_check.run(gpu_check.Check(), ["ddpm"])
+    assert [(r.family, r.precision, r.verdict) for r in check.rows] == [("ddpm", "fp32", "PASS")]
+    assert check.skipped == ["trt: TensorRT is not installed", "ort-tensorrt: no TensorrtExecutionProvider",
+                             "cupy: CuPy is not installed", "ddpm int8: the bundle has no INT8 model"]
+    out = gpu_check.table(check)
+    assert "ddpm         fp32  ort-cpu" in out and "skipped (4):" in out
+    spent = gpu_check.run(gpu_check.Check(budget=0), ["ddpm", "dit"])
+    assert spent.rows == [] and spent.skipped[-2:] == ["ddpm: the time budget (0 s) was spent",
+                                                       "dit: the time budget (0 s) was spent"]
