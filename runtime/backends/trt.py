@@ -121,7 +121,7 @@ class TrtBackend(Backend):
         """Device and pinned host buffers, once, each for the largest shape the profile allows:
         the inputs at the largest batch and the outputs at the shapes the context then reports."""
         self._set_shapes(self.max_batch)
-        self.capacity = {}
+        self.batch, self.capacity = self.max_batch, {}
         for name, shape in self.shapes.items():
             nbytes = max(self._nbytes(name, shape), 1)
             self.buffers[name] = cuda_call(self.rt.cudaMalloc(nbytes))
@@ -143,7 +143,6 @@ class TrtBackend(Backend):
         if unknown:
             raise BackendError(f"TensorRT cannot tell the shapes {unknown} at batch {batch} "
                                "(an output that depends on input values is not supported)")
-        self.batch = batch
 
     def _set_batch(self, batch: int) -> None:
         if not self.min_batch <= batch <= self.max_batch:
@@ -155,6 +154,7 @@ class TrtBackend(Backend):
             if over:
                 raise BackendError(f"at batch {batch} the engine's {over} outgrow the buffers sized at the "
                                    f"largest batch {self.max_batch}")
+            self.batch = batch
 
     def _staging(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The pinned host buffer of ``name`` as an array of ``shape``."""
