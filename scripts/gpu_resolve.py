@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ORT = ("onnxruntime", "onnxruntime-gpu")
 # What pip prints when it cannot reach the index (as opposed to a resolution conflict).
 UNREACHABLE = re.compile(r"Name or service not known|NewConnectionError|Temporary failure in name resolution|"
-                         r"Network is unreachable|Max retries exceeded|ConnectTimeout|ReadTimeout")
+                         r"Network is unreachable|Max retries exceeded|ConnectTimeout|ReadTimeout|"
+                         r"from versions: none")   # none of a package that is on PyPI: no index reached
 
 
 def _norm(name: str) -> str:
@@ -153,7 +154,7 @@ def main(argv: list[str]) -> int:
         try:
             results = list(pool.map(lambda e: _check(e, Path(tmp)), extras))
         except Unreachable as exc:
-            print(f"gpu-resolve: SKIPPED (the package index is unreachable: {exc})")
+            print(f"gpu-resolve: SKIPPED (the package index is unreachable or lacks these packages: {exc})")
             return 0
     for extra, (summary, problems) in zip(extras, results):
         verdict = "OK" if not problems else "FAIL: " + "; ".join(problems)

@@ -51,7 +51,8 @@ STUB_C = "\n".join(f"void *{name}(void) {{ return 0; }}" for name in (
     "createNvOnnxParserRefitter_INTERNAL", "createNvOnnxParser_INTERNAL", "getBuilderPluginRegistry",
     "getNvOnnxParserVersion", "getPluginRegistry", "initLibNvInferPlugins")) + "\n"
 UNREACHABLE = re.compile(r"Name or service not known|NewConnectionError|Temporary failure in name resolution|"
-                         r"Network is unreachable|Max retries exceeded|ConnectTimeout|ReadTimeout")
+                         r"Network is unreachable|Max retries exceeded|ConnectTimeout|ReadTimeout|"
+                         r"from versions: none")   # none of a package that is on PyPI: no index reached
 
 
 class Unreachable(Exception):
@@ -111,8 +112,8 @@ def main(argv: list[str]) -> int:
         ensure(root, sets)
     except Unreachable as exc:
         root.mkdir(parents=True, exist_ok=True)
-        (root / "UNAVAILABLE").write_text(f"the package index is unreachable ({exc})\n")
-        print(f"trt-bindings: SKIPPED, the package index is unreachable ({exc})")
+        (root / "UNAVAILABLE").write_text(f"the package index is unreachable or lacks these packages ({exc})\n")
+        print(f"trt-bindings: SKIPPED, the package index is unreachable or lacks these packages ({exc})")
         return 0
     except (RuntimeError, subprocess.SubprocessError) as exc:
         print(f"trt-bindings: FAILED: {exc}")

@@ -42,7 +42,7 @@ def bindings():
     try:
         return trt_bindings.ensure(root)
     except trt_bindings.Unreachable as exc:
-        pytest.skip(f"TensorRT bindings not laid out: the package index is unreachable ({exc})")
+        pytest.skip(f"TensorRT bindings not laid out: the package index is unreachable or lacks them ({exc})")
 
 
 def check(root: Path, pair: tuple[str, str], files: dict[str, str], names: dict | None = None) -> dict:
