@@ -150,7 +150,8 @@ def bundle_for(family: str, check: Check) -> tuple[Path | None, list[str]]:
             res = _cli("add-precision", str(path), "--precision", "fp16", "--checkpoint", str(weights),
                        timeout=min(check.left(), 300))
             if res.returncode:
-                check.skip(f"{family} fp16", f"edgediff add-precision failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+                last = (res.stderr.strip().splitlines() or ["?"])[-1]
+                check.skip(f"{family} fp16", f"edgediff add-precision failed: {last}")
         models = read_bundle(path).manifest.models
     if "int8" not in models:
         check.skip(f"{family} int8", "the bundle has no INT8 model (INT8 calibration adds it)")

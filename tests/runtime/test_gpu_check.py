@@ -56,7 +56,8 @@ class FakeCli:
         if args[0] == "parity":
             report = {"passed": self.passed, "worst": {"eps": 2e-4 if self.passed else 9e-3},
                       "gate": {"per_forward_rel_l2": 5e-3},
-                      "failures": [] if self.passed else ["per-forward rel-L2 9.00e-03 (eps at t = 999) exceeds the gate 0.005"],
+                      "failures": [] if self.passed else
+                      ["per-forward rel-L2 9.00e-03 (eps at t = 999) exceeds the gate 0.005"],
                       "checks": {"polygraphy": {"passed": True, "summary": "PASS: eps SNR 60.1 dB"}}}
             return subprocess.CompletedProcess(args, 0 if self.passed else 1, json.dumps(report), "")
         out = Path(args[args.index("--json") + 1])

@@ -25,7 +25,8 @@ spec.loader.exec_module(trt_bindings)
 
 # Names the type-following must reach (so a lapse in it cannot pass by checking nothing).
 MUST_CHECK = {
-    "IExecutionContext.set_input_shape()", "IExecutionContext.get_tensor_shape()", "cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost", "IExecutionContext.set_tensor_address()",
+    "IExecutionContext.set_input_shape()", "IExecutionContext.get_tensor_shape()",
+    "cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost", "IExecutionContext.set_tensor_address()",
     "IExecutionContext.execute_async_v3()", "ICudaEngine.get_tensor_dtype()", "ICudaEngine.num_io_tensors",
     "Runtime.deserialize_cuda_engine()", "Builder.build_serialized_network()", "IBuilderConfig.set_timing_cache()",
     "IBuilderConfig.clear_flag()", "ITimingCache.combine()", "ITimingCache.serialize()", "trt.BuilderFlag.TF32",
@@ -93,7 +94,8 @@ MUTATIONS = [  # (file, text, changed text, the name reported missing)
     ("runtime/backends/trt.py", ".set_input_shape(", ".set_input_shapes(", "IExecutionContext.set_input_shapes"),
     ("runtime/backends/trt.py", "rt.cudaStreamSynchronize(", "rt.cudaStreamSynchronise(", "cudart.cudaStreamSynchronise"),
     ("runtime/backends/trt.py", "trt.TensorIOMode.INPUT", "trt.TensorIOMode.IN", "trt.TensorIOMode.IN"),
-    ("runtime/backends/trt.py", "cudaMemcpyHostToDevice", "cudaMemcpyHostToDev", "cudart.cudaMemcpyKind.cudaMemcpyHostToDev"),
+    ("runtime/backends/trt.py", "cudaMemcpyHostToDevice", "cudaMemcpyHostToDev",
+     "cudart.cudaMemcpyKind.cudaMemcpyHostToDev"),
     ("export/trt_build.py", "ignore_mismatch=False", "ignore_mismatches=False", "IBuilderConfig.set_timing_cache()"),
     ("export/trt_build.py", "trt.BuilderFlag.TF32", "trt.BuilderFlag.TF_32", "trt.BuilderFlag.TF_32"),
     ("export/trt_build.py", ".combine(", ".merge(", "ITimingCache.merge"),
