@@ -141,7 +141,7 @@ def _parse_classes(value: str | None) -> list[int] | None:
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(list(BACKENDS)), help="Backend.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
-              help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu).")
+              help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu: the gpu-cu12/gpu-cu13 extras).")
 @click.option("--threads", type=click.IntRange(1), help="Intra-op threads (default: all cores).")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="PNG grid to write (pixel-space models, or latent bundles with a decoder).")

@@ -4,7 +4,8 @@ TensorRT 11 has no FP16/INT8 builder flags: the precision is the ONNX file's (FP
 AutoCast FP16 mix, or INT8 Q/DQ), so ``--precision`` picks the file and the builder only
 chooses kernels. The engine goes to ``engines/`` under a name that says what it depends
 on, with a sidecar (``edgediff.runtime.engines``); the timing cache persists per GPU
-architecture and TensorRT version so rebuilds and other bundles reuse kernel timings.
+architecture and TensorRT version so rebuilds and other bundles reuse kernel timings; a
+cache shared by concurrent builds is merged, not overwritten, under a file lock.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from edgediff.runtime.engines import (ENGINE_DIR, PRECISIONS, BatchProfile, Engi
                                       check_engine, make_sidecar, model_digest, sidecar_path, timing_cache_name)
 from edgediff.runtime.errors import InvalidInput
 from edgediff.runtime.interrupts import deferred
+
+try:
+    import fcntl                          # POSIX: the timing cache's merge lock
+except ImportError:                       # Windows: merged without a lock
+    fcntl = None
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,12 @@ def _config(trt, builder, network, shapes: dict, opts: BuildOptions, cache: byte
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * 2**30))
     if opts.optimization_level is not None:
         config.builder_optimization_level = opts.optimization_level
-    if opts.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)     # FP32 engines are parity references: no TF32
+    # No TF32 in any engine. FP32 engines are parity references. The FP32 islands of the FP16
+    # and INT8 models (export/fp16_targets.py: the t/y conditioning path, softmax,
+    # normalization, each kept FP32 because FP16 failed the gate there) would, with TF32, have
+    # their matmuls and convolutions rounded to a 10-bit mantissa, FP16's, undoing the island.
+    # Off until measured harmless on a GPU (none has been lent to this check yet).
+    config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     names = [network.get_input(i).name for i in range(network.num_inputs)]
     if sorted(names) != sorted(shapes):
@@ -148,8 +158,7 @@ def _build_into(bundle, opts, component, onnx_path, profile, trt, gpu, key, fold
         _write_atomic(path, engine)
         _write_sidecar(path, key, onnx_path, gpu, opts)
     if cache_path is not None and timing is not None:   # after the engine: a failed cache write loses no build
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache_path, timing)
+        save_timing_cache(timing, cache_path, log)
     if (bundle.path / SIGNATURE).is_file():        # the signature covers engines/: now it does not verify
         log(f"note: {bundle.path} was signed before this build; re-sign it (edgediff sign {bundle.path} --key KEY.pem)")
     return path
@@ -165,15 +174,44 @@ def _write_sidecar(path: Path, key, onnx_path: Path, gpu: dict, opts: BuildOptio
     write_json_atomic(sidecar_path(path), side)     # after the engine: a stale sidecar fails its sha check
 
 
+@dataclass
+class TimingCache:
+    """The build's timing cache, with what it started from and the config that can read others."""
+    cache: object                         # trt.ITimingCache
+    loaded: bytes                         # the file's bytes when the build began
+    config: object                        # trt.IBuilderConfig (creates caches from bytes)
+
+
 def _build(trt, onnx_path: Path, shapes: dict, opts: BuildOptions, cache_path: Path | None):
-    """(serialized engine, the timing cache to keep or None)."""
+    """(serialized engine, the TimingCache to keep or None)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network, _parser = _parse(trt, builder, logger, onnx_path)   # the parser must outlive the build
-    cache = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    config = _config(trt, builder, network, shapes, opts, cache)
+    loaded = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    config = _config(trt, builder, network, shapes, opts, loaded)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
     cache = config.get_timing_cache() if cache_path is not None else None      # may be None
-    return memoryview(serialized), (memoryview(cache.serialize()) if cache is not None else None)
+    return memoryview(serialized), (TimingCache(cache, bytes(loaded), config) if cache is not None else None)
+
+
+def save_timing_cache(timing: TimingCache, cache_path: Path, log=print) -> None:
+    """Write the build's timing cache; when another build wrote the file since this one read
+    it (a cache shared with --timing-cache), merge that one in first, all under an exclusive
+    lock on ``<cache>.lock``, so concurrent builds add up instead of the last writer winning."""
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path.with_name(cache_path.name + ".lock"), "a+b") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            on_disk = cache_path.read_bytes() if cache_path.is_file() else b""
+            if on_disk and on_disk != timing.loaded:
+                other = timing.config.create_timing_cache(on_disk)
+                if other is None or not timing.cache.combine(other, False):     # ignore_mismatch=False
+                    log(f"note: {cache_path} changed during the build and could not be merged "
+                        "(another TensorRT or GPU wrote it); replacing it with this build's")
+            _write_atomic(cache_path, memoryview(timing.cache.serialize()))
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

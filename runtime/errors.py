@@ -25,7 +25,8 @@ class MissingExtra(EdgediffError, ImportError):
 # Optional top-level modules -> the extra that installs them.
 EXTRAS = {"torch": "export", "onnxscript": "export", "diffusers": "export", "transformers": "export",
           "modelopt": "fp16", "onnxslim": "fp16", "onnx_graphsurgeon": "fp16", "polygraphy": "fp16",
-          "tensorrt": "gpu", "cuda": "gpu", "sklearn": "test"}
+          "tensorrt": "gpu-cu12", "cuda": "gpu-cu12", "onnxruntime": "cpu",
+          "sklearn": "test"}
 
 
 def missing_extra(exc: ImportError) -> MissingExtra | None:

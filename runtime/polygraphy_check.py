@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import EdgediffError
 
-MISSING = "the Polygraphy check needs polygraphy: pip install 'edgediff[fp16]' (or [gpu])"
+MISSING = "the Polygraphy check needs polygraphy: pip install 'edgediff[fp16]' (or a gpu-* extra)"
 
 
 def snr_db(rel_l2_gate: float) -> float:

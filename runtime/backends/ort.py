@@ -1,6 +1,8 @@
 """ONNX Runtime backend: one session per model per process, reused for every call."""
 from __future__ import annotations
 
+import importlib.metadata as _md
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,42 @@ _PREFERRED = {"cpu": ["CPUExecutionProvider"],
 # ("output_dtype INT8 does not match y_zero_point type UINT8", ORT 1.2x on ModelOpt's INT8
 # U-Nets). Without that propagation the INT8 models load, and were measured no slower.
 INT8_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
+
+
+INSTALL_CPU = "pip install 'edgediff[cpu]'"
+INSTALL_GPU = "pip install 'edgediff[gpu-cu12]' (CUDA 12 driver) or 'edgediff[gpu-cu13]' (CUDA 13)"
+
+
+def ort_distributions() -> list[str]:
+    """The ONNX Runtime distributions installed: both write the ``onnxruntime`` package."""
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            _md.version(dist)
+            found.append(dist)
+        except _md.PackageNotFoundError:
+            pass
+    return found
+
+
+def import_onnxruntime(device: str = "cpu", dists=None):
+    """``onnxruntime``, or one line with the fix: none installed, or ``onnxruntime`` beside
+    ``onnxruntime-gpu`` (the last one installed wins each shared file, and the GPU providers
+    are lost: refused for a GPU device, warned about on the CPU, where it still works)."""
+    found = (dists or ort_distributions)()
+    if len(found) > 1:
+        msg = ("both onnxruntime and onnxruntime-gpu are installed and overwrite each other (only the CPU "
+               "provider is left): pip uninstall -y onnxruntime onnxruntime-gpu, then " + INSTALL_GPU)
+        if device != "cpu":
+            raise BackendError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        if (getattr(exc, "name", None) or "").split(".")[0] != "onnxruntime":
+            raise
+        raise BackendError(f"ONNX Runtime is not installed: {INSTALL_CPU}, or on an NVIDIA GPU {INSTALL_GPU}") from None
+    return onnxruntime
 
 
 def session_options(ort, threads: int | None):
@@ -58,13 +96,12 @@ def tensorrt_provider_options(cache_dir: Path, inputs: dict[str, dict], max_batc
 
 def _session(path: Path, device: str, threads: int | None, trt_options: dict | None = None,
              disabled_optimizers=()):
-    import onnxruntime as ort
-
+    ort = import_onnxruntime(device)
     available = ort.get_available_providers()
     providers = [p for p in _PREFERRED[device] if p in available]
     if providers[0] != _PREFERRED[device][0]:
-        raise BackendError(f"onnxruntime here has no {_PREFERRED[device][0]} (has {', '.join(available)}); "
-                           "install the 'gpu' extra (onnxruntime-gpu) for GPU execution")
+        raise BackendError(f"onnxruntime here has no {_PREFERRED[device][0]} (has {', '.join(available)}): "
+                           f"pip uninstall -y onnxruntime, then {INSTALL_GPU}")
     opts = session_options(ort, threads)
     if device != "cpu" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()          # CUDA/cuDNN from pip wheels (nvidia-*), when they are installed
@@ -78,14 +115,29 @@ def _session(path: Path, device: str, threads: int | None, trt_options: dict | N
     return session
 
 
-def check_providers(used: list[str], wanted: str) -> None:
+def check_providers(used: list[str], wanted: str, tensorrt_major=None) -> None:
     """ONNX Runtime falls back to the CPU with only a printed warning when a GPU provider
     cannot start (CUDA/cuDNN libraries missing or mismatched): refuse to run anywhere but on
     the provider asked for."""
     if not used or used[0] != wanted:
+        hint = "see onnxruntime's warning above, or run on --device cpu"
+        major = (tensorrt_major or _tensorrt_major)()
+        if wanted == "TensorrtExecutionProvider" and major is not None and major >= 11:
+            hint = (f"ONNX Runtime's TensorRT provider needs TensorRT 10 and this is TensorRT {major}: "
+                    "use --backend trt (edgediff build) or --device cuda, or install 'edgediff[gpu-cu13]'")
         raise BackendError(f"onnxruntime could not start {wanted} and would run on {', '.join(used) or 'nothing'}: "
-                           "its CUDA/cuDNN (or TensorRT) libraries are missing or do not match this onnxruntime "
-                           "build; see onnxruntime's warning above, or run on --device cpu")
+                           f"its CUDA/cuDNN (or TensorRT) libraries are missing or do not match this onnxruntime "
+                           f"build; {hint}")
+
+
+def _tensorrt_major() -> int | None:
+    """The installed TensorRT's major version (from the distribution, without importing it)."""
+    for dist in ("tensorrt-cu13-bindings", "tensorrt-cu12-bindings", "tensorrt"):
+        try:
+            return int(_md.version(dist).split(".")[0])
+        except (_md.PackageNotFoundError, ValueError):
+            pass
+    return None
 
 
 def _check_shapes(session, inputs: dict[str, dict], name: str) -> None:

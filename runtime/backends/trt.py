@@ -2,15 +2,19 @@
 
 No torch and no CuPy: device memory, copies, the stream and CUDA graphs go through
 cuda-python (``cuda.bindings.runtime``). Buffers are allocated once, for the largest batch of
-the engine's optimisation profile, and bound to the context once; each call only sets the
-input shapes (when the batch changes), copies inputs in, enqueues and copies outputs out.
-With ``cuda_graph=True`` the enqueue for each batch size is captured once and replayed.
+the engine's optimisation profile, and bound to the context once: device buffers and, beside
+each, a pinned (page-locked) host buffer to stage through, since a copy from pageable memory
+makes ``cudaMemcpyAsync`` synchronous. Output shapes, every dynamic dimension of them, come
+from the context after the input shapes are set. Each call only sets the input shapes (when
+the batch changes), copies inputs in, enqueues and copies outputs out. With
+``cuda_graph=True`` the enqueue for each batch size is captured once and replayed.
 
 The engine is checked against this GPU, this TensorRT and the bundle's ONNX hash
 (``edgediff.runtime.engines``) before its bytes reach TensorRT.
 """
 from __future__ import annotations
 
+import ctypes
 import warnings
 from pathlib import Path
 
@@ -20,9 +24,9 @@ from ..engines import EngineError, EngineKey, model_digest, select_engine
 from .base import Backend, BackendError, RunOptions
 
 MIN_TENSORRT = (10, 12)
-MISSING_TENSORRT = ("TensorRT is not installed: pip install 'edgediff[gpu]' (TensorRT ≥ 10.12 and "
-                    "cuda-python, on a machine with an NVIDIA GPU)")
-MISSING_CUDA = "cuda-python is not installed: pip install 'edgediff[gpu]'"
+GPU_EXTRAS = "pip install 'edgediff[gpu-cu12]' (CUDA 12 driver) or 'edgediff[gpu-cu13]' (CUDA 13)"
+MISSING_TENSORRT = f"TensorRT is not installed: {GPU_EXTRAS}, on a machine with an NVIDIA GPU (TensorRT ≥ 10.12)"
+MISSING_CUDA = f"cuda-python is not installed: {GPU_EXTRAS}"
 
 
 def import_tensorrt():
@@ -79,7 +83,7 @@ class TrtBackend(Backend):
         self.engine_path = Path(engine_path)          # Polygraphy's rung-4 check reloads it (runtime/drift)
         self.rt = cudart()
         self.min_batch, self.max_batch = sidecar["profile"]["min"], sidecar["profile"]["max"]
-        self.buffers, self.graphs, self.batch = {}, ({} if cuda_graph else None), None
+        self.buffers, self.host, self.graphs, self.batch = {}, {}, ({} if cuda_graph else None), None
         cuda_call(self.rt.cudaSetDevice(device))
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -108,24 +112,56 @@ class TrtBackend(Backend):
         for name, decl in self.inputs.items():
             if tensors[name][0] != np.dtype(decl["dtype"]):
                 raise BackendError(f"engine input {name!r} is {tensors[name][0]}, the bundle says {decl['dtype']}")
+            if any(d < 0 for d in tensors[name][1]):
+                raise BackendError(f"engine input {name!r} has dynamic dimensions besides the batch "
+                                   f"{tensors[name][1]}; edgediff builds engines with only the batch dynamic")
         return tensors
 
     def _allocate(self) -> None:
-        for name, (dtype, row, _) in self.tensors.items():
-            nbytes = self.max_batch * int(np.prod(row, dtype=np.int64)) * dtype.itemsize
-            self.buffers[name] = cuda_call(self.rt.cudaMalloc(max(nbytes, 1)))
+        """Device and pinned host buffers, once, each for the largest shape the profile allows:
+        the inputs at the largest batch and the outputs at the shapes the context then reports."""
+        self._set_shapes(self.max_batch)
+        self.batch, self.capacity = self.max_batch, {}
+        for name, shape in self.shapes.items():
+            nbytes = max(self._nbytes(name, shape), 1)
+            self.buffers[name] = cuda_call(self.rt.cudaMalloc(nbytes))
+            self.host[name] = cuda_call(self.rt.cudaMallocHost(nbytes))
+            self.capacity[name] = nbytes
             if not self.context.set_tensor_address(name, int(self.buffers[name])):
                 raise BackendError(f"TensorRT refused the device address of {name!r}")
+
+    def _nbytes(self, name: str, shape: tuple[int, ...]) -> int:
+        return int(np.prod(shape, dtype=np.int64)) * self.tensors[name][0].itemsize
+
+    def _set_shapes(self, batch: int) -> None:
+        """Input shapes at ``batch``; every tensor's shape as the context now infers it."""
+        for name in self.inputs:
+            if not self.context.set_input_shape(name, (batch, *self.tensors[name][1])):
+                raise BackendError(f"TensorRT refused shape batch={batch} for {name!r}")
+        self.shapes = {name: tuple(self.context.get_tensor_shape(name)) for name in self.tensors}
+        unknown = {n: s for n, s in self.shapes.items() if any(d < 0 for d in s)}
+        if unknown:
+            raise BackendError(f"TensorRT cannot tell the shapes {unknown} at batch {batch} "
+                               "(an output that depends on input values is not supported)")
 
     def _set_batch(self, batch: int) -> None:
         if not self.min_batch <= batch <= self.max_batch:
             raise BackendError(f"batch {batch} is outside the engine's profile {self.min_batch}..{self.max_batch}; "
                                "rebuild with a wider --min-batch/--max-batch")
         if batch != self.batch:
-            for name in self.inputs:
-                if not self.context.set_input_shape(name, (batch, *self.tensors[name][1])):
-                    raise BackendError(f"TensorRT refused shape batch={batch} for {name!r}")
+            self._set_shapes(batch)
+            over = [n for n, s in self.shapes.items() if self._nbytes(n, s) > self.capacity[n]]
+            if over:
+                raise BackendError(f"at batch {batch} the engine's {over} outgrow the buffers sized at the "
+                                   f"largest batch {self.max_batch}")
             self.batch = batch
+
+    def _staging(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The pinned host buffer of ``name`` as an array of ``shape``."""
+        count = int(np.prod(shape, dtype=np.int64))
+        dtype = self.tensors[name][0]
+        raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(int(self.host[name]))
+        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(int(self.stream)):
@@ -193,18 +229,18 @@ class TrtBackend(Backend):
         batch = next(iter(feed.values())).shape[0]        # validated: one batch for all inputs
         self._set_batch(batch)
         rt, h2d = self.rt, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        staged = {n: np.ascontiguousarray(feed[n]) for n in self.inputs}   # alive until synchronised
-        for name, arr in staged.items():
-            cuda_call(rt.cudaMemcpyAsync(self.buffers[name], arr.ctypes.data, arr.nbytes, h2d, self.stream))
+        for name in self.inputs:
+            staged = self._staging(name, self.shapes[name])
+            staged[...] = feed[name]                      # into pinned memory: the copy is truly async
+            cuda_call(rt.cudaMemcpyAsync(self.buffers[name], int(self.host[name]), staged.nbytes, h2d, self.stream))
         self._enqueue(batch)
-        out, d2h = {}, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name in self.graph_names:
-            dtype, row, _ = self.tensors[name]
-            out[name] = np.empty((batch, *row), dtype=dtype)
-            cuda_call(rt.cudaMemcpyAsync(out[name].ctypes.data, self.buffers[name], out[name].nbytes, d2h,
-                                         self.stream))
+            nbytes = self._nbytes(name, self.shapes[name])
+            cuda_call(rt.cudaMemcpyAsync(int(self.host[name]), self.buffers[name], nbytes, d2h, self.stream))
         cuda_call(rt.cudaStreamSynchronize(self.stream))
-        return [a if a.dtype == np.float32 else a.astype(np.float32) for a in out.values()]
+        # Copied out of the staging buffers (the next call reuses them), as float32.
+        return [self._staging(n, self.shapes[n]).astype(np.float32) for n in self.graph_names]
 
     def close(self) -> None:
         """Free graphs, buffers and the stream (also on garbage collection)."""
@@ -214,9 +250,11 @@ class TrtBackend(Backend):
         self._release_graphs()
         for ptr in self.buffers.values():
             rt.cudaFree(ptr)
+        for ptr in getattr(self, "host", {}).values():
+            rt.cudaFreeHost(ptr)
         if getattr(self, "stream", None) is not None:
             rt.cudaStreamDestroy(self.stream)
-        self.graphs, self.buffers, self.stream, self.rt = {}, {}, None, None
+        self.graphs, self.buffers, self.host, self.stream, self.rt = {}, {}, {}, None, None
 
     def __del__(self):
         try:

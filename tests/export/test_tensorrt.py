@@ -60,7 +60,7 @@ def test_missing_tensorrt_is_one_line_naming_the_extra(tiny_bundle):
     with pytest.raises(BackendError) as err:
         build_engine(tiny_bundle, BuildOptions(precision="fp32"))
     msg = str(err.value)
-    assert "\n" not in msg and "edgediff[gpu]" in msg and "TensorRT" in msg
+    assert "\n" not in msg and "edgediff[gpu-cu12]" in msg and "TensorRT" in msg
 
 
 # --- a recording stand-in for the tensorrt module ---------------------------------------
@@ -136,7 +136,7 @@ def test_build_uses_only_the_strongly_typed_api(tiny_bundle, fake_build):
     assert parse[1][0].endswith("model.onnx")                                       # from the file
     shapes = {c[1][0]: c[1][1:] for c in fake_build if c[0].endswith("set_shape")}
     assert shapes["x"] == ((1, 1, 8, 8), (8, 1, 8, 8), (16, 1, 8, 8))              # DiT tiny has a null label
-    assert any(c.endswith("clear_flag") for c in calls)                             # fp32: TF32 off
+    assert [c[1][0]._path for c in fake_build if c[0].endswith("clear_flag")] == ["trt.BuilderFlag.TF32"]
     assert path.read_bytes() == b"ENGINE" and path.parent.name == "engines"
     side = read_sidecar(path)
     assert side["profile"] == {"min": 1, "opt": 8, "max": 16} and side["compute_capability"] == "9.0"
@@ -269,3 +269,72 @@ def test_interrupted_build_leaves_the_bundle_as_it_was(tiny_bundle, monkeypatch,
     assert exc.value.code == code and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
     assert _listing(tiny_bundle) == before
     assert (tiny_bundle / "engines").is_dir() != first
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_tf32_is_off_for_every_precision(precision):
+    """FP32 engines are parity references, and the FP32 islands of FP16/INT8 models are FP32
+    for their mantissa: TF32 (10-bit mantissa) would undo them."""
+    trt, log = fake_tensorrt()
+    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    network = builder.create_network(0)
+    trt_build._config(trt, builder, network, {"x": ((1,), (1,), (1,)), "t": ((1,), (1,), (1,)),
+                                              "y": ((1,), (1,), (1,))}, BuildOptions(precision=precision), b"")
+    cleared = [c[1][0]._path for c in log if c[0].endswith("clear_flag")]
+    assert cleared == ["trt.BuilderFlag.TF32"] and not any(c[0].endswith("set_flag") for c in log)
+
+
+class _Cache:
+    """A timing cache: a set of entries, serialised as sorted bytes."""
+
+    def __init__(self, data=b""):
+        self.entries = set(data.split(b",")) - {b""}
+
+    def combine(self, other, ignore_mismatch):
+        self.entries |= other.entries
+        return True
+
+    def serialize(self):
+        return b",".join(sorted(self.entries))
+
+
+def test_a_shared_timing_cache_written_during_the_build_is_merged_not_overwritten(tmp_path):
+    """Another build wrote the shared cache after this one read it: its entries are kept."""
+    path = tmp_path / "shared.cache"
+    path.write_bytes(b"a")
+    timing = trt_build.TimingCache(_Cache(b"a,mine"), b"a", NS(create_timing_cache=_Cache))
+    path.write_bytes(b"a,theirs")                               # the other build finished first
+    trt_build.save_timing_cache(timing, path, log=lambda m: None)
+    assert path.read_bytes() == b"a,mine,theirs" and (tmp_path / "shared.cache.lock").is_file()
+    timing = trt_build.TimingCache(_Cache(b"b"), b"a,mine,theirs", NS(create_timing_cache=_Cache))
+    trt_build.save_timing_cache(timing, path, log=lambda m: None)
+    assert path.read_bytes() == b"b"             # unchanged since read: this build's cache already holds it
+
+
+def test_an_unmergeable_cache_on_disk_is_replaced_with_a_note(tmp_path):
+    path = tmp_path / "shared.cache"
+    path.write_bytes(b"other-gpu")
+    refused = NS(create_timing_cache=lambda data: None)
+    messages = []
+    trt_build.save_timing_cache(trt_build.TimingCache(_Cache(b"mine"), b"", refused), path, log=messages.append)
+    assert path.read_bytes() == b"mine" and "could not be merged" in messages[0]
+
+
+def test_the_merge_waits_for_the_lock(tmp_path):
+    """A second writer holding <cache>.lock: the save waits for it, then merges what it wrote."""
+    import fcntl
+    import threading
+    import time
+
+    path = tmp_path / "shared.cache"
+    timing = trt_build.TimingCache(_Cache(b"mine"), b"", NS(create_timing_cache=_Cache))
+    with open(tmp_path / "shared.cache.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        saver = threading.Thread(target=trt_build.save_timing_cache, args=(timing, path), kwargs={"log": print})
+        saver.start()
+        time.sleep(0.3)
+        assert saver.is_alive() and not path.exists()            # blocked on the lock
+        path.write_bytes(b"theirs")                              # the holder's own write
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    saver.join(5)
+    assert path.read_bytes() == b"mine,theirs"

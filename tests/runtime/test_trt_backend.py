@@ -31,6 +31,7 @@ class FakeCuda:
 
     def __init__(self):
         self.keep, self.capturing, self.launches, self.freed = [], None, 0, 0
+        self.pinned, self.freed_host, self.copies = [], 0, []
 
     def cudaSetDevice(self, d): return OK
     def cudaGetDeviceProperties(self, d): return 0, types.SimpleNamespace(major=9, minor=0, name=b"Fake GPU\0")
@@ -49,9 +50,21 @@ class FakeCuda:
         self.freed += 1
         return OK
 
+    def cudaMallocHost(self, n):
+        self.pinned.append(np.zeros(n, np.uint8))
+        return 0, self.pinned[-1].ctypes.data
+
+    def cudaFreeHost(self, p):
+        self.freed_host += 1
+        return OK
+
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        self.copies.append((kind, dst, src, n))
         ctypes.memmove(dst, src, n)
         return OK
+
+    def is_pinned(self, ptr, n):
+        return any(a.ctypes.data <= ptr and ptr + n <= a.ctypes.data + a.nbytes for a in self.pinned)
 
     def cudaStreamBeginCapture(self, s, mode):
         self.capturing = []
@@ -77,6 +90,10 @@ class FakeContext:
     def set_input_shape(self, name, shape): self.shapes[name] = shape; return True
     def set_tensor_address(self, name, ptr): self.addr[name] = ptr; return True
 
+    def get_tensor_shape(self, name):
+        """As TensorRT infers it from the input shapes set (eps is shaped like x)."""
+        return self.shapes["x" if name == "eps" else name]
+
     def _view(self, name, dtype, shape):
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return np.frombuffer((ctypes.c_char * n).from_address(self.addr[name]), dtype=dtype).reshape(shape)
@@ -93,13 +110,13 @@ class FakeContext:
         return True
 
 
-def fake_tensorrt(cuda):
+def fake_tensorrt(cuda, io=IO):
     class Engine:
-        num_io_tensors = len(IO)
-        def get_tensor_name(self, i): return IO[i][0]
-        def get_tensor_mode(self, n): return next(m for name, m, _, _ in IO if name == n)
-        def get_tensor_dtype(self, n): return next(d for name, _, d, _ in IO if name == n)
-        def get_tensor_shape(self, n): return next(s for name, _, _, s in IO if name == n)
+        num_io_tensors = len(io)
+        def get_tensor_name(self, i): return io[i][0]
+        def get_tensor_mode(self, n): return next(m for name, m, _, _ in io if name == n)
+        def get_tensor_dtype(self, n): return next(d for name, _, d, _ in io if name == n)
+        def get_tensor_shape(self, n): return next(s for name, _, _, s in io if name == n)
         def create_execution_context(self): return FakeContext(cuda)
 
     class Runtime:
@@ -186,7 +203,7 @@ def test_undeserialisable_engine_is_a_clear_error(tmp_path, fakes):
 def test_missing_tensorrt_is_one_line():
     with pytest.raises(BackendError) as err:
         trt_backend.import_tensorrt()
-    assert "edgediff[gpu]" in str(err.value) and "\n" not in str(err.value)
+    assert "edgediff[gpu-cu12]" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_failed_graph_capture_falls_back_to_eager_and_cleans_up(tmp_path, fakes, rng):
@@ -207,3 +224,42 @@ def test_failed_graph_capture_falls_back_to_eager_and_cleans_up(tmp_path, fakes,
     np.testing.assert_array_equal(backend.infer(feed)["eps"], _expected(feed))                   # eager
     assert fakes.launches == 0
     backend.close()
+
+
+def test_inputs_and_outputs_are_staged_through_pinned_host_buffers(tmp_path, fakes, rng):
+    """Pageable host memory would make cudaMemcpyAsync synchronous: every copy's host side is
+    a page-locked buffer from cudaMallocHost, allocated once and freed on close."""
+    backend = load_backend(_bundle(tmp_path), "trt", "fp16")
+    for b in (3, 8):
+        feed = _feed(b, rng)
+        np.testing.assert_array_equal(backend.infer(feed)["eps"], _expected(feed))
+    h2d = [(src, n) for kind, _, src, n in fakes.copies if kind == 1]
+    d2h = [(dst, n) for kind, dst, _, n in fakes.copies if kind == 2]
+    assert len(h2d) == 6 and len(d2h) == 2
+    assert all(fakes.is_pinned(ptr, n) for ptr, n in h2d + d2h)
+    assert len(fakes.pinned) == 4                                # one per tensor, for the largest batch
+    backend.close()
+    assert fakes.freed_host == 4
+
+
+def test_outputs_are_sized_by_the_context_for_every_dynamic_dimension(tmp_path, monkeypatch, rng):
+    """An engine output dynamic beyond the batch (-1, -1, 4, 4): its buffers and results take
+    the shape the context infers, not the engine's -1s (once sized to a single byte)."""
+    cuda = FakeCuda()
+    io = IO[:3] + [("eps", "out", np.float32, (-1, -1, 4, 4))]
+    monkeypatch.setattr(trt_backend, "cudart", lambda: cuda)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_tensorrt(cuda, io))
+    backend = load_backend(_bundle(tmp_path), "trt", "fp16")
+    assert backend.capacity["eps"] == 8 * 1 * 4 * 4 * 4          # max batch 8, (1, 4, 4), float32
+    for b in (5, 2):
+        feed = _feed(b, rng)
+        np.testing.assert_array_equal(backend.infer(feed)["eps"], _expected(feed))
+
+
+def test_an_input_dynamic_beyond_the_batch_is_refused(tmp_path, monkeypatch):
+    cuda = FakeCuda()
+    io = [("x", "in", np.float32, (-1, 1, -1, 4))] + IO[1:]
+    monkeypatch.setattr(trt_backend, "cudart", lambda: cuda)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_tensorrt(cuda, io))
+    with pytest.raises(BackendError, match="'x' has dynamic dimensions besides the batch"):
+        load_backend(_bundle(tmp_path), "trt", "fp16")
