@@ -1,0 +1,112 @@
+"""INT8 (export/int8.py, export/int8_bundle.py): ModelOpt Q/DQ on trajectory feeds, FP32
+islands chosen by measured per-step gain, the per-step gate, the bundle record, and the
+failures: a missed gate keeps the bundle as it was and the model aside."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("modelopt.onnx.quantization")
+
+from fs_snapshot import snapshot  # noqa: E402
+
+from edgediff.export import int8  # noqa: E402
+from edgediff.export.int8 import Group, Int8Error, Search, Trial, candidate_groups  # noqa: E402
+from edgediff.export.int8_bundle import INT8_FILE, add_int8, judge_applies  # noqa: E402
+from edgediff.runtime.bundle import read_bundle  # noqa: E402
+from edgediff.runtime.parity import OutputCheck, ParityCase, ParityResult  # noqa: E402
+from edgediff.runtime.pipeline import Pipeline  # noqa: E402
+
+
+def _consumers_of_dq(model: onnx.ModelProto) -> set[str]:
+    """Nodes fed by a DequantizeLinear: the ones that run on INT8 inputs."""
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in model.graph.node if n.op_type != "QuantizeLinear" and dq.intersection(n.input)}
+
+
+def test_add_int8_installs_a_gated_qdq_model_with_its_record(tmp_path, fixture_bundle, one_thread):
+    _, _, bundle, _ = fixture_bundle("dit")
+    parity, quality = add_int8(bundle, calib_samples=4, calib_cap=4, quality=False, log=lambda m: None)
+    assert parity.passed and parity.worst_rel_l2 <= 5e-2 and quality is None
+    b = read_bundle(bundle)                                  # hashes verified: the install is whole
+    rec = b.manifest.precision["int8"]
+    assert b.manifest.models["int8"] == INT8_FILE and b.manifest.parity["int8"]["passed"]
+    assert rec["calibration"]["method"] == "max" and rec["calibration"]["rows"] > 0
+    assert len(rec["gate"]["per_step"]) == rec["gate"]["held_out"]["steps_recorded"]   # every step gated
+    model = onnx.load(str(bundle / INT8_FILE))
+    assert rec["quantizers"] == sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 0
+    int8_inputs = _consumers_of_dq(model)
+    for island in rec["fp32_islands"]:                       # what stayed FP32 gets no INT8 input
+        assert not int8_inputs.intersection(island["nodes"]), island["name"]
+    assert json.loads((bundle / "parity.json").read_text())["int8"]["passed"]
+    with Pipeline.from_bundle(bundle, precision="int8") as pipe:
+        out = pipe(4, seed=0, steps=4)
+    assert np.isfinite(out.samples).all()
+
+
+def test_a_missed_gate_keeps_the_bundle_and_sets_the_model_aside(tmp_path, fixture_bundle, monkeypatch, one_thread):
+    _, _, bundle, _ = fixture_bundle("dit")
+    monkeypatch.setattr(int8, "GATE_REL_L2", 1e-9)          # no INT8 model can meet it
+    monkeypatch.setattr(int8, "candidate_groups", lambda m: candidate_groups(m)[:2])     # a short search
+    before = snapshot(bundle)
+    with pytest.raises(Int8Error, match=r"misses the gate even with every candidate island FP32.*int8\.failed"):
+        add_int8(bundle, calib_samples=2, calib_cap=2, quality=False, log=lambda m: None)
+    assert snapshot(bundle) == before
+    assert (bundle.parent / (bundle.name + ".int8.failed") / INT8_FILE).is_file()
+
+
+def _trial(islands, worst):
+    check = OutputCheck("eps", worst, worst, True)
+    return Trial(islands, ParityResult("ref", "int8", 5e-2, None, [ParityCase("step 0", [check])]), 1)
+
+
+def test_islands_are_added_in_order_of_measured_gain_until_the_gate_holds():
+    # alone: b helps most, then c; a barely. The gate needs b and c together.
+    worst = {(): 0.2, ("a",): 0.19, ("b",): 0.08, ("c",): 0.1, ("b", "c"): 0.04}
+    tried = []
+
+    def trial(islands):
+        tried.append(islands)
+        return _trial(islands, worst[islands])
+
+    groups = [Group(n, "", (n,)) for n in "abc"]
+    final = Search(groups, trial, log=lambda m: None).run()
+    assert final.islands == ("b", "c") and final.parity.passed
+    assert tried == [(), ("a",), ("b",), ("c",), ("b", "c")]       # each alone once, then cumulative
+
+
+def test_no_islands_when_all_int8_passes():
+    final = Search([Group("a", "", ("a",))], lambda i: _trial(i, 0.01), log=lambda m: None).run()
+    assert final.islands == ()
+
+
+def test_candidate_groups_name_the_risky_layers_and_every_module(fixture_bundle):
+    _, _, bundle, _ = fixture_bundle("dit")
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    groups = {g.name: g for g in candidate_groups(model)}
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert [ops[n] for n in groups["input"].nodes] == ["Conv"]               # the patch embedding on x
+    assert "Softmax" in {ops[n] for n in groups["attention"].nodes}
+    assert {"module:model.blocks.0", "module:model.final_layer.linear"} <= set(groups)
+    assert len({frozenset(g.nodes) for g in groups.values()}) == len(groups)   # no trial twice
+
+
+def test_u_net_convs_after_group_norms_are_quantized(fixture_bundle, tmp_path, one_thread):
+    """ONNX cannot infer GroupNormalization-21's output type; without the declared types
+    ORT's quantizer would leave every Conv after the first GroupNorm in FP32."""
+    _, _, bundle, _ = fixture_bundle("ddpm")
+    with Pipeline.from_bundle(bundle) as pipe:
+        from edgediff.calibration.feeds import record_feeds
+
+        feeds = record_feeds(pipe, samples=2, cap=2, seed=0, steps=3)
+    int8.quantize(bundle / "model.onnx", tmp_path / "q.onnx", feeds.arrays)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert set(convs) <= _consumers_of_dq(model)
+    assert not list(tmp_path.glob("tmp*.onnx"))             # ModelOpt's stray temporary files stay in the stage
+
+
+def test_judge_applies_only_to_digit_shaped_label_or_unconditional_models(fixture_bundle):
+    _, _, bundle, _ = fixture_bundle("dit")
+    assert not judge_applies(read_bundle(bundle).manifest)    # the tiny fixture draws 4x8x8, not 1x16x16
