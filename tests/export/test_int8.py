@@ -102,9 +102,36 @@ def test_u_net_convs_after_group_norms_are_quantized(fixture_bundle, tmp_path, o
         feeds = record_feeds(pipe, samples=2, cap=2, seed=0, steps=3)
     int8.quantize(bundle / "model.onnx", tmp_path / "q.onnx", feeds.arrays)
     model = onnx.load(str(tmp_path / "q.onnx"))
-    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    assert set(convs) <= _consumers_of_dq(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert {n.name for n in convs} <= _consumers_of_dq(model)
     assert not list(tmp_path.glob("tmp*.onnx"))             # ModelOpt's stray temporary files stay in the stage
+    assert _int8_convs(tmp_path / "q.onnx", tmp_path) == 0   # DQ -> Conv only: ORT convolves in FP32
+
+
+def test_conv_outputs_quantized_let_onnx_runtime_run_int8_convolutions(fixture_bundle, tmp_path, one_thread):
+    _, _, bundle, _ = fixture_bundle("ddpm")
+    with Pipeline.from_bundle(bundle) as pipe:
+        from edgediff.calibration.feeds import record_feeds
+
+        feeds = record_feeds(pipe, samples=2, cap=2, seed=0, steps=3)
+    peaks = int8.conv_output_peaks(bundle / "model.onnx", feeds)
+    assert peaks and min(peaks.values()) > 0
+    int8.quantize(bundle / "model.onnx", tmp_path / "q.onnx", feeds.arrays, conv_peaks=peaks)
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
+    assert _int8_convs(tmp_path / "q.onnx", tmp_path) > convs // 2
+
+
+def _int8_convs(path, tmp_path) -> int:
+    """How many convolutions ONNX Runtime's optimized graph runs as QLinearConv."""
+    import onnxruntime as ort
+
+    from edgediff.runtime.backends.ort import INT8_DISABLED_OPTIMIZERS
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(INT8_DISABLED_OPTIMIZERS))
+    return sum(n.op_type == "QLinearConv" for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
 
 
 def test_judge_applies_only_to_digit_shaped_label_or_unconditional_models(fixture_bundle):
