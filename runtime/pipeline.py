@@ -368,6 +368,12 @@ class Pipeline:
         null = encoded[wanted.index("")][None] if guided else None
         return TextContexts(encoded[:len(rows)], null, rows), order
 
+    def prompt_contexts(self, prompt, batch: int = 16, guided: bool = False) -> tuple[TextContexts, np.ndarray]:
+        """Prompts encoded exactly as a call with ``prompt`` encodes them: the distinct ones
+        (and the empty prompt when ``guided``) and each given prompt's row among them. A caller
+        that draws a run in parts (:mod:`.shards`) passes rows of it back as ``context``."""
+        return self._prompt_contexts(prompt, batch, guided)
+
     def _given_contexts(self, context, null_context, batch: int, guided: bool) -> tuple[TextContexts, np.ndarray]:
         """Precomputed contexts (an array, or a :class:`TextContexts` as ``load_context_npz``
         reads it), checked against the model's (L, D); without a null row, a guided run
