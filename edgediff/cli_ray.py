@@ -7,7 +7,6 @@ import time
 
 import click
 
-from edgediff.runtime.samplers import SAMPLERS
 
 
 def sharded_options(command):
@@ -89,4 +88,46 @@ def _run(spec, options, p: dict, threads: int) -> dict:
                 import_ray().shutdown()
 
 
-COMMANDS: list = []
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default="", metavar="[ADDRESS]",
+              help="The Ray cluster to serve from (auto, ray://HOST:10001); default: a new local Ray instance.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Replicas (fixed count).")
+@click.option("--min-replicas", type=click.IntRange(1), help="Autoscale: fewest replicas (with --max-replicas).")
+@click.option("--max-replicas", type=click.IntRange(1), help="Autoscale: most replicas.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Requests merged into one batch at most.")
+@click.option("--max-samples", default=64, show_default=True, type=click.IntRange(1, 4096),
+              help="Samples per denoiser call at most (a larger merged batch runs in parts).")
+@click.option("--batch-wait-ms", default=20.0, show_default=True, type=click.FloatRange(0, 10_000),
+              help="How long the first request of a batch waits for others.")
+@click.option("--max-n", default=16, show_default=True, type=click.IntRange(1, 1024), help="Samples one request may ask.")
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]), help="Backend.")
+@click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
+              help="ONNX Runtime execution provider (cuda/tensorrt: one GPU per replica).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="CPUs (intra-op threads) per replica.")
+def serve(bundle, ray_address, host, port, **options):
+    """Serve a bundle over HTTP with Ray Serve (POST /generate, GET /health, GET /info) until ^C."""
+    from edgediff.runtime.bundle import read_bundle
+    from edgediff.runtime.distributed import connect, import_ray
+    from edgediff.runtime.serve_ray import ServeOptions, serve_bundle
+
+    read_bundle(bundle)                                  # a bad bundle: one line, before Ray starts
+    owned = connect(ray_address)
+    try:
+        serve_bundle(str(bundle), ServeOptions(**options), host, port)
+        click.echo(f"serving {bundle} at http://{host}:{port}/generate (^C to stop)")
+        while True:
+            time.sleep(3600)
+    finally:
+        if owned:                                       # ours: stop the application, then Ray
+            from ray import serve as ray_serve
+
+            ray_serve.shutdown()
+            import_ray().shutdown()
+
+
+COMMANDS: list = [serve]

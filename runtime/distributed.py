@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import signal
+import threading
 
 from .errors import EdgediffError, InvalidInput, MissingExtra, missing_extra
 from .shards import RunSpec, ShardWorker, WorkerOptions
@@ -35,12 +37,19 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     ray = import_ray()
     if ray.is_initialized():
         return False
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(address=address or None, num_cpus=None if address else num_cpus,
                  include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise InvalidInput(f"cannot reach a Ray cluster at {address or 'a new local instance'}: "
                            f"{' '.join(str(exc).split())[:300]}") from None
+    finally:
+        # Ray's core installs its own SIGTERM handler (a stack dump, then death): put ours
+        # back, so ^C and SIGTERM still clean up and end in one line (runtime/interrupts.py).
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     return True
 
 

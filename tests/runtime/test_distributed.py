@@ -18,14 +18,6 @@ from edgediff.runtime.shards import RUN_FILE, WorkerOptions, local_runner, make_
 CHOICE = dict(sampler="ddpm", steps=4, guidance=2.0, seed=7)     # stochastic: every step draws noise
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 def single(bundle, n, **kw):
     with Pipeline.from_bundle(bundle, threads=1) as pipe:
         out = pipe(n, **{**CHOICE, **kw})
