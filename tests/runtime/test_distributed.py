@@ -121,6 +121,7 @@ def test_cli_out_dir_and_its_refusals(tiny_bundle, tmp_path, capsys):
 
 
 def test_core_modules_never_import_ray():
-    probe = ("import sys; import edgediff.cli, edgediff.runtime.shards, edgediff.runtime.pipeline; "
+    probe = ("import sys; import edgediff.cli, edgediff.runtime.shards, edgediff.runtime.pipeline, "
+             "edgediff.runtime.serving, edgediff.runtime.client; "
              "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0

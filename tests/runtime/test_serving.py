@@ -56,6 +56,14 @@ def test_merged_requests_equal_separate_runs_and_only_compatible_ones_merge(engi
         assert np.array_equal(got["images"], alone.images) and np.array_equal(got["labels"], alone.labels)
 
 
+def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path, capsys):
+    from cli_helpers import run
+
+    (tmp_path / "b").mkdir()
+    code, _, err = run(["serve", str(tmp_path / "b")], capsys)
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
