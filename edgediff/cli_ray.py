@@ -72,8 +72,9 @@ def _spec(p: dict):
 def _run(spec, options, p: dict, threads: int) -> dict:
     from tqdm.auto import tqdm
 
-    from edgediff.runtime.shards import local_runner, run_shards
+    from edgediff.runtime.shards import local_runner, open_run, run_shards
 
+    open_run(p["out_dir"], spec, p["resume"])          # a refused --out-dir: one line, before Ray starts
     with tqdm(total=spec.count, desc="samples", unit="sample", disable=None) as bar:
         if p["ray_address"] is None:
             return run_shards(spec, p["out_dir"], local_runner(spec, options), p["resume"], bar.update)

@@ -160,8 +160,13 @@ class RunState:
                 "done": {str(k): v for k, v in sorted(self.done.items())}}
 
 
-def _open_state(out: Path, spec: RunSpec, resume: bool) -> RunState:
-    """The state to continue: a fresh one, or (``resume``) the manifest's, if it is this run's."""
+def open_run(out_dir, spec: RunSpec, resume: bool) -> RunState:
+    """The state to continue in ``out_dir``: a fresh one, or (``resume``) the manifest's, if it
+    is this run's. Refuses, in one line, a directory that is not a run's (or not this run's),
+    one inside the bundle, and a run there without ``resume``. Nothing is written."""
+    out = Path(os.path.abspath(out_dir))
+    if Path(spec.bundle) in (out.resolve(), *out.resolve().parents):
+        raise InvalidInput(f"{out} is inside the bundle; write the shards elsewhere")
     manifest = out / RUN_FILE
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputExists(f"{out} exists and is not a directory; choose another --out-dir")
@@ -214,7 +219,7 @@ def run_shards(spec: RunSpec, out_dir, runner, resume: bool = False, progress=No
     from .bundle import read_bundle
 
     out = Path(os.path.abspath(out_dir))
-    state = _open_state(out, spec, resume)
+    state = open_run(out, spec, resume)
     manifest = read_bundle(spec.bundle, verify=False).manifest
     todo = [s for s in spec.shards() if s.index not in state.done]
     skipped = len(spec.shards()) - len(todo)

@@ -41,15 +41,18 @@ def test_local_shards_equal_one_run(tiny_bundle, tmp_path):
         [f"shard-{k:06d}.{ext}" for k in range(3) for ext in ("npz", "png")]
 
 
-def test_ray_shards_equal_one_run(ray_local, tiny_bundle, tmp_path):
-    """Two actors, shards (5) not a multiple of the batch (3): the images are those of one process."""
-    from edgediff.runtime.distributed import RayRunner
-
-    images, labels = single(tiny_bundle, 17)
-    spec = spec_of(tiny_bundle, 17, 5)
-    run_shards(spec, tmp_path / "o", RayRunner(spec, WorkerOptions(batch=3), workers=2))
-    got = read_shards(tmp_path / "o")
-    assert np.array_equal(got["images"], images) and np.array_equal(got["labels"], labels)
+def test_ray_shards_equal_one_run(ray_local, tiny_bundle, tmp_path, capsys):
+    """`generate --ray --out-dir`: two actors, shards (5) not a multiple of the batch (3), and
+    the images are those of `generate --npz` in one process (batch 16)."""
+    base = ["generate", str(tiny_bundle), "-n", "17", "--sampler", "ddpm", "--steps", "4", "--guidance", "2",
+            "--seed", "7", "--threads", "1"]
+    assert run(base + ["--npz", str(tmp_path / "one.npz")], capsys)[0] == 0
+    code, out, err = run(base + ["--batch", "3", "--out-dir", str(tmp_path / "o"), "--shard-size", "5",
+                                 "--ray", "--workers", "2"], capsys)
+    assert code == 0, err
+    assert "17 samples in 4 shards" in out
+    got, one = read_shards(tmp_path / "o"), np.load(tmp_path / "one.npz")
+    assert np.array_equal(got["images"], one["images"]) and np.array_equal(got["labels"], one["labels"])
 
 
 def test_killed_worker_is_replaced_and_nothing_lost(ray_local, tiny_bundle, tmp_path):
@@ -115,7 +118,8 @@ def test_cli_out_dir_and_its_refusals(tiny_bundle, tmp_path, capsys):
     for extra, words in ((["--out-dir", out], "--resume"), (["--ray"], "go with --out-dir"),
                          (["--out-dir", out, "--npz", str(tmp_path / "a.npz")], "--npz does not go"),
                          (["--out-dir", out, "--resume", "--seed", "3"], "seed differ"),
-                         (["--out-dir", str(tmp_path / "p"), "--classes", "99"], "out of range")):
+                         (["--out-dir", str(tmp_path / "p"), "--classes", "99"], "out of range"),
+                         (["--out-dir", str(tiny_bundle / "runs")], "inside the bundle")):
         code, _, err = run(base + extra, capsys)
         assert code != 0 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
 
