@@ -360,9 +360,10 @@ class Pipeline:
                   for i in range(0, len(ids), batch)]
         return np.concatenate(chunks)                                         # (K, L, D)
 
-    def _prompt_contexts(self, prompt, batch: int, guided: bool) -> tuple[TextContexts, np.ndarray]:
+    def prompt_contexts(self, prompt, batch: int = 16, guided: bool = False) -> tuple[TextContexts, np.ndarray]:
         """Each distinct prompt encoded once (and the empty prompt, guidance's null, when
-        guiding); the row of every given prompt, in the caller's order."""
+        guiding); the row of every given prompt, in the caller's order. A caller that draws a
+        run in parts (:mod:`.shards`) passes rows of it back as ``context``: the same bits."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidInput("prompt must be text or a non-empty list of texts")
@@ -371,12 +372,6 @@ class Pipeline:
         encoded = self.encode_prompts(wanted, batch)                          # (K [+ 1], L, D)
         null = encoded[wanted.index("")][None] if guided else None
         return TextContexts(encoded[:len(rows)], null, rows), order
-
-    def prompt_contexts(self, prompt, batch: int = 16, guided: bool = False) -> tuple[TextContexts, np.ndarray]:
-        """Prompts encoded exactly as a call with ``prompt`` encodes them: the distinct ones
-        (and the empty prompt when ``guided``) and each given prompt's row among them. A caller
-        that draws a run in parts (:mod:`.shards`) passes rows of it back as ``context``."""
-        return self._prompt_contexts(prompt, batch, guided)
 
     def _given_contexts(self, context, null_context, batch: int, guided: bool) -> tuple[TextContexts, np.ndarray]:
         """Precomputed contexts (an array, or a :class:`TextContexts` as ``load_context_npz``
@@ -405,7 +400,7 @@ class Pipeline:
         if prompt is None and context is None:
             raise InvalidInput("null_context goes with context: give the contexts too")
         guided = guidance != 1.0
-        text, order = (self._prompt_contexts(prompt, batch, guided) if prompt is not None
+        text, order = (self.prompt_contexts(prompt, batch, guided) if prompt is not None
                        else self._given_contexts(context, null_context, batch, guided))
         index = np.repeat(order, n)                   # n samples per prompt or row, in the caller's order
         null = None if text.null is None else {TEXT_CONTEXT: text.null}
