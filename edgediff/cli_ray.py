@@ -114,12 +114,13 @@ def serve(bundle, ray_address, host, port, **options):
     """Serve a bundle over HTTP with Ray Serve (POST /generate, GET /health, GET /info) until ^C."""
     from edgediff.runtime.bundle import read_bundle
     from edgediff.runtime.distributed import connect, import_ray
-    from edgediff.runtime.serve_ray import ServeOptions, serve_bundle
+    from edgediff.runtime.serve_ray import ServeOptions, deployment_options, serve_bundle
 
-    read_bundle(bundle)                                  # a bad bundle: one line, before Ray starts
+    read_bundle(bundle)                                  # bad input: one line, before Ray starts
+    deployment_options(opts := ServeOptions(**options))
     owned = connect(ray_address)
     try:
-        serve_bundle(str(bundle), ServeOptions(**options), host, port)
+        serve_bundle(str(bundle), opts, host, port)
         click.echo(f"serving {bundle} at http://{host}:{port}/generate (^C to stop)")
         while True:
             time.sleep(3600)

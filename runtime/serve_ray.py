@@ -18,7 +18,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 
-from .errors import EdgediffError
+from .errors import EdgediffError, InvalidInput
 
 MAX_BODY = 64 * 1024
 
@@ -40,12 +40,14 @@ class ServeOptions:
     max_n: int = 16                       # samples one request may ask for
 
 
-def _deployment_options(o: ServeOptions) -> dict:
+def deployment_options(o: ServeOptions) -> dict:
     gpu = o.backend == "trt" or o.device in ("cuda", "tensorrt")
     options = {"ray_actor_options": {"num_gpus": 1} if gpu else {"num_cpus": o.threads},
                "max_ongoing_requests": max(2 * o.max_batch, 8), "health_check_period_s": 10}
     if o.min_replicas is not None or o.max_replicas is not None:
         low, high = o.min_replicas or 1, o.max_replicas or max(o.min_replicas or 1, o.replicas)
+        if low > high:
+            raise InvalidInput(f"--min-replicas {low} exceeds --max-replicas {high}")
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
                                          "target_ongoing_requests": max(o.max_batch // 2, 1)}
     else:
@@ -61,7 +63,7 @@ def build_app(bundle: str, options: ServeOptions):
     def error(status: int, message: str):
         return JSONResponse({"error": " ".join(str(message).split())[:500]}, status_code=status)
 
-    @serve.deployment(name="edgediff", **_deployment_options(options))
+    @serve.deployment(name="edgediff", **deployment_options(options))
     class EdgediffServer:
         def __init__(self):
             from .pipeline import Pipeline

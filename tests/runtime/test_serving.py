@@ -64,6 +64,20 @@ def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path, capsys):
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
+def test_replica_and_autoscaling_options_are_valid_serve_deployments():
+    serve = pytest.importorskip("ray.serve")
+    from edgediff.runtime.serve_ray import ServeOptions, deployment_options
+
+    fixed = deployment_options(ServeOptions(replicas=3, threads=2))
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 2}
+    scaled = deployment_options(ServeOptions(min_replicas=1, max_replicas=4, device="cuda"))
+    assert scaled["autoscaling_config"]["max_replicas"] == 4 and scaled["ray_actor_options"] == {"num_gpus": 1}
+    for options in (fixed, scaled):
+        serve.deployment(**options)(type("Model", (), {"__call__": lambda self, request: None}))
+    with pytest.raises(InvalidInput, match="exceeds"):
+        deployment_options(ServeOptions(min_replicas=3, max_replicas=2))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
