@@ -113,13 +113,15 @@ def _run(spec, options, p: dict, threads: int) -> dict:
 def serve(bundle, ray_address, host, port, **options):
     """Serve a bundle over HTTP with Ray Serve (POST /generate, GET /health, GET /info) until ^C."""
     from edgediff.runtime.bundle import read_bundle
-    from edgediff.runtime.distributed import connect, import_ray
+    from edgediff.runtime.distributed import connect, import_ray, placeable
     from edgediff.runtime.serve_ray import ServeOptions, deployment_options, serve_bundle
 
     read_bundle(bundle)                                  # bad input: one line, before Ray starts
     deployment_options(opts := ServeOptions(**options))
-    owned = connect(ray_address)
+    owned, serving = connect(ray_address), False
     try:
+        placeable(opts.gpu, opts.threads)               # else the replicas would wait for ever
+        serving = True
         serve_bundle(str(bundle), opts, host, port)
         click.echo(f"serving {bundle} at http://{host}:{port}/generate (^C to stop)")
         while True:
@@ -128,7 +130,7 @@ def serve(bundle, ray_address, host, port, **options):
         if owned:                                       # ours: stop the application, then Ray
             from ray import serve as ray_serve
 
-            ray_serve.shutdown()
+            ray_serve.shutdown() if serving else None
             import_ray().shutdown()
 
 

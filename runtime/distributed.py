@@ -57,19 +57,22 @@ def needs_gpu(spec: RunSpec) -> bool:
     return spec.backend == "trt" or spec.device in ("cuda", "tensorrt")
 
 
-def default_workers(spec: RunSpec, threads: int) -> int:
-    """As many workers as the cluster has GPUs (GPU runs) or CPUs / threads per worker;
-    refuses a run no node could place (its actors would wait for ever)."""
-    ray = import_ray()
-    res = ray.cluster_resources()
-    if needs_gpu(spec):
+def placeable(gpu: bool, threads: int) -> int:
+    """How many workers of one GPU (``gpu``) or ``threads`` CPUs the cluster holds; refuses,
+    in one line, work that no node could place (its actors would wait for ever)."""
+    res = import_ray().cluster_resources()
+    if gpu:
         if int(res.get("GPU", 0)) < 1:
-            raise InvalidInput("this run needs GPUs (--device cuda/tensorrt or --backend trt), "
-                               "and the Ray cluster has none")
+            raise InvalidInput("this needs GPUs (--device cuda/tensorrt or --backend trt), and the Ray cluster has none")
         return int(res["GPU"])
     if threads > int(res.get("CPU", 0)):
         raise InvalidInput(f"--threads {threads}: the Ray cluster has {int(res.get('CPU', 0))} CPUs")
     return max(1, int(res.get("CPU", 1)) // threads)
+
+
+def default_workers(spec: RunSpec, threads: int) -> int:
+    """As many workers as the cluster has GPUs (GPU runs) or CPUs / threads per worker."""
+    return placeable(needs_gpu(spec), threads)
 
 
 class _Actor:

@@ -39,10 +39,14 @@ class ServeOptions:
     batch_wait_ms: float = 20.0
     max_n: int = 16                       # samples one request may ask for
 
+    @property
+    def gpu(self) -> bool:
+        """One GPU per replica (else ``threads`` CPUs)."""
+        return self.backend == "trt" or self.device in ("cuda", "tensorrt")
+
 
 def deployment_options(o: ServeOptions) -> dict:
-    gpu = o.backend == "trt" or o.device in ("cuda", "tensorrt")
-    options = {"ray_actor_options": {"num_gpus": 1} if gpu else {"num_cpus": o.threads},
+    options = {"ray_actor_options": {"num_gpus": 1} if o.gpu else {"num_cpus": o.threads},
                "max_ongoing_requests": max(2 * o.max_batch, 8), "health_check_period_s": 10}
     if o.min_replicas is not None or o.max_replicas is not None:
         low, high = o.min_replicas or 1, o.max_replicas or max(o.min_replicas or 1, o.replicas)
@@ -126,5 +130,8 @@ def serve_bundle(bundle: str, options: ServeOptions, host: str = "127.0.0.1", po
     """Start Serve's HTTP proxy on host:port and deploy the bundle there (returns once up)."""
     from ray import serve
 
+    from .distributed import placeable
+
+    placeable(options.gpu, options.threads)           # else the replicas would wait for ever
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(bundle, options), name="edgediff", route_prefix="/")
