@@ -20,6 +20,7 @@ from .shards import RunSpec, ShardWorker, WorkerOptions
 # A shard whose worker died this many times is not tried again: the death is then its doing
 # (memory, a crashing backend), and going on would loop.
 MAX_ATTEMPTS = 3
+POLL_S = 0.5            # how often the driver asks busy actors for their progress
 
 
 def import_ray():
@@ -92,6 +93,11 @@ class _Actor:
             raise self.error
         return self.worker.run(shard)
 
+    def progress(self) -> tuple[int | None, int]:
+        """(shard index, samples drawn) of the shard being drawn: answered beside ``run``
+        (the actor has a second thread for it), so the driver's bar moves within a shard."""
+        return (None, 0) if self.worker is None else self.worker.current
+
     def pid(self) -> int:
         """The actor's process id (the tests kill it)."""
         import os
@@ -109,11 +115,12 @@ class RayRunner:
         placeable = default_workers(spec, threads)       # also refuses what no node could place
         self.workers = workers or placeable
         resources = {"num_gpus": 1} if needs_gpu(spec) else {"num_cpus": threads}
-        remote = ray.remote(max_restarts=-1, max_task_retries=0, **resources)(_Actor)
+        remote = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2, **resources)(_Actor)
         opts = WorkerOptions(**{**vars(options), "threads": threads if not needs_gpu(spec) else options.threads})
         self.actors = [remote.remote(spec, opts) for _ in range(self.workers)]
         self.in_flight: dict = {}           # future -> (actor, shard)
         self.retries = 0
+        self.on_progress = None             # (shard index, samples drawn), polled every POLL_S
 
     def busy(self) -> list:
         """The actors drawing a shard now."""
@@ -129,24 +136,48 @@ class RayRunner:
                 while queue and idle:
                     actor, shard = idle.pop(), queue.popleft()
                     self.in_flight[actor.run.remote(shard)] = (actor, shard)
-                [ready], _ = ray.wait(list(self.in_flight), num_returns=1)
-                actor, shard = self.in_flight.pop(ready)
+                done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=POLL_S)
+                if not done:
+                    self._poll()
+                    continue
+                actor, shard = self.in_flight.pop(done[0])
                 idle.append(actor)           # a dead actor is restarted by Ray: calls wait for it
                 try:
-                    result = ray.get(ready)
+                    result = ray.get(done[0])
                 except ray.exceptions.RayActorError:
-                    attempts[shard.index] += 1
-                    if attempts[shard.index] >= MAX_ATTEMPTS:
-                        raise EdgediffError(f"shard {shard.index} (samples {shard.start}..{shard.stop - 1}): "
-                                            f"its worker died {MAX_ATTEMPTS} times; giving up") from None
-                    self.retries += 1
-                    queue.appendleft(shard)
+                    self._requeue(shard, attempts, queue)
                     continue
                 except ray.exceptions.RayTaskError as exc:
                     raise _unwrap(exc) from None
                 yield shard, result
         finally:
             self.close()
+
+    def _requeue(self, shard, attempts, queue) -> None:
+        """The worker of ``shard`` died: draw it again, first, unless that happened too often."""
+        attempts[shard.index] += 1
+        if attempts[shard.index] >= MAX_ATTEMPTS:
+            raise EdgediffError(f"shard {shard.index} (samples {shard.start}..{shard.stop - 1}): "
+                                f"its worker died {MAX_ATTEMPTS} times; giving up")
+        self.retries += 1
+        queue.appendleft(shard)
+        if self.on_progress is not None:
+            self.on_progress(shard.index, 0)          # it starts over
+
+    def _poll(self) -> None:
+        """Ask the busy actors how far their shards are; a restarting one is not waited for."""
+        if self.on_progress is None:
+            return
+        ray = import_ray()
+        asked = {actor.progress.remote(): shard for actor, shard in self.in_flight.values()}
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=POLL_S)
+        for ref in answered:
+            try:
+                index, samples = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue
+            if index == asked[ref].index and any(s.index == index for _, s in self.in_flight.values()):
+                self.on_progress(index, samples)
 
     def close(self) -> None:
         ray = import_ray()

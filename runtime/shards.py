@@ -99,6 +99,7 @@ class ShardWorker:
                                          threads=options.threads, gpu=options.gpu, max_batch=options.batch,
                                          decode_batch=options.decode_batch, public_key=options.public_key)
         self._text = None
+        self.current: tuple[int | None, int] = (None, 0)     # (shard index, samples drawn so far)
 
     def _contexts(self, shard: Shard):
         """The shard's rows of the run's prompt contexts. Every worker encodes the run's whole
@@ -115,10 +116,28 @@ class ShardWorker:
         rows = order[np.arange(shard.start, shard.stop) // s.n]       # each sample's prompt row
         return TextContexts(text.context[rows], text.null, [text.prompts[i] for i in rows]), rows
 
-    def run(self, shard: Shard):
-        """Draw ``shard``: a :class:`~edgediff.runtime.pipeline.Generation` of its samples."""
+    def _ticker(self, shard: Shard, report):
+        """The pipeline's progress callback (model calls) -> ``current``: (shard, samples drawn)."""
+        from .pipeline import total_model_calls
+
+        s, size = self.spec, shard.stop - shard.start
+        total = total_model_calls(self.pipe.manifest, size, min(self.options.batch, size),
+                                  sampler=s.sampler, steps=s.steps, guidance=s.guidance)
+        calls = [0]
+        self.current = (shard.index, 0)
+
+        def tick(k: int) -> None:
+            calls[0] += k
+            self.current = (shard.index, min(size, calls[0] * size // total))
+            if report is not None:
+                report(*self.current)
+        return tick
+
+    def run(self, shard: Shard, report=None):
+        """Draw ``shard``: a :class:`~edgediff.runtime.pipeline.Generation` of its samples.
+        ``report(shard index, samples drawn)`` is told as the sampling goes (also kept in ``current``)."""
         s, o = self.spec, self.options
-        choice = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance)
+        choice = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, progress=self._ticker(shard, report))
         if s.prompts:
             context, rows = self._contexts(shard)
             out = self.pipe(1, seed=s.seed, first=s.first + shard.start, batch=o.batch, decode_batch=o.decode_batch,
@@ -136,16 +155,24 @@ class ShardWorker:
         self.pipe.close()
 
 
-def local_runner(spec: RunSpec, options: WorkerOptions):
-    """Run shards one after another in this process: ``runner(shards)`` yields (shard, generation)."""
-    def run(shards):
-        worker = ShardWorker(spec, options)
+class LocalRunner:
+    """Run shards one after another in this process: ``runner(shards)`` yields (shard,
+    generation); ``on_progress(shard index, samples drawn)``, when set, hears of every model call."""
+
+    def __init__(self, spec: RunSpec, options: WorkerOptions):
+        self.spec, self.options, self.on_progress = spec, options, None
+
+    def __call__(self, shards):
+        worker = ShardWorker(self.spec, self.options)
         try:
             for shard in shards:
-                yield shard, worker.run(shard)
+                yield shard, worker.run(shard, self.on_progress)
         finally:
             worker.close()
-    return run
+
+
+def local_runner(spec: RunSpec, options: WorkerOptions) -> LocalRunner:
+    return LocalRunner(spec, options)
 
 
 @dataclass
@@ -214,8 +241,9 @@ def _write_shard(out: Path, manifest, shard: Shard, generation) -> dict:
 def run_shards(spec: RunSpec, out_dir, runner, resume: bool = False, progress=None) -> dict:
     """Draw every shard of ``spec`` not yet done in ``out_dir`` with ``runner`` (see
     :func:`local_runner`, :func:`edgediff.runtime.distributed.ray_runner`), writing each as it
-    arrives and then the manifest. ``progress(k)``: k more samples are done (skipped ones
-    included, at the start). Returns ``{"done": shards drawn now, "skipped": shards kept}``."""
+    arrives and then the manifest. ``progress(k)``: k more samples are drawn (skipped ones
+    at the start; while a shard is drawn, as its batches go, where the runner tells; k < 0
+    when a dead worker's shard starts over). Returns ``{"done": shards drawn now, "skipped": shards kept}``."""
     from .bundle import read_bundle
 
     out = Path(os.path.abspath(out_dir))
@@ -225,6 +253,15 @@ def run_shards(spec: RunSpec, out_dir, runner, resume: bool = False, progress=No
     skipped = len(spec.shards()) - len(todo)
     if progress is not None and skipped:
         progress(sum(s.stop - s.start for s in spec.shards() if s.index in state.done))
+    drawn: dict[int, int] = {}
+
+    def seen(index: int, samples: int) -> None:      # a shard's samples so far; a retried one restarts at 0
+        if progress is not None and samples != drawn.get(index, 0):
+            progress(samples - drawn.get(index, 0))
+        drawn[index] = samples
+
+    if hasattr(runner, "on_progress"):
+        runner.on_progress = seen
     for shard, generation in runner(todo):      # the directory appears with the first shard drawn
         if not (out / RUN_FILE).is_file():
             (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
@@ -232,8 +269,7 @@ def run_shards(spec: RunSpec, out_dir, runner, resume: bool = False, progress=No
         files = _write_shard(out, manifest, shard, generation)
         state.done[shard.index] = {"start": shard.start, "stop": shard.stop, "files": files}
         write_json_atomic(out / RUN_FILE, state.to_json())
-        if progress is not None:
-            progress(shard.stop - shard.start)
+        seen(shard.index, shard.stop - shard.start)
     return {"done": len(todo), "skipped": skipped}
 
 
