@@ -5,7 +5,8 @@ out shards as actors free up and writes every result (:func:`~edgediff.runtime.s
 A worker that dies (its process killed, its node lost) is restarted by Ray, and the shard it
 was drawing goes back in the queue: shards are written only by the driver, only whole, and
 named by their index, so a retried shard is neither lost nor written twice. Ray is imported
-here, lazily (the ``distributed`` extra); nothing else in the runtime imports this module.
+here, lazily (the ``distributed`` extra); only :mod:`.serve_ray` and the CLI's Ray commands
+import this module.
 """
 from __future__ import annotations
 
@@ -121,10 +122,6 @@ class RayRunner:
         self.in_flight: dict = {}           # future -> (actor, shard)
         self.retries = 0
         self.on_progress = None             # (shard index, samples drawn), polled every POLL_S
-
-    def busy(self) -> list:
-        """The actors drawing a shard now."""
-        return [actor for actor, _ in self.in_flight.values()]
 
     def __call__(self, shards):
         ray = import_ray()

@@ -143,9 +143,8 @@ class ShardWorker:
             out = self.pipe(1, seed=s.seed, first=s.first + shard.start, batch=o.batch, decode_batch=o.decode_batch,
                             context=context, classifier_scale=s.classifier_scale,
                             allow_nonfinite=s.allow_nonfinite, **choice)
-            prompts, order = self._text[0].prompts, self._text[1]
-            out.prompts = np.array(prompts, dtype=str)      # the run's distinct prompts, as a single run saves
-            out.prompt_index = order[np.arange(shard.start, shard.stop) // s.n]
+            out.prompts = np.array(self._text[0].prompts, dtype=str)   # the run's distinct prompts, as one run saves
+            out.prompt_index = rows
             return out
         return self.pipe(shard.stop - shard.start, classes=s.classes, seed=s.seed, first=s.first + shard.start,
                          batch=o.batch, decode_batch=o.decode_batch, classifier_scale=s.classifier_scale,
