@@ -35,6 +35,8 @@ def sharded_generate(p: dict) -> None:
     for name, flag in (("out", "--out"), ("npz", "--npz"), ("cond_path", "--cond"), ("context_npz", "--context-npz")):
         if p[name]:
             raise click.UsageError(f"{flag} does not go with --out-dir (each shard is written there)")
+    if p["workers"] and p["ray_address"] is None:
+        raise click.UsageError("--workers counts Ray actors: add --ray")
     if p["one_class"] is not None and p["classes"] is not None:
         raise click.UsageError("give --class or --classes, not both")
     spec = _spec(p)

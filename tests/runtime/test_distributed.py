@@ -121,7 +121,8 @@ def test_cli_out_dir_and_its_refusals(tiny_bundle, tmp_path, capsys):
                          (["--out-dir", out, "--npz", str(tmp_path / "a.npz")], "--npz does not go"),
                          (["--out-dir", out, "--resume", "--seed", "3"], "seed differ"),
                          (["--out-dir", str(tmp_path / "p"), "--classes", "99"], "out of range"),
-                         (["--out-dir", str(tiny_bundle / "runs")], "inside the bundle")):
+                         (["--out-dir", str(tiny_bundle / "runs")], "inside the bundle"),
+                         (["--out-dir", str(tmp_path / "w"), "--workers", "2"], "add --ray")):
         code, _, err = run(base + extra, capsys)
         assert code != 0 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
 
