@@ -106,12 +106,14 @@ def _run(spec, options, p: dict, threads: int) -> dict:
               help="Samples per denoiser call at most (a larger merged batch runs in parts).")
 @click.option("--batch-wait-ms", default=20.0, show_default=True, type=click.FloatRange(0, 10_000),
               help="How long the first request of a batch waits for others.")
-@click.option("--max-n", default=16, show_default=True, type=click.IntRange(1, 1024), help="Samples one request may ask.")
+@click.option("--max-n", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="Samples one request may ask.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "trt"]), help="Backend.")
 @click.option("--precision", default="fp32", show_default=True, help="Which model of the bundle to run.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "tensorrt"]),
               help="ONNX Runtime execution provider (cuda/tensorrt: one GPU per replica).")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="CPUs (intra-op threads) per replica.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="CPUs (intra-op threads) per replica.")
 def serve(bundle, ray_address, host, port, **options):
     """Serve a bundle over HTTP with Ray Serve (POST /generate, GET /health, GET /info) until ^C."""
     from edgediff.runtime.bundle import read_bundle

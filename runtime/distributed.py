@@ -65,7 +65,8 @@ def placeable(gpu: bool, threads: int) -> int:
     res = import_ray().cluster_resources()
     if gpu:
         if int(res.get("GPU", 0)) < 1:
-            raise InvalidInput("this needs GPUs (--device cuda/tensorrt or --backend trt), and the Ray cluster has none")
+            raise InvalidInput("this needs GPUs (--device cuda/tensorrt or --backend trt), "
+                               "and the Ray cluster has none")
         return int(res["GPU"])
     if threads > int(res.get("CPU", 0)):
         raise InvalidInput(f"--threads {threads}: the Ray cluster has {int(res.get('CPU', 0))} CPUs")

@@ -65,7 +65,8 @@ def parse_request(body, manifest, max_n: int = 16, text: bool = False) -> Reques
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise InvalidInput(f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(FIELDS)}")
-    n, seed, first = _int(body, "n", 1, 1, max_n), _int(body, "seed", 0, 0, MAX_SEED), _int(body, "first", 0, 0, MAX_SEED)
+    n, seed = _int(body, "n", 1, 1, max_n), _int(body, "seed", 0, 0, MAX_SEED)
+    first = _int(body, "first", 0, 0, MAX_SEED)
     fmt = body.get("format", "png")
     if fmt not in FORMATS:
         raise InvalidInput(f"'format' must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -128,8 +129,8 @@ class Engine:
         total = len(streams)
         labels = None
         if manifest.conditional:
-            labels = np.concatenate([resolve_labels(manifest, r.n, None if r.label is None else [r.label], first=r.first)
-                                     for r in group])
+            labels = np.concatenate([resolve_labels(manifest, r.n, None if r.label is None else [r.label],
+                                                    first=r.first) for r in group])
         conditions = self._text_conditions(group, s.guidance) if group[0].prompt is not None else None
         out = generate(self.pipe.backend, manifest, total, sampler=s.sampler, steps=s.steps, guidance=s.guidance,
                        batch=min(total, self.max_batch), labels=labels, conditions=conditions, streams=streams,

@@ -43,7 +43,8 @@ def npz(answer):
 
 def test_merged_requests_equal_separate_runs_and_only_compatible_ones_merge(engine, tiny_bundle):
     bodies = [{"class": 3, "seed": 1, "steps": 3, "guidance": 2, "sampler": "ddpm", "format": "npz"},
-              {"class": 5, "seed": 9, "n": 2, "first": 4, "steps": 3, "guidance": 2, "sampler": "ddpm", "format": "npz"},
+              {"class": 5, "seed": 9, "n": 2, "first": 4, "steps": 3, "guidance": 2, "sampler": "ddpm",
+               "format": "npz"},
               {"class": 5, "seed": 9, "steps": 4, "guidance": 2, "sampler": "ddpm", "format": "npz"},   # other steps
               {"seed": 2, "steps": 3, "guidance": 2, "sampler": "ddpm"}]                               # png, no class
     answers = engine.run([engine.parse(b) for b in bodies])
