@@ -14,7 +14,8 @@ def sharded_options(command):
     options = [
         click.option("--out-dir", type=click.Path(file_okay=False),
                      help="Write the samples in shards into this directory (shards/shard-NNNNNN.npz + .png, "
-                          "run.json), each as it completes; resumable with --resume."),
+                          "run.json), each as it completes; resumable with --resume. With --npz, the whole run "
+                          "is also written there at the end."),
         click.option("--shard-size", type=click.IntRange(1), help="Samples per shard (default 64; with --out-dir)."),
         click.option("--resume", is_flag=True, help="Finish the run in --out-dir: skip the shards already written."),
         click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
@@ -28,17 +29,10 @@ def sharded_options(command):
 
 def sharded_generate(p: dict) -> None:
     """``generate`` with --out-dir: validate, then draw the shards in-process or on Ray."""
-    from edgediff.runtime.shards import WorkerOptions
+    from edgediff.runtime.images import save_npz
+    from edgediff.runtime.shards import WorkerOptions, read_shards
 
-    if not p["out_dir"]:
-        raise click.UsageError("--ray, --resume, --shard-size and --workers go with --out-dir DIR")
-    for name, flag in (("out", "--out"), ("npz", "--npz"), ("cond_path", "--cond"), ("context_npz", "--context-npz")):
-        if p[name]:
-            raise click.UsageError(f"{flag} does not go with --out-dir (each shard is written there)")
-    if p["workers"] and p["ray_address"] is None:
-        raise click.UsageError("--workers counts Ray actors: add --ray")
-    if p["one_class"] is not None and p["classes"] is not None:
-        raise click.UsageError("give --class or --classes, not both")
+    _refuse_combinations(p)
     spec = _spec(p)
     threads = p["threads"] or 1
     options = WorkerOptions(batch=p["batch"], decode_batch=p["decode_batch"], threads=p["threads"],
@@ -47,12 +41,28 @@ def sharded_generate(p: dict) -> None:
     summary = _run(spec, options, p, threads)
     click.echo(f"{spec.count} samples in {len(spec.shards())} shards in {p['out_dir']} ({summary['done']} drawn now, "
                f"{summary['skipped']} kept) in {time.perf_counter() - start:.1f} s")
+    if p["npz"]:                                        # the whole run as one archive, as `--npz` alone writes it
+        save_npz(p["npz"], **read_shards(p["out_dir"]))
+        click.echo(f"wrote {p['npz']}")
+
+
+def _refuse_combinations(p: dict) -> None:
+    if not p["out_dir"]:
+        raise click.UsageError("--ray, --resume, --shard-size and --workers go with --out-dir DIR")
+    for name, flag in (("out", "--out"), ("cond_path", "--cond"), ("context_npz", "--context-npz")):
+        if p[name]:
+            raise click.UsageError(f"{flag} does not go with --out-dir (each shard is written there)")
+    if p["workers"] and p["ray_address"] is None:
+        raise click.UsageError("--workers counts Ray actors: add --ray")
+    if p["one_class"] is not None and p["classes"] is not None:
+        raise click.UsageError("give --class or --classes, not both")
 
 
 def _spec(p: dict):
     """The run's spec, checked against the bundle before any worker starts."""
     from edgediff.cli import _parse_classes
     from edgediff.runtime.bundle import read_bundle
+    from edgediff.runtime.images import check_outputs
     from edgediff.runtime.pipeline import resolve_labels, resolve_settings
     from edgediff.runtime.prompts import read_prompts_file
     from edgediff.runtime.shards import make_spec
@@ -60,6 +70,7 @@ def _spec(p: dict):
     prompts = [*p["prompts"], *(read_prompts_file(p["prompts_file"]) if p["prompts_file"] else [])]
     wanted = [p["one_class"]] if p["one_class"] is not None else _parse_classes(p["classes"])
     manifest = read_bundle(p["bundle"], public_key=p["public_key"]).manifest
+    check_outputs(p["bundle"], manifest, has_decoder=True, npz=p["npz"])      # the archive's place, up front
     resolve_settings(manifest, p["sampler"], p["steps"], p["guidance"])
     n = p["num"] or (4 if prompts else 64)
     count = n * (len(prompts) or 1)

@@ -48,11 +48,12 @@ def test_ray_shards_equal_one_run(ray_local, tiny_bundle, tmp_path, capsys):
             "--seed", "7", "--threads", "1"]
     assert run(base + ["--npz", str(tmp_path / "one.npz")], capsys)[0] == 0
     code, out, err = run(base + ["--batch", "3", "--out-dir", str(tmp_path / "o"), "--shard-size", "5",
-                                 "--ray", "--workers", "2"], capsys)
+                                 "--ray", "--workers", "2", "--npz", str(tmp_path / "all.npz")], capsys)
     assert code == 0, err
     assert "17 samples in 4 shards" in out
-    got, one = read_shards(tmp_path / "o"), np.load(tmp_path / "one.npz")
+    got, one, merged = read_shards(tmp_path / "o"), np.load(tmp_path / "one.npz"), np.load(tmp_path / "all.npz")
     assert np.array_equal(got["images"], one["images"]) and np.array_equal(got["labels"], one["labels"])
+    assert sorted(merged.files) == sorted(one.files) and np.array_equal(merged["images"], one["images"])
 
 
 def test_killed_worker_is_replaced_and_nothing_lost(ray_local, tiny_bundle, tmp_path):
@@ -118,11 +119,13 @@ def test_cli_out_dir_and_its_refusals(tiny_bundle, tmp_path, capsys):
     assert run(base + ["--out-dir", out, "--shard-size", "4"], capsys)[0] == 0
     assert sorted(read_state(tmp_path / "o")["done"]) == ["0", "1"]
     for extra, words in ((["--out-dir", out], "--resume"), (["--ray"], "go with --out-dir"),
-                         (["--out-dir", out, "--npz", str(tmp_path / "a.npz")], "--npz does not go"),
+                         (["--out-dir", out, "--out", str(tmp_path / "a.png")], "--out does not go"),
                          (["--out-dir", out, "--resume", "--seed", "3"], "seed differ"),
                          (["--out-dir", str(tmp_path / "p"), "--classes", "99"], "out of range"),
                          (["--out-dir", str(tiny_bundle / "runs")], "inside the bundle"),
-                         (["--out-dir", str(tmp_path / "w"), "--workers", "2"], "add --ray")):
+                         (["--out-dir", str(tmp_path / "w"), "--workers", "2"], "add --ray"),
+                         (["--out-dir", str(tmp_path / "w"), "--npz", str(tiny_bundle / "a.npz")],
+                          "inside the bundle")):
         code, _, err = run(base + extra, capsys)
         assert code != 0 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
 
