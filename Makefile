@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel lies on local disk; an unpinned torch pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,export,test,fp16,sign,plot]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,export,test,fp16,sign,plot,distributed]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,6 +17,8 @@ from edgediff.cli_digits import DIGITS_COMMANDS
 from edgediff.cli_parity import COMMANDS as PARITY_COMMANDS
 from edgediff.cli_precision import COMMANDS as PRECISION_COMMANDS
 from edgediff.cli_precision import add_to_bundle
+from edgediff.cli_ray import COMMANDS as RAY_COMMANDS
+from edgediff.cli_ray import sharded_generate, sharded_options
 from edgediff.cli_sign import COMMANDS as SIGN_COMMANDS
 from edgediff.cli_text import COMMANDS as TEXT_COMMANDS
 from edgediff.cli_vae import COMMANDS as VAE_COMMANDS
@@ -168,10 +170,13 @@ def _parse_classes(value: str | None) -> list[int] | None:
                    "(default: stop with the step, t and output).")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
               help="EC public key (PEM): refuse a bundle that is unsigned or changed since it was signed.")
+@sharded_options
 def generate(bundle, sampler, steps, num, batch, classes, one_class, guidance, classifier_scale, seed, first, backend,
              precision, device, threads, out, npz, decode_batch, cond_path, cond_size, prompts, prompts_file,
-             context_npz, allow_nonfinite, public_key):
+             context_npz, allow_nonfinite, public_key, **sharded):
     """Generate samples from a bundle with a NumPy sampler (no PyTorch)."""
+    if any(v not in (None, False) for v in sharded.values()):      # --out-dir, --ray ...: in shards
+        return sharded_generate(click.get_current_context().params)
     from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.images import check_outputs, save_outputs
     from edgediff.runtime.pipeline import Pipeline, total_model_calls
@@ -230,7 +235,7 @@ def families():
 
 
 for _command in (*BENCH_COMMANDS, *PRECISION_COMMANDS, *PARITY_COMMANDS, *VAE_COMMANDS, *CLASSIFIER_COMMANDS,
-                 *TEXT_COMMANDS, *CALIBRATE_COMMANDS, *DIGITS_COMMANDS, *SIGN_COMMANDS):
+                 *TEXT_COMMANDS, *CALIBRATE_COMMANDS, *DIGITS_COMMANDS, *SIGN_COMMANDS, *RAY_COMMANDS):
     cli.add_command(_command)
 
 

@@ -26,6 +26,14 @@ class SampleNoise:
     def __init__(self, seed: int, indices):
         self.generators = [sample_generator(seed, i) for i in indices]
 
+    @classmethod
+    def of_streams(cls, streams) -> "SampleNoise":
+        """Noise for rows of different seeds: ``streams`` lists each row's (seed, index), so
+        requests merged into one batch (a server's) draw what each would alone."""
+        noise = cls(0, [])
+        noise.generators = [sample_generator(seed, i) for seed, i in streams]
+        return noise
+
     def _draw(self, row_shape) -> np.ndarray:
         return np.stack([g.standard_normal(row_shape, dtype=np.float32) for g in self.generators])
 

@@ -160,13 +160,16 @@ def resolve_settings(manifest: Manifest, sampler: str | None = None, steps: int 
 def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None, steps: int | None = None,
              batch: int = 16, labels: np.ndarray | None = None, guidance: float | None = None, seed: int = 0,
              first: int = 0, progress=None, conditions: ConditionFeatures | None = None, classifier=None,
-             classifier_scale: float = 0.0, allow_nonfinite: bool = False, **options) -> Generation:
+             classifier_scale: float = 0.0, allow_nonfinite: bool = False, streams=None, **options) -> Generation:
     """Sample ``n`` images (sample indices ``first .. first+n-1``) batch by batch.
     ``progress(k)`` is told of every k model calls. Sample i depends only on (seed, i, options).
     ``conditions``: the encoded condition of each of the ``n`` samples (conditional bundles).
     ``classifier_scale`` ≠ 0 guides with ``classifier`` (a backend of the bundle's classifier).
     Every model call's outputs and the final samples must be finite, and the sample must not
-    diverge (:mod:`.checks`), unless ``allow_nonfinite``."""
+    diverge (:mod:`.checks`), unless ``allow_nonfinite``. ``streams``: each sample's own
+    (seed, index) noise stream instead of (seed, first + i) (:meth:`.SampleNoise.of_streams`)."""
+    if streams is not None and len(streams) != n:
+        raise InvalidInput(f"{len(streams)} noise streams for {n} samples")
     _check_text_context(manifest, conditions)
     s = resolve_settings(manifest, sampler, steps, guidance, **options)
     _check_text_null(manifest, conditions, s.guidance, guidance is None)
@@ -198,7 +201,8 @@ def generate(backend, manifest: Manifest, n: int, *, sampler: str | None = None,
                 denoise = FiniteChecked(denoise, s.steps, calls, scale, hint)
             if progress is not None:
                 denoise = _Counting(denoise, progress)
-            noise = SampleNoise(seed, range(first + start, first + start + size))
+            noise = (SampleNoise(seed, range(first + start, first + start + size)) if streams is None
+                     else SampleNoise.of_streams(streams[start:start + size]))
             x_T = noise.initial(manifest.sample_shape, scale)
             chunks.append(sample(s.sampler, denoise, x_T, schedule, s.steps, noise=noise, **opts))
             if not allow_nonfinite:
@@ -356,9 +360,10 @@ class Pipeline:
                   for i in range(0, len(ids), batch)]
         return np.concatenate(chunks)                                         # (K, L, D)
 
-    def _prompt_contexts(self, prompt, batch: int, guided: bool) -> tuple[TextContexts, np.ndarray]:
+    def prompt_contexts(self, prompt, batch: int = 16, guided: bool = False) -> tuple[TextContexts, np.ndarray]:
         """Each distinct prompt encoded once (and the empty prompt, guidance's null, when
-        guiding); the row of every given prompt, in the caller's order."""
+        guiding); the row of every given prompt, in the caller's order. A caller that draws a
+        run in parts (:mod:`.shards`) passes rows of it back as ``context``: the same bits."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidInput("prompt must be text or a non-empty list of texts")
@@ -395,7 +400,7 @@ class Pipeline:
         if prompt is None and context is None:
             raise InvalidInput("null_context goes with context: give the contexts too")
         guided = guidance != 1.0
-        text, order = (self._prompt_contexts(prompt, batch, guided) if prompt is not None
+        text, order = (self.prompt_contexts(prompt, batch, guided) if prompt is not None
                        else self._given_contexts(context, null_context, batch, guided))
         index = np.repeat(order, n)                   # n samples per prompt or row, in the caller's order
         null = None if text.null is None else {TEXT_CONTEXT: text.null}

@@ -27,3 +27,12 @@ def bundle_copy(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, copy)
     return copy
 
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray of 2 CPUs, shared by the distributed and serving tests of this process."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
