@@ -152,9 +152,7 @@ def _quality(bundle_path: Path, model: Path, c, log) -> QualityGate:
     log(f"judging {10 * QUALITY_PER_CLASS} FP32 and {10 * QUALITY_PER_CLASS} INT8 samples ...")
     backend = OrtBackend(model, c.inputs, c.output_names, graph_outputs=c.graph_outputs,
                          disabled_optimizers=INT8_DISABLED_OPTIMIZERS)
-    gate = quality_gate(bundle_path, backend_int8=backend)
-    log(f"  {gate.summary()}")
-    return gate
+    return quality_gate(bundle_path, backend_int8=backend)
 
 
 def _install(bundle, tmp: Path, parity: ParityResult, rec: dict, gate: QualityGate | None) -> None:
