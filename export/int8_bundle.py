@@ -132,7 +132,8 @@ def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 1
         log(f"quantizing to INT8 with ModelOpt ({len(calibration)} calibration rows) and checking every step "
             f"of {held_out.meta.get('samples', '?')} held-out trajectories against FP32 ...")
         try:
-            final, trials, groups = convert_int8(fp32, out, c, reference.infer, calibration, held_out, log=log)
+            final, trials, groups, reported = convert_int8(fp32, out, c, reference.infer, calibration, held_out,
+                                                           m.time, log=log)
             gate = _quality(bundle.path, out, c, log) if quality else None
             if gate is not None and not gate.passed:
                 raise Int8Error(f"INT8 sample quality misses the gate: {gate.summary()}")
@@ -141,7 +142,8 @@ def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 1
                 raise
             failed = stage.keep_failed(".int8.failed")
             raise Int8Error(f"{exc}; the last INT8 model tried is in {failed}") from None
-        rec = record(onnx.load(str(fp32), load_external_data=False), final, trials, groups, calibration, held_out)
+        rec = record(onnx.load(str(fp32), load_external_data=False), final, trials, groups, calibration, held_out,
+                     reported)
         if gate is not None:
             rec["quality"] = gate.to_dict()
         _install(bundle, stage.path, final.parity, rec, gate)
