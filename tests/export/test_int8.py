@@ -137,3 +137,29 @@ def _int8_convs(path, tmp_path) -> int:
 def test_judge_applies_only_to_digit_shaped_label_or_unconditional_models(fixture_bundle):
     _, _, bundle, _ = fixture_bundle("dit")
     assert not judge_applies(read_bundle(bundle).manifest)    # the tiny fixture draws 4x8x8, not 1x16x16
+
+
+def test_cli_refuses_int8_for_a_component_and_conditioned_bundles_without_feeds(fixture_bundle, t2i_bundle, capsys):
+    from cli_helpers import run
+
+    _, _, bundle, _ = fixture_bundle("dit")
+    code, _, err = run(["add-precision", str(bundle), "--precision", "int8", "--component", "decoder"], capsys)
+    assert code == 2 and "converts the denoiser only" in err
+    code, _, err = run(["add-precision", str(t2i_bundle / "b"), "--precision", "int8"], capsys)
+    assert code != 0 and "needs prompts" in err and "--calib-data" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_calib_data_holds_a_quarter_of_each_step_out(tmp_path, fixture_bundle, one_thread, capsys):
+    from cli_helpers import run
+
+    _, _, bundle, _ = fixture_bundle("dit")
+    code, _, err = run(["calibrate", str(bundle), "--out", str(tmp_path / "f.npz"), "--samples", "4", "--cap", "4",
+                        "--steps", "3"], capsys)
+    assert code == 0, err
+    code, out, err = run(["add-precision", str(bundle), "--precision", "int8", "--calib-data", str(tmp_path / "f.npz"),
+                          "--no-quality"], capsys)
+    assert code == 0, err
+    gate = read_bundle(bundle).manifest.precision["int8"]["gate"]
+    assert gate["held_out"]["rows"] == 3 and len(gate["per_step"]) == 3       # one row of four per step
+    assert "PASS" in out
