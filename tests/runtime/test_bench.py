@@ -87,6 +87,25 @@ def test_run_bench_times_every_engine_and_batch(tiny_bundle):
     json.dumps(r)                                 # the JSON report is serialisable as is
 
 
+def test_int8_bench_times_fp32_and_the_machines_int8_gemm_in_the_same_run(tiny_bundle, tmp_path):
+    pytest.importorskip("modelopt.onnx.quantization")
+    import shutil
+
+    from edgediff.export.int8_bundle import add_int8
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    add_int8(bundle, calib_samples=2, calib_cap=2, quality=False, log=lambda m: None)
+    r = run_bench(bundle, precision="int8", batches=[2], repeats=2, warmup=0, threads=1, sgemm_size=64)
+    assert set(r["engines"]) == {"ort", "ort-fp32"} and r["ort_igemm"]["p50"] > 0
+    i8 = r["int8"]
+    assert i8["machine_ratio"] == pytest.approx(r["ort_sgemm"]["p50"] / r["ort_igemm"]["p50"])
+    assert i8["model_ratio"]["2"] == pytest.approx(r["engines"]["ort-fp32"]["batches"]["2"]["p50"]
+                                                   / r["engines"]["ort"]["batches"]["2"]["p50"])
+    assert i8["of_machine"]["2"] == pytest.approx(i8["model_ratio"]["2"] / i8["machine_ratio"])
+    assert "int8 over fp32 (same run): batch 2:" in format_report(r)
+
+
 @pytest.mark.parametrize("mod", ["edgediff.runtime.bench", "edgediff.cli_bench"])
 def test_bench_modules_import_no_torch(mod):
     """The coordinator and the ORT worker run on a core install; only the PyTorch workers
