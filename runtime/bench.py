@@ -387,15 +387,22 @@ def _report(bundle, m, precision, backend, batches, guided, workers, finals, loa
                                 "image_ms": call["p50"] * steps / b}
     ratios = {name: {str(b): e["batches"][str(b)]["p50"] / engines[backend]["batches"][str(b)]["p50"]
                      for b in batches} for name, e in engines.items() if name != backend}
-    machine = yard["ort_sgemm"]["p50"] / yard["ort_igemm"]["p50"]
-    int8 = ({"machine_ratio": machine, "model_ratio": ratios[f"{backend}-fp32"],
-             "of_machine": {b: r / machine for b, r in ratios[f"{backend}-fp32"].items()}}
-            if precision == "int8" else None)
+    int8 = _int8_summary(engines, backend, yard, per_step) if precision == "int8" else None
     return {"bundle": str(bundle.path), "family": m.family, "precision": precision, "backend": backend,
             "batches": batches, "guided": guided,
             "steps": steps, **yard,
             "engines": engines, "per_step": per_step, "speedup_vs": ratios, "loadavg": load,
             "checkpoint": checkpoint, "int8": int8, "cpu_flags": cpu_flags()}
+
+
+def _int8_summary(engines: dict, backend: str, yard: dict, per_step: dict) -> dict:
+    """INT8 over FP32 at each sampler step's call batch (2·B when guided), and that ratio as a
+    share of the machine's own INT8-over-FP32 GEMM ratio, all from this run."""
+    machine = yard["ort_sgemm"]["p50"] / yard["ort_igemm"]["p50"]
+    fp32, int8 = engines[f"{backend}-fp32"]["batches"], engines[backend]["batches"]
+    model = {b: fp32[str(s["call_batch"])]["p50"] / int8[str(s["call_batch"])]["p50"] for b, s in per_step.items()}
+    return {"machine_ratio": machine, "model_ratio": model, "of_machine": {b: r / machine for b, r in model.items()},
+            "call_batch": {b: s["call_batch"] for b, s in per_step.items()}}
 
 
 def cpu_flags() -> list[str]:
@@ -437,7 +444,8 @@ def format_report(r: dict) -> str:
     if r.get("int8"):
         i8 = r["int8"]
         lines.append("int8 over fp32 (same run): " + ", ".join(
-            f"batch {b}: {x:.2f}x = {100 * i8['of_machine'][b]:.0f}% of the machine's INT8 GEMM ratio "
+            f"batch {b} (calls at {i8['call_batch'][b]}): {x:.2f}x = {100 * i8['of_machine'][b]:.0f}% of the machine's "
+            f"INT8 GEMM ratio "
             f"{i8['machine_ratio']:.2f}x" for b, x in i8["model_ratio"].items()))
     lines.append(f"ratios: the engine's p50 over {be}'s at the same batch (> 1: {be} is faster); GFLOP/s: the "
                  "graph's MatMul/Gemm/Conv flops at the batch over the p50, as % of each sgemm")

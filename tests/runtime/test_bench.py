@@ -100,10 +100,11 @@ def test_int8_bench_times_fp32_and_the_machines_int8_gemm_in_the_same_run(tiny_b
     assert set(r["engines"]) == {"ort", "ort-fp32"} and r["ort_igemm"]["p50"] > 0
     i8 = r["int8"]
     assert i8["machine_ratio"] == pytest.approx(r["ort_sgemm"]["p50"] / r["ort_igemm"]["p50"])
-    assert i8["model_ratio"]["2"] == pytest.approx(r["engines"]["ort-fp32"]["batches"]["2"]["p50"]
-                                                   / r["engines"]["ort"]["batches"]["2"]["p50"])
+    # guided: a step is one call at 2·B, so INT8 is compared at batch 4
+    assert i8["call_batch"]["2"] == 4 and i8["model_ratio"]["2"] == pytest.approx(
+        r["engines"]["ort-fp32"]["batches"]["4"]["p50"] / r["engines"]["ort"]["batches"]["4"]["p50"])
     assert i8["of_machine"]["2"] == pytest.approx(i8["model_ratio"]["2"] / i8["machine_ratio"])
-    assert "int8 over fp32 (same run): batch 2:" in format_report(r)
+    assert "int8 over fp32 (same run): batch 2 (calls at 4):" in format_report(r)
 
 
 @pytest.mark.parametrize("mod", ["edgediff.runtime.bench", "edgediff.cli_bench"])
