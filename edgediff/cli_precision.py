@@ -41,6 +41,23 @@ def add_int8_to_bundle(bundle: str, calib_samples: int, calib_cap: int, calib_da
         click.echo(f"sample quality {gate.summary()}")
 
 
+# options that only one precision reads: given for the other, they are refused, not ignored
+ONLY_FOR = {"checkpoint": "fp16", "calibration_rows": "fp16", "calib_samples": "int8", "calib_cap": "int8",
+            "calib_data": "int8", "quality": "int8"}
+
+
+def refuse_foreign_options(ctx: click.Context, precision: str) -> None:
+    from click.core import ParameterSource
+
+    given = [name for name, only in ONLY_FOR.items()
+             if only != precision and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given:
+        names = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise click.UsageError(f"{names}: not used by --precision {precision}")
+    if precision == "int8" and ctx.params["component"] != "denoiser":
+        raise click.UsageError("--precision int8 converts the denoiser only (components stay FP32/FP16)")
+
+
 @click.command("add-precision")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--precision", required=True, type=click.Choice(ADDABLE),
@@ -63,13 +80,13 @@ def add_int8_to_bundle(bundle: str, calib_samples: int, calib_cap: int, calib_da
                    "step's rows is held out for the gate); needed for text- and image-conditioned bundles.")
 @click.option("--quality/--no-quality", default=None,
               help="int8: judge 500 FP32 and 500 INT8 samples (default: where the digits judge applies).")
-def add_precision(bundle, precision, checkpoint, calibration_rows, component, calib_samples, calib_cap, calib_data,
-                  quality):
+@click.pass_context
+def add_precision(ctx, bundle, precision, checkpoint, calibration_rows, component, calib_samples, calib_cap,
+                  calib_data, quality):
     """Add a lower-precision model to an existing bundle, gated against FP32."""
     start = time.perf_counter()
+    refuse_foreign_options(ctx, precision)
     if precision == "int8":
-        if component != "denoiser":
-            raise click.UsageError("--precision int8 converts the denoiser only (components stay FP32/FP16)")
         add_int8_to_bundle(bundle, calib_samples, calib_cap, calib_data, quality)
     else:
         add_to_bundle(bundle, precision, checkpoint, calibration_rows, component)

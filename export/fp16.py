@@ -111,17 +111,22 @@ def module_scopes(model: onnx.ModelProto, names) -> list[str]:
     return sorted(scopes)
 
 
-def activation_peaks(fp32_path: Path, feed: dict) -> dict[str, float]:
-    """max |value| of every float tensor of the FP32 graph over the rows of ``feed``, run one
-    row at a time so memory stays at one row's activations."""
-    import onnxruntime as ort
+def activation_peaks(fp32_path: Path, feed: dict, names: list[str] | None = None, rows: int = 1) -> dict[str, float]:
+    """max |value| of every float tensor of the FP32 graph (or of the tensors ``names``) over
+    the rows of ``feed``, run ``rows`` rows at a time so memory stays at that many rows'
+    activations. Shared by the FP16 range pass and INT8's Conv-output calibration."""
+    from edgediff.runtime.backends.ort import import_onnxruntime
 
+    ort = import_onnxruntime("cpu")
     model = onnx.load(str(fp32_path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(model)
     have = {o.name for o in model.graph.output}
-    model.graph.output.extend(v for v in inferred.graph.value_info
-                              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name not in have)
-    names = [o.name for o in model.graph.output]
+    if names is None:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        model.graph.output.extend(v for v in inferred.graph.value_info
+                                  if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name not in have)
+    else:
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
+    wanted = [o.name for o in model.graph.output]
     # Beside the original, so that relative external-data locations still resolve.
     with deferred():                       # a signal cannot strand the file in the bundle
         fd, tmp = tempfile.mkstemp(dir=fp32_path.parent, prefix=".calib-", suffix=".onnx")
@@ -133,13 +138,13 @@ def activation_peaks(fp32_path: Path, feed: dict) -> dict[str, float]:
         session = ort.InferenceSession(tmp, sess_options=opts, providers=["CPUExecutionProvider"])
     finally:
         Path(tmp).unlink(missing_ok=True)
-    peaks = {k: float(np.abs(v).max()) for k, v in feed.items() if v.dtype == np.float32}
-    for row in range(len(next(iter(feed.values())))):
-        outs = session.run(names, {k: v[row:row + 1] for k, v in feed.items()})
-        for name, value in zip(names, outs):
+    peaks = {k: float(np.abs(v).max()) for k, v in feed.items() if v.dtype == np.float32} if names is None else {}
+    for row in range(0, len(next(iter(feed.values()))), rows):
+        outs = session.run(wanted, {k: v[row:row + rows] for k, v in feed.items()})
+        for name, value in zip(wanted, outs):
             if value.size:
                 peaks[name] = max(peaks.get(name, 0.0), float(np.abs(value).max()))
-    return peaks
+    return peaks if names is None else {n: peaks.get(n, 0.0) for n in names}
 
 
 def range_nodes(model: onnx.ModelProto, peaks: dict[str, float], limit: float = DATA_MAX) -> dict[str, float]:

@@ -32,9 +32,10 @@ from edgediff.calibration.feeds import CalibrationFeeds
 from edgediff.runtime.backends.ort import INT8_DISABLED_OPTIMIZERS, OrtBackend
 from edgediff.runtime.drift import GATES, forward_cases
 from edgediff.runtime.errors import EdgediffError
+from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.parity import ParityResult
 
-from .fp16 import conditioning_nodes, module_scopes
+from .fp16 import activation_peaks, conditioning_nodes, module_scopes
 
 GATE_REL_L2 = GATES["int8"]           # 5e-2 per forward, every step
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -179,8 +180,9 @@ def _typed_group_norms():
 
     def infer_shapes_path(src, dst="", *args, **kwargs):
         declared = Path(f"{src}.typed.onnx")          # beside it: relative external data still resolves
-        onnx.save_model(_declare_group_norms(onnx.load(str(src), load_external_data=False)), str(declared))
         try:
+            with deferred():                           # a signal cannot leave it behind
+                onnx.save_model(_declare_group_norms(onnx.load(str(src), load_external_data=False)), str(declared))
             return by_path(str(declared), dst or str(src), *args, **kwargs)
         finally:
             declared.unlink(missing_ok=True)
@@ -194,14 +196,32 @@ def _typed_group_norms():
 
 @contextlib.contextmanager
 def _temp_dir(where: Path):
-    """ModelOpt 0.47 leaves an empty temporary .onnx file per call: keep them in the stage."""
+    """ModelOpt writes temporary .onnx files through ``tempfile`` (and a failed run leaves them):
+    a private directory beside ``where``, removed afterwards, so nothing strays into /tmp or
+    into the stage that becomes the bundle."""
+    import shutil
     import tempfile
 
-    saved, tempfile.tempdir = tempfile.tempdir, str(where)
+    with deferred():
+        private = tempfile.mkdtemp(dir=where, prefix=".modelopt-")
+    saved, tempfile.tempdir = tempfile.tempdir, private
     try:
         yield
     finally:
         tempfile.tempdir = saved
+        shutil.rmtree(private, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_line(what: str):
+    """A library failure (ModelOpt or ONNX Runtime inside it) becomes one Int8Error line."""
+    try:
+        yield
+    except (Int8Error, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # their own exception types: KeyError, AssertionError, ORT's Fail ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise Int8Error(f"{what} failed: {type(exc).__name__}: {first}") from None
 
 
 def quantize(fp32_path: Path, out_path: Path, calibration: dict[str, np.ndarray], exclude=(),
@@ -214,7 +234,7 @@ def quantize(fp32_path: Path, out_path: Path, calibration: dict[str, np.ndarray]
         from modelopt.onnx.quantization import quantize as mo_quantize
     except ImportError as exc:
         raise Int8Error(f"{MISSING_MODELOPT}; missing: {exc.name or exc}") from None
-    with _quiet_modelopt(), _typed_group_norms(), _temp_dir(out_path.parent):
+    with _quiet_modelopt(), _typed_group_norms(), _temp_dir(out_path.parent), _one_line("ModelOpt INT8 PTQ"):
         mo_quantize(str(fp32_path), quantize_mode="int8", calibration_data=dict(calibration),
                     calibration_method="max", calibration_eps=["cpu"], output_path=str(out_path),
                     high_precision_dtype="fp32", passes=[], log_level="CRITICAL",
@@ -227,42 +247,13 @@ def quantize(fp32_path: Path, out_path: Path, calibration: dict[str, np.ndarray]
     return sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
-def conv_output_peaks(fp32_path: Path, calibration: CalibrationFeeds, batch: int = 16) -> dict[str, float]:
+def conv_output_peaks(fp32_path: Path, calibration: CalibrationFeeds) -> dict[str, float]:
     """max |output| of every Conv of the FP32 graph over the calibration feeds ("max"
-    calibration, as ModelOpt's for the inputs)."""
-    import onnxruntime as ort
-
+    calibration, as ModelOpt's for the inputs); the graph's own outputs are never quantized."""
     model = onnx.load(str(fp32_path), load_external_data=False)
     outputs = {o.name for o in model.graph.output}
     names = [n.output[0] for n in model.graph.node if n.op_type == "Conv" and n.output[0] not in outputs]
-    if not names:
-        return {}
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    with onnx_file(model, fp32_path.parent) as path:
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    peaks = dict.fromkeys(names, 0.0)
-    for feed in calibration.batches(batch):
-        for name, value in zip(names, session.run(names, feed)):
-            peaks[name] = max(peaks[name], float(np.abs(value).max()))
-    return peaks
-
-
-@contextlib.contextmanager
-def onnx_file(model: onnx.ModelProto, where: Path):
-    """``model`` saved to a private file beside the original (relative external data resolves)."""
-    import os
-    import tempfile
-
-    from edgediff.runtime.interrupts import deferred
-
-    with deferred():
-        fd, tmp = tempfile.mkstemp(dir=where, prefix=".int8-", suffix=".onnx")
-        os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        yield tmp
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return activation_peaks(fp32_path, calibration.arrays, names, rows=16) if names else {}
 
 
 def quantize_conv_outputs(model: onnx.ModelProto, peaks: dict[str, float]) -> int:
@@ -326,9 +317,10 @@ def split_denoise_call(cases, time: dict) -> tuple[list, list]:
 def measure(reference, component, path: Path, cases) -> ParityResult:
     """Per-forward rel-L2 of the INT8 model on ONNX Runtime against the FP32 reference;
     ``component``: the manifest's record of the model (inputs, outputs)."""
-    backend = OrtBackend(path, component.inputs, component.output_names, graph_outputs=component.graph_outputs,
-                         disabled_optimizers=INT8_DISABLED_OPTIMIZERS)
-    report = forward_cases(reference, backend, cases, gate=GATE_REL_L2, names=("onnx-fp32", "onnx-int8 (onnxruntime CPU)"))
+    with OrtBackend(path, component.inputs, component.output_names, graph_outputs=component.graph_outputs,
+                    disabled_optimizers=INT8_DISABLED_OPTIMIZERS) as backend:
+        report = forward_cases(reference, backend, cases, gate=GATE_REL_L2,
+                               names=("onnx-fp32", "onnx-int8 (onnxruntime CPU)"))
     return report.to_parity()
 
 
@@ -357,6 +349,8 @@ class Search:
         base = self._try(())
         if base.parity.passed:
             return base
+        if not self.groups:
+            raise Int8Error(f"INT8 misses the gate and the model offers no FP32 island: {base.parity.summary()}")
         self.log(f"  all INT8: worst rel-L2 {base.score:.3g} > {GATE_REL_L2:g}; measuring each candidate island")
         alone = {g.name: self._try((g.name,)).score for g in self.groups}
         order = sorted(alone, key=alone.get)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgediff.calibration.feeds import CalibrationFeeds, record_feeds
@@ -74,23 +75,38 @@ def _feeds(pipe, calib_data, samples: int, cap: int, log) -> tuple[CalibrationFe
                            f"BUNDLE --{'prompt' if needs == 'prompts' else 'cond'} ... --out feeds.npz` and pass "
                            "--calib-data feeds.npz")
     if calib_data is not None:
-        return _split(CalibrationFeeds.load(calib_data, list(m.inputs)))
+        feeds = CalibrationFeeds.load(calib_data, list(m.inputs))
+        check_feeds(feeds, m.inputs, calib_data)
+        return _split(feeds)
     log(f"recording calibration feeds: {samples} trajectories, ≤ {cap} rows per step ...")
     calibration = record_feeds(pipe, samples=samples, cap=cap, seed=0)
     held_out = record_feeds(pipe, samples=max(4, samples // 4), cap=8, seed=HELD_OUT_SEED)
     return calibration, held_out
 
 
+def check_feeds(feeds: CalibrationFeeds, inputs: dict[str, dict], path) -> None:
+    """Feeds of another bundle fail here in one line, not inside ModelOpt or ONNX Runtime."""
+    extra = sorted(set(feeds.arrays) - set(inputs))
+    if extra:
+        raise InvalidInput(f"{path} holds arrays this denoiser does not take: {', '.join(extra)}")
+    for name, spec in inputs.items():
+        arr, shape = feeds.arrays[name], spec.get("shape", [])
+        fixed = [(k, d) for k, d in enumerate(shape[1:], 1) if isinstance(d, int)]
+        if arr.dtype != np.dtype(spec.get("dtype", "float32")) or arr.ndim != len(shape) or \
+                any(arr.shape[k] != d for k, d in fixed):
+            raise InvalidInput(f"{path}: {name!r} is {arr.dtype} {tuple(arr.shape)}; this denoiser takes "
+                               f"{spec.get('dtype', 'float32')} {shape}")
+
+
 def _split(feeds: CalibrationFeeds) -> tuple[CalibrationFeeds, CalibrationFeeds]:
     """Given feeds only: every fourth row of each step is held out for the gate."""
-    import numpy as np
-
     held = np.zeros(len(feeds), bool)
     for k in np.unique(feeds.step):
         rows = np.flatnonzero(feeds.step == k)
+        if len(rows) < 4:
+            raise InvalidInput(f"the calibration feeds hold {len(rows)} row(s) at step {int(k)}: at least 4 per step "
+                               "are needed to hold one of four out for the gate (record them with a larger --cap)")
         held[rows[3::4]] = True
-    if not held.any() or held.all():
-        raise InvalidInput("the calibration feeds are too few to hold some out for the gate (need ≥ 4 rows per step)")
 
     def part(mask):
         return CalibrationFeeds({k: v[mask] for k, v in feeds.arrays.items()}, feeds.step[mask],
@@ -98,17 +114,14 @@ def _split(feeds: CalibrationFeeds) -> tuple[CalibrationFeeds, CalibrationFeeds]
     return part(~held), part(held)
 
 
-def quality_gate(bundle_dir: Path, per_class: int = QUALITY_PER_CLASS, backend_int8=None) -> QualityGate:
-    """FP32 and INT8 samples of the bundle's recommended sampling, judged."""
+def quality_gate(bundle_dir: Path, backend_int8, per_class: int = QUALITY_PER_CLASS) -> QualityGate:
+    """FP32 and INT8 samples of the bundle's recommended sampling, same seeds, judged."""
     from edgediff.digits.judge import judge_backend
     from edgediff.runtime.pipeline import Pipeline
 
-    results = []
-    for precision in ("fp32", "int8"):
-        with Pipeline.from_bundle(bundle_dir, precision="fp32", max_batch=250) as pipe:
-            backend = pipe.backend if precision == "fp32" else backend_int8
-            results.append(judge_backend(backend, pipe.manifest, per_class, batch=250, decoder=pipe.decoder)[0])
-    return QualityGate(*results)
+    with Pipeline.from_bundle(bundle_dir, precision="fp32", max_batch=250) as pipe:
+        return QualityGate(*(judge_backend(backend, pipe.manifest, per_class, batch=250, decoder=pipe.decoder)[0]
+                             for backend in (pipe.backend, backend_int8)))
 
 
 def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 16, calib_data: str | Path | None = None,
@@ -126,8 +139,8 @@ def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 1
     fp32 = bundle.model_path("fp32")
     with Pipeline.from_bundle(bundle_dir, precision="fp32") as pipe:
         calibration, held_out = _feeds(pipe, calib_data, calib_samples, calib_cap, log)
-    reference = OrtBackend(fp32, c.inputs, c.output_names, graph_outputs=c.graph_outputs)
-    with staged_dir(path, "int8") as stage:
+    with OrtBackend(fp32, c.inputs, c.output_names, graph_outputs=c.graph_outputs) as reference, \
+            staged_dir(path, "int8") as stage:
         out = stage.path / INT8_FILE
         log(f"quantizing to INT8 with ModelOpt ({len(calibration)} calibration rows) and checking every step "
             f"of {held_out.meta.get('samples', '?')} held-out trajectories against FP32 ...")
@@ -152,9 +165,9 @@ def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 1
 
 def _quality(bundle_path: Path, model: Path, c, log) -> QualityGate:
     log(f"judging {10 * QUALITY_PER_CLASS} FP32 and {10 * QUALITY_PER_CLASS} INT8 samples ...")
-    backend = OrtBackend(model, c.inputs, c.output_names, graph_outputs=c.graph_outputs,
-                         disabled_optimizers=INT8_DISABLED_OPTIMIZERS)
-    return quality_gate(bundle_path, backend_int8=backend)
+    with OrtBackend(model, c.inputs, c.output_names, graph_outputs=c.graph_outputs,
+                    disabled_optimizers=INT8_DISABLED_OPTIMIZERS) as backend:
+        return quality_gate(bundle_path, backend)
 
 
 def _install(bundle, tmp: Path, parity: ParityResult, rec: dict, gate: QualityGate | None) -> None:

@@ -329,7 +329,7 @@ def run_bench(bundle_path: str | Path, precision: str = "fp32", backend: str = "
     base = {"bundle": str(bundle.path), "threads": threads, "warmup": warmup}
     specs = {backend: _argv_ort("ort", {**base, "backend": backend, "precision": precision, "batches": ort_batches}),
              **{name: _argv_ort(name, {**base, "batches": [1], "size": sgemm_size}) for name in YARDSTICKS}}
-    if precision != "fp32":                 # the FP32 model in the same run: the precision's own speed-up
+    if precision != "fp32" and backend == "ort":    # FP32 in the same run: the precision's own speed-up
         specs[f"{backend}-fp32"] = _argv_ort("ort", {**base, "backend": backend, "precision": "fp32",
                                                       "batches": ort_batches})
     for engine in against:
@@ -387,7 +387,7 @@ def _report(bundle, m, precision, backend, batches, guided, workers, finals, loa
                                 "image_ms": call["p50"] * steps / b}
     ratios = {name: {str(b): e["batches"][str(b)]["p50"] / engines[backend]["batches"][str(b)]["p50"]
                      for b in batches} for name, e in engines.items() if name != backend}
-    int8 = _int8_summary(engines, backend, yard, per_step) if precision == "int8" else None
+    int8 = _int8_summary(engines, backend, yard, per_step) if precision == "int8" and backend == "ort" else None
     return {"bundle": str(bundle.path), "family": m.family, "precision": precision, "backend": backend,
             "batches": batches, "guided": guided,
             "steps": steps, **yard,
@@ -412,7 +412,8 @@ def cpu_flags() -> list[str]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
-    found = set(re.findall(r"^flags\s*:(.*)$", text, re.M)[0].split()) if "flags" in text else set()
+    line = re.search(r"^flags\s*:(.*)$", text, re.M)
+    found = set(line.group(1).split()) if line else set()
     return [f for f in wanted if f in found]
 
 

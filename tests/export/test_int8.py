@@ -163,3 +163,39 @@ def test_calib_data_holds_a_quarter_of_each_step_out(tmp_path, fixture_bundle, o
     gate = read_bundle(bundle).manifest.precision["int8"]["gate"]
     assert gate["held_out"]["rows"] == 3 and len(gate["per_step"]) == 3       # one row of four per step
     assert "PASS" in out
+
+
+def test_options_of_the_other_precision_are_refused(fixture_bundle, capsys):
+    from cli_helpers import run
+
+    _, _, bundle, _ = fixture_bundle("dit")
+    code, _, err = run(["add-precision", str(bundle), "--precision", "int8", "--calibration-rows", "4"], capsys)
+    assert code == 2 and "--calibration-rows: not used by --precision int8" in err
+    code, _, err = run(["add-precision", str(bundle), "--precision", "fp16", "--calib-cap", "4", "--no-quality"], capsys)
+    assert code == 2 and "--calib-cap, --quality: not used by --precision fp16" in err
+
+
+def test_feeds_of_another_model_are_refused_in_one_line(fixture_bundle, tmp_path, one_thread):
+    from edgediff.calibration.feeds import CalibrationFeeds
+    from edgediff.runtime.errors import InvalidInput
+
+    _, _, bundle, _ = fixture_bundle("dit")
+    shape = tuple(read_bundle(bundle).manifest.sample_shape)
+
+    def feeds(rows, x_shape):
+        return CalibrationFeeds({"x": np.zeros((rows, *x_shape), np.float32), "t": np.zeros(rows, np.float32),
+                                 "y": np.zeros(rows, np.int64)}, np.repeat(np.arange(2), rows // 2))
+    feeds(8, (shape[0] + 2, *shape[1:])).save(tmp_path / "w.npz")
+    with pytest.raises(InvalidInput, match=r"'x' is float32 \(8, \d+, \d+, \d+\); this denoiser takes float32"):
+        add_int8(bundle, calib_data=tmp_path / "w.npz", quality=False, log=lambda m: None)
+    few = feeds(6, shape)
+    few.save(tmp_path / "few.npz")
+    with pytest.raises(InvalidInput, match=r"3 row\(s\) at step 0: at least 4"):
+        add_int8(bundle, calib_data=tmp_path / "few.npz", quality=False, log=lambda m: None)
+
+
+def test_a_library_failure_is_one_int8_error(tmp_path):
+    """ModelOpt raising its own exception types (KeyError on U-Net concats before passes=[])."""
+    with pytest.raises(Int8Error, match=r"^ModelOpt INT8 PTQ failed: KeyError: 'cat_2_ReduceMin'$"):
+        with int8._one_line("ModelOpt INT8 PTQ"):
+            raise KeyError("cat_2_ReduceMin")
