@@ -8,7 +8,6 @@ import time
 import click
 
 
-
 def sharded_options(command):
     """The options of ``generate`` that draw the run in shards into a directory."""
     options = [
@@ -30,7 +29,7 @@ def sharded_options(command):
 def sharded_generate(p: dict) -> None:
     """``generate`` with --out-dir: validate, then draw the shards in-process or on Ray."""
     from edgediff.runtime.images import save_npz
-    from edgediff.runtime.shards import WorkerOptions, read_shards
+    from edgediff.runtime.shards import WorkerOptions, open_run, read_shards
 
     _refuse_combinations(p)
     spec = _spec(p)
@@ -38,11 +37,12 @@ def sharded_generate(p: dict) -> None:
     options = WorkerOptions(batch=p["batch"], decode_batch=p["decode_batch"], threads=p["threads"],
                             public_key=p["public_key"])
     start = time.perf_counter()
-    summary = _run(spec, options, p, threads)
+    state = open_run(p["out_dir"], spec, p["resume"])   # a refused --out-dir: one line, before Ray starts
+    summary = _run(spec, options, p, threads, state)
     click.echo(f"{spec.count} samples in {len(spec.shards())} shards in {p['out_dir']} ({summary['done']} drawn now, "
                f"{summary['skipped']} kept) in {time.perf_counter() - start:.1f} s")
     if p["npz"]:                                        # the whole run as one archive, as `--npz` alone writes it
-        save_npz(p["npz"], **read_shards(p["out_dir"]))
+        save_npz(p["npz"], **read_shards(p["out_dir"], state))
         click.echo(f"wrote {p['npz']}")
 
 
@@ -82,21 +82,21 @@ def _spec(p: dict):
                      precision=p["precision"], device=p["device"], allow_nonfinite=p["allow_nonfinite"])
 
 
-def _run(spec, options, p: dict, threads: int) -> dict:
+def _run(spec, options, p: dict, threads: int, state) -> dict:
+    """Draw the run's missing shards (``state``: :func:`open_run`'s, shard files hashed once)."""
     from tqdm.auto import tqdm
 
-    from edgediff.runtime.shards import local_runner, open_run, run_shards
+    from edgediff.runtime.shards import local_runner, run_shards
 
-    open_run(p["out_dir"], spec, p["resume"])          # a refused --out-dir: one line, before Ray starts
     with tqdm(total=spec.count, desc="samples", unit="sample", disable=None) as bar:
         if p["ray_address"] is None:
-            return run_shards(spec, p["out_dir"], local_runner(spec, options), p["resume"], bar.update)
+            return run_shards(spec, p["out_dir"], local_runner(spec, options), p["resume"], bar.update, state)
         from edgediff.runtime.distributed import connect, import_ray, ray_runner
 
         owned = connect(p["ray_address"], num_cpus=p["workers"] and p["workers"] * threads)
         try:
             runner = ray_runner(spec, options, p["workers"], threads)
-            return run_shards(spec, p["out_dir"], runner, p["resume"], bar.update)
+            return run_shards(spec, p["out_dir"], runner, p["resume"], bar.update, state)
         finally:
             if owned:
                 import_ray().shutdown()
@@ -127,26 +127,33 @@ def _run(spec, options, p: dict, threads: int) -> dict:
               help="CPUs (intra-op threads) per replica.")
 def serve(bundle, ray_address, host, port, **options):
     """Serve a bundle over HTTP with Ray Serve (POST /generate, GET /health, GET /info) until ^C."""
-    from edgediff.runtime.bundle import read_bundle
-    from edgediff.runtime.distributed import connect, import_ray, placeable
-    from edgediff.runtime.serve_ray import ServeOptions, deployment_options, serve_bundle
+    from edgediff.runtime.distributed import connect, import_ray
+    from edgediff.runtime.serve_ray import ServeOptions, deployment_options, serving_bundle
 
-    read_bundle(bundle)                                  # bad input: one line, before Ray starts
     deployment_options(opts := ServeOptions(**options))
-    owned, serving = connect(ray_address), False
+    _check_model(bundle, opts)                          # bad input: one line, before Ray starts
+    owned = connect(ray_address)
     try:
-        placeable(opts.gpu, opts.threads)               # else the replicas would wait for ever
-        serving = True
-        serve_bundle(str(bundle), opts, host, port)
-        click.echo(f"serving {bundle} at http://{host}:{port}/generate (^C to stop)")
-        while True:
-            time.sleep(3600)
+        # ^C ends Serve in a Ray instance of our own; on a shared cluster, only our application
+        with serving_bundle(str(bundle), opts, host, port, own_serve=owned and not ray_address):
+            click.echo(f"serving {bundle} at http://{host}:{port}/generate (^C to stop)")
+            while True:
+                time.sleep(3600)
     finally:
-        if owned:                                       # ours: stop the application, then Ray
-            from ray import serve as ray_serve
-
-            ray_serve.shutdown() if serving else None
+        if owned:
             import_ray().shutdown()
+
+
+def _check_model(bundle, opts) -> None:
+    """The model each replica will open is in the bundle (and, for TensorRT, an engine of its
+    precision): else every replica fails to start and ``serve.run`` raises a traceback."""
+    from edgediff.runtime.bundle import read_bundle
+    from edgediff.runtime.engines import ENGINE_DIR, EngineError, engine_candidates
+
+    read_bundle(bundle).model_path(opts.precision)
+    if opts.backend == "trt" and not engine_candidates(bundle, opts.precision):
+        raise EngineError(f"--backend trt: no {opts.precision} TensorRT engine in {bundle}/{ENGINE_DIR}; "
+                          f"build one with: edgediff build {bundle} --precision {opts.precision}")
 
 
 COMMANDS: list = [serve]

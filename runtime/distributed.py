@@ -55,27 +55,41 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def uses_gpu(backend: str, device: str) -> bool:
+    """Whether a worker or replica of this backend/device holds one GPU (else CPUs)."""
+    return backend == "trt" or device in ("cuda", "tensorrt")
+
+
 def needs_gpu(spec: RunSpec) -> bool:
-    return spec.backend == "trt" or spec.device in ("cuda", "tensorrt")
+    return uses_gpu(spec.backend, spec.device)
 
 
-def placeable(gpu: bool, threads: int) -> int:
-    """How many workers of one GPU (``gpu``) or ``threads`` CPUs the cluster holds; refuses,
-    in one line, work that no node could place (its actors would wait for ever)."""
-    res = import_ray().cluster_resources()
+def node_capacity(nodes: list, gpu: bool, threads: int) -> int:
+    """How many workers of one GPU (``gpu``) or ``threads`` CPUs the alive ``nodes``
+    (``ray.nodes()``) hold, each on one node; refuses, in one line, work that no single node
+    could place (its actors would wait for ever, however many CPUs the cluster has in all)."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
     if gpu:
-        if int(res.get("GPU", 0)) < 1:
+        gpus = [int(r.get("GPU", 0)) for r in alive]
+        if max(gpus, default=0) < 1:
             raise InvalidInput("this needs GPUs (--device cuda/tensorrt or --backend trt), "
                                "and the Ray cluster has none")
-        return int(res["GPU"])
-    if threads > int(res.get("CPU", 0)):
-        raise InvalidInput(f"--threads {threads}: the Ray cluster has {int(res.get('CPU', 0))} CPUs")
-    return max(1, int(res.get("CPU", 1)) // threads)
+        return sum(gpus)
+    cpus = [int(r.get("CPU", 0)) for r in alive]
+    if threads > max(cpus, default=0):
+        raise InvalidInput(f"--threads {threads}: no Ray node has that many CPUs "
+                           f"(the largest has {max(cpus, default=0)})")
+    return sum(c // threads for c in cpus)
 
 
-def default_workers(spec: RunSpec, threads: int) -> int:
-    """As many workers as the cluster has GPUs (GPU runs) or CPUs / threads per worker."""
-    return placeable(needs_gpu(spec), threads)
+def placeable(gpu: bool, threads: int, wanted: int | None = None, what: str = "--workers") -> int:
+    """How many workers of one GPU or ``threads`` CPUs the cluster can place at once; with
+    ``wanted``, refuses (one line) more than that: the ones left over would never start."""
+    room = node_capacity(import_ray().nodes(), gpu, threads)
+    if wanted is not None and wanted > room:
+        each = "one GPU" if gpu else f"{threads} CPU{'s' if threads > 1 else ''}"
+        raise InvalidInput(f"{what} {wanted}: the Ray cluster can place {room} of {each} each")
+    return room
 
 
 class _Actor:
@@ -114,11 +128,13 @@ class RayRunner:
     def __init__(self, spec: RunSpec, options: WorkerOptions, workers: int | None = None, threads: int = 1):
         ray = import_ray()
         self.spec, self.options = spec, options
-        placeable = default_workers(spec, threads)       # also refuses what no node could place
-        self.workers = workers or placeable
-        resources = {"num_gpus": 1} if needs_gpu(spec) else {"num_cpus": threads}
+        gpu = needs_gpu(spec)
+        # refuses more workers than the cluster places: the ones left over would hold shards for ever
+        room = placeable(gpu, threads, workers)
+        self.workers = workers or room
+        resources = {"num_gpus": 1} if gpu else {"num_cpus": threads}
         remote = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2, **resources)(_Actor)
-        opts = WorkerOptions(**{**vars(options), "threads": threads if not needs_gpu(spec) else options.threads})
+        opts = WorkerOptions(**{**vars(options), "threads": options.threads if gpu else threads})
         self.actors = [remote.remote(spec, opts) for _ in range(self.workers)]
         self.in_flight: dict = {}           # future -> (actor, shard)
         self.retries = 0

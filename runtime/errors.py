@@ -25,8 +25,8 @@ class MissingExtra(EdgediffError, ImportError):
 # Optional top-level modules -> the extra that installs them.
 EXTRAS = {"torch": "export", "onnxscript": "export", "diffusers": "export", "transformers": "export",
           "modelopt": "fp16", "onnxslim": "fp16", "onnx_graphsurgeon": "fp16", "polygraphy": "fp16",
-          "tensorrt": "gpu-cu12", "cuda": "gpu-cu12", "onnxruntime": "cpu",
-          "sklearn": "test"}
+          "tensorrt": "gpu-cu12 or gpu-cu13", "cuda": "gpu-cu12 or gpu-cu13", "onnxruntime": "cpu",
+          "ray": "distributed", "sklearn": "test"}
 
 
 def missing_extra(exc: ImportError) -> MissingExtra | None:
@@ -34,4 +34,5 @@ def missing_extra(exc: ImportError) -> MissingExtra | None:
     name = (getattr(exc, "name", None) or "").split(".")[0]
     if name not in EXTRAS:
         return None
-    return MissingExtra(f"this needs {name}, which is not installed: pip install 'edgediff[{EXTRAS[name]}]'")
+    extras = " or ".join(f"'edgediff[{extra}]'" for extra in EXTRAS[name].split(" or "))    # alternatives
+    return MissingExtra(f"this needs {name}, which is not installed: pip install {extras}")

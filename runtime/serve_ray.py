@@ -15,12 +15,15 @@ tells how many samples the request's denoiser batch held. A bad request gets a 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 
 from .errors import EdgediffError, InvalidInput
+from .serving import failure
 
 MAX_BODY = 64 * 1024
+APP = "edgediff"                          # the Serve application's name (``serve.delete(APP)`` ends it)
 
 
 @dataclass
@@ -42,7 +45,17 @@ class ServeOptions:
     @property
     def gpu(self) -> bool:
         """One GPU per replica (else ``threads`` CPUs)."""
-        return self.backend == "trt" or self.device in ("cuda", "tensorrt")
+        from .distributed import uses_gpu
+
+        return uses_gpu(self.backend, self.device)
+
+    @property
+    def starting_replicas(self) -> tuple[int, str]:
+        """The replicas ``serve.run`` waits for (the fixed count, or the autoscaling floor), and
+        the option that set them."""
+        if self.min_replicas is not None or self.max_replicas is not None:
+            return self.min_replicas or 1, "--min-replicas"
+        return self.replicas, "--replicas"
 
 
 def deployment_options(o: ServeOptions) -> dict:
@@ -67,7 +80,7 @@ def build_app(bundle: str, options: ServeOptions):
     def error(status: int, message: str):
         return JSONResponse({"error": " ".join(str(message).split())[:500]}, status_code=status)
 
-    @serve.deployment(name="edgediff", **deployment_options(options))
+    @serve.deployment(name=APP, **deployment_options(options))
     class EdgediffServer:
         def __init__(self):
             from .pipeline import Pipeline
@@ -105,8 +118,8 @@ def build_app(bundle: str, options: ServeOptions):
             except EdgediffError as exc:
                 return error(400, exc)
             answer = await self._draw(request)
-            if isinstance(answer, EdgediffError):
-                return error(422, answer)
+            if (failed := failure(answer)) is not None:
+                return error(*failed)
             data, content_type, batch = answer
             return Response(data, media_type=content_type, headers={"X-Edgediff-Batch": str(batch)})
 
@@ -126,12 +139,24 @@ def _info(pipe) -> dict:
             "defaults": {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}}
 
 
-def serve_bundle(bundle: str, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000):
-    """Start Serve's HTTP proxy on host:port and deploy the bundle there (returns once up)."""
+@contextlib.contextmanager
+def serving_bundle(bundle: str, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
+                   own_serve: bool = False):
+    """Start Serve's HTTP proxy on host:port and deploy the bundle there as the application
+    :data:`APP`; the block runs once it is up. On leaving it (^C included), ends what this
+    call started: all of Serve with ``own_serve`` (a Ray instance of this process's own), else
+    only :data:`APP` (a shared cluster keeps its other applications)."""
     from ray import serve
 
     from .distributed import placeable
 
-    placeable(options.gpu, options.threads)           # else the replicas would wait for ever
+    placeable(options.gpu, options.threads, *options.starting_replicas)   # else serve.run waits for ever
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(bundle, options), name="edgediff", route_prefix="/")
+    try:
+        serve.run(build_app(bundle, options), name=APP, route_prefix="/")
+        yield
+    finally:
+        if own_serve:
+            serve.shutdown()
+        else:
+            serve.delete(APP)

@@ -11,6 +11,7 @@ in common agrees (sampler, steps, guidance): :func:`group_key` names that, and
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 
@@ -106,7 +107,8 @@ class Engine:
 
     def run(self, requests: list[Request]) -> list:
         """One answer per request, in order: (bytes, content type, samples in its batch), or
-        the EdgediffError that its group met (the other groups are unaffected)."""
+        the exception that its group met (the other groups are unaffected: one group's fault,
+        even a bug, must not fail the requests merged beside it; :func:`failure` words it)."""
         answers: list = [None] * len(requests)
         groups: dict = {}
         for i, r in enumerate(requests):
@@ -114,7 +116,9 @@ class Engine:
         for members in groups.values():
             try:
                 outputs = self._draw([requests[i] for i in members])
-            except EdgediffError as exc:
+            except Exception as exc:        # noqa: BLE001 -- answered to that group only
+                if not isinstance(exc, EdgediffError):       # a bug: its traceback goes to the replica's log
+                    logging.getLogger(__name__).exception("a batch group failed")
                 outputs = [exc] * len(members)
             for i, out in zip(members, outputs):
                 answers[i] = out
@@ -154,6 +158,17 @@ class Engine:
         text, order = self.pipe.prompt_contexts(prompts, guided=guidance != 1.0)
         null = None if text.null is None else {TEXT_CONTEXT: text.null}
         return ConditionFeatures({TEXT_CONTEXT: text.context}, order, null)
+
+
+def failure(answer) -> tuple[int, str] | None:
+    """(HTTP status, one line) for an answer of :meth:`Engine.run` that is an error, else
+    None: 422 for a request the bundle cannot draw, 500 for anything else (a bug, a backend
+    fault), which the replica survives."""
+    if isinstance(answer, EdgediffError):
+        return 422, " ".join(str(answer).split())
+    if isinstance(answer, Exception):
+        return 500, " ".join(f"internal error ({type(answer).__name__}): {answer}".split())
+    return None
 
 
 def _encode(request: Request, images, latents, labels) -> bytes:

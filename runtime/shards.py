@@ -237,16 +237,19 @@ def _write_shard(out: Path, manifest, shard: Shard, generation) -> dict:
     return {str(p.relative_to(out)): sha256_file(p) for p in (npz, png) if p is not None}
 
 
-def run_shards(spec: RunSpec, out_dir, runner, resume: bool = False, progress=None) -> dict:
+def run_shards(spec: RunSpec, out_dir, runner, resume: bool = False, progress=None,
+               state: RunState | None = None) -> dict:
     """Draw every shard of ``spec`` not yet done in ``out_dir`` with ``runner`` (see
     :func:`local_runner`, :func:`edgediff.runtime.distributed.ray_runner`), writing each as it
     arrives and then the manifest. ``progress(k)``: k more samples are drawn (skipped ones
     at the start; while a shard is drawn, as its batches go, where the runner tells; k < 0
-    when a dead worker's shard starts over). Returns ``{"done": shards drawn now, "skipped": shards kept}``."""
+    when a dead worker's shard starts over). ``state``: what :func:`open_run` returned for this
+    run, if the caller opened it already (a resume then hashes the shard files once); it is
+    updated as shards are written. Returns ``{"done": shards drawn now, "skipped": shards kept}``."""
     from .bundle import read_bundle
 
     out = Path(os.path.abspath(out_dir))
-    state = open_run(out, spec, resume)
+    state = open_run(out, spec, resume) if state is None else state
     manifest = read_bundle(spec.bundle, verify=False).manifest
     todo = [s for s in spec.shards() if s.index not in state.done]
     skipped = len(spec.shards()) - len(todo)
@@ -272,14 +275,19 @@ def run_shards(spec: RunSpec, out_dir, runner, resume: bool = False, progress=No
     return {"done": len(todo), "skipped": skipped}
 
 
-def read_shards(out_dir) -> dict[str, np.ndarray]:
+def read_shards(out_dir, state: RunState | None = None) -> dict[str, np.ndarray]:
     """The finished run in ``out_dir`` as one archive: every shard's arrays concatenated in
-    sample order (``prompts`` taken once); refuses a run with shards missing."""
+    sample order (``prompts`` taken once); refuses a run with shards missing. ``state``: the
+    run as :func:`run_shards` just left it (its shards checked or written by this process, so
+    not hashed again); else ``run.json``, every shard's files checked against their sha256."""
     out = Path(out_dir)
-    raw = read_json(out / RUN_FILE)
-    spec = RunSpec(**raw["spec"])
-    done = {int(k): v for k, v in raw["done"].items()}
-    missing = [s.index for s in spec.shards() if s.index not in done or not _intact(out, done[s.index])]
+    if state is None:
+        raw = read_json(out / RUN_FILE)
+        spec = RunSpec(**raw["spec"])
+        done = {int(k): v for k, v in raw["done"].items() if _intact(out, v)}
+    else:
+        spec, done = state.spec, state.done
+    missing = [s.index for s in spec.shards() if s.index not in done]
     if missing:
         raise InvalidInput(f"{out}: {len(missing)} shard(s) not done (first: {missing[0]}); finish with --resume")
     parts: dict[str, list] = {}

@@ -12,6 +12,7 @@ import pytest
 
 from cli_helpers import run
 from edgediff.runtime import Pipeline
+from edgediff.runtime.errors import InvalidInput
 from edgediff.runtime.interrupts import Interrupted
 from edgediff.runtime.shards import RUN_FILE, WorkerOptions, local_runner, make_spec, read_shards, run_shards
 
@@ -135,3 +136,60 @@ def test_core_modules_never_import_ray():
              "edgediff.runtime.serving, edgediff.runtime.client; "
              "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+def _node(cpus, gpus=0, alive=True):
+    return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
+
+
+def test_placement_counts_each_node_not_the_cluster_total():
+    """4 nodes × 4 CPUs hold 16 CPUs, but no actor of 8 threads: refused, not waited for."""
+    from edgediff.runtime.distributed import node_capacity
+
+    four = [_node(4) for _ in range(4)]
+    with pytest.raises(InvalidInput, match="--threads 8: no Ray node.*largest has 4"):
+        node_capacity(four, gpu=False, threads=8)
+    assert node_capacity(four, gpu=False, threads=3) == 4            # one per node, not 16 // 3
+    assert node_capacity([*four, _node(64, alive=False)], gpu=False, threads=4) == 4     # the dead one is not counted
+    assert node_capacity([_node(8), _node(8, 1), _node(8, 2)], gpu=True, threads=1) == 3
+    with pytest.raises(InvalidInput, match="has none"):
+        node_capacity(four, gpu=True, threads=1)
+
+
+def test_more_workers_than_the_cluster_places_are_refused(ray_local, tiny_bundle, tmp_path, capsys):
+    """Actors beyond the cluster's room would never start, and their shards never run: one line."""
+    from edgediff.runtime.distributed import RayRunner
+
+    with pytest.raises(InvalidInput, match="--workers 3: the Ray cluster can place 2 of 1 CPU each"):
+        RayRunner(spec_of(tiny_bundle, 4, 2), WorkerOptions(), workers=3)
+    base = ["generate", str(tiny_bundle), "-n", "4", "--steps", "2", "--out-dir", str(tmp_path / "o"), "--ray"]
+    for extra, words in ((["--workers", "2", "--threads", "2"], "can place 1 of 2 CPUs each"),
+                         (["--workers", "1", "--device", "cuda"], "the Ray cluster has none")):
+        code, _, err = run(base + extra, capsys)
+        assert code != 0 and words in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_hashes_each_shard_file_once(tiny_bundle, tmp_path, capsys, monkeypatch):
+    """`--resume --npz` over a finished run checks every shard file once (not once per reader)."""
+    import edgediff.runtime.shards as shards
+
+    base = ["generate", str(tiny_bundle), "-n", "6", "--steps", "2", "--threads", "1", "--out-dir", str(tmp_path / "o"),
+            "--shard-size", "2"]
+    assert run(base, capsys)[0] == 0
+    hashed = []
+    monkeypatch.setattr(shards, "sha256_file", lambda path, real=shards.sha256_file: hashed.append(path) or real(path))
+    code, out, err = run(base + ["--resume", "--npz", str(tmp_path / "all.npz")], capsys)
+    assert code == 0, err
+    assert "0 drawn now, 3 kept" in out
+    assert sorted(hashed) == sorted(set(hashed)) and len(hashed) == 6          # 3 shards × (npz, png)
+    assert np.load(tmp_path / "all.npz")["images"].shape[0] == 6
+
+
+def test_missing_ray_or_gpu_extras_are_named():
+    from edgediff.runtime.errors import missing_extra
+
+    serve = ImportError("No module named 'ray.serve'", name="ray.serve")
+    assert "pip install 'edgediff[distributed]'" in str(missing_extra(serve))
+    trt = str(missing_extra(ImportError("no tensorrt", name="tensorrt")))
+    assert "pip install 'edgediff[gpu-cu12]' or 'edgediff[gpu-cu13]'" in trt

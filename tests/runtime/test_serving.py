@@ -12,7 +12,7 @@ import pytest
 
 from edgediff.runtime import Pipeline
 from edgediff.runtime.errors import InvalidInput
-from edgediff.runtime.serving import Engine
+from edgediff.runtime.serving import Engine, failure
 
 # Ray Serve's config models use pydantic features deprecated in pydantic 2 (not ours to fix)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -57,12 +57,49 @@ def test_merged_requests_equal_separate_runs_and_only_compatible_ones_merge(engi
         assert np.array_equal(got["images"], alone.images) and np.array_equal(got["labels"], alone.labels)
 
 
-def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path, capsys):
+def test_a_failing_group_fails_alone(engine, monkeypatch):
+    """Any fault of one group (a bug too) answers that group with one line; the groups merged
+    beside it are still drawn."""
+    draw = engine._draw
+
+    def faulty(group):
+        if group[0].settings.steps == 4:
+            raise RuntimeError("backend fault\nsecond line")
+        return draw(group)
+
+    monkeypatch.setattr(engine, "_draw", faulty)
+    answers = engine.run([engine.parse({"class": 1, "steps": 3, "format": "npz"}), engine.parse({"steps": 4}),
+                          engine.parse({"class": 99 % 10, "steps": 4})])
+    assert failure(answers[0]) is None and npz(answers[0])["images"].shape[0] == 1
+    assert failure(answers[1]) == failure(answers[2]) == (500, "internal error (RuntimeError): backend fault second line")
+    assert failure(InvalidInput("no\nway")) == (422, "no way")
+
+
+def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path, tiny_bundle, capsys):
+    """Refused before Ray starts: what every replica would fail on at start."""
     from cli_helpers import run
 
     (tmp_path / "b").mkdir()
-    code, _, err = run(["serve", str(tmp_path / "b")], capsys)
-    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    for args, words in (([str(tmp_path / "b")], ""), ([str(tiny_bundle), "--precision", "fp16"], "no fp16 model"),
+                        ([str(tiny_bundle), "--backend", "trt"], "no fp32 TensorRT engine")):
+        code, _, err = run(["serve", *args], capsys)
+        assert code == 1 and err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_replicas_the_cluster_cannot_place_are_refused(ray_local, tiny_bundle):
+    """All replicas must fit (serve.run waits for them for ever): 2 CPUs hold 2 replicas of 1 thread."""
+    from ray import serve
+
+    from edgediff.runtime.serve_ray import ServeOptions, serving_bundle
+
+    for options, words in ((ServeOptions(replicas=3), "--replicas 3: the Ray cluster can place 2 of 1 CPU each"),
+                           (ServeOptions(replicas=2, threads=2), "--replicas 2: .* place 1 of 2 CPUs"),
+                           (ServeOptions(min_replicas=3, max_replicas=4), "--min-replicas 3"),
+                           (ServeOptions(device="cuda"), "has none")):
+        with pytest.raises(InvalidInput, match=words):
+            with serving_bundle(str(tiny_bundle), options):
+                pass
+    assert serve.context._get_global_client(raise_if_no_controller_running=False) is None     # nothing started
 
 
 def test_replica_and_autoscaling_options_are_valid_serve_deployments():
@@ -95,32 +132,40 @@ def _post(url, data: bytes):
 
 
 def test_ray_serve_batches_concurrent_requests_and_survives_bad_ones(ray_local, tiny_bundle):
+    """Served through serving_bundle beside another app of the cluster, which outlives ours."""
     from ray import serve
 
-    from edgediff.runtime.client import Client, ServerError
-    from edgediff.runtime.serve_ray import ServeOptions, build_app
+    from edgediff.runtime.serve_ray import ServeOptions, serving_bundle
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(str(tiny_bundle), ServeOptions(max_batch=8, batch_wait_ms=200)), name="edgediff",
-              route_prefix="/")
+    other = serve.deployment(ray_actor_options={"num_cpus": 0})(type("Other", (), {"__call__": lambda s, r: "hi"}))
+    serve.run(other.bind(), name="other", route_prefix="/other")          # another user's app on the cluster
     try:
-        url = f"http://127.0.0.1:{port}"
-        client = Client(url)
-        assert client.health() and client.info()["num_classes"] == 10
-        for data in (b"{not json", b'{"class": 99}', b'{"n": 1000}', b"[1, 2]"):
-            status, body, _ = _post(url + "/generate", data)
-            assert status == 400 and len(json.loads(body)["error"].splitlines()) == 1, (data, body)
-        with pytest.raises(ServerError, match="out of range"):
-            client.generate(label=12)
-        bodies = [json.dumps({"class": k % 10, "seed": k, "steps": 3, "format": "npz"}).encode() for k in range(8)]
-        with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(lambda b: _post(url + "/generate", b), bodies))
-        assert [r[0] for r in results] == [200] * 8
-        assert max(int(r[2]) for r in results) > 1          # concurrent requests shared a batch
-        with Pipeline.from_bundle(tiny_bundle, threads=1) as pipe:
-            alone = pipe(1, classes=[3], seed=3, steps=3).images
-        assert np.array_equal(np.load(io.BytesIO(results[3][1]))["images"], alone)
-        assert client.generate(label=1, seed=0, steps=2)[:4] == b"\x89PNG"       # still serving
+        with serving_bundle(str(tiny_bundle), ServeOptions(max_batch=8, batch_wait_ms=200), port=port):
+            _exercise(tiny_bundle, f"http://127.0.0.1:{port}")
+        assert set(serve.status().applications) == {"other"}      # on leaving, ours only is gone
     finally:
         serve.shutdown()
+
+
+def _exercise(tiny_bundle, url):
+    """The served app answers as one process draws, batches concurrent requests and survives bad ones."""
+    from edgediff.runtime.client import Client, ServerError
+
+    client = Client(url)
+    assert client.health() and client.info()["num_classes"] == 10
+    for data in (b"{not json", b'{"class": 99}', b'{"n": 1000}', b"[1, 2]"):
+        status, body, _ = _post(url + "/generate", data)
+        assert status == 400 and len(json.loads(body)["error"].splitlines()) == 1, (data, body)
+    with pytest.raises(ServerError, match="out of range"):
+        client.generate(label=12)
+    bodies = [json.dumps({"class": k % 10, "seed": k, "steps": 3, "format": "npz"}).encode() for k in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: _post(url + "/generate", b), bodies))
+    assert [r[0] for r in results] == [200] * 8
+    assert max(int(r[2]) for r in results) > 1          # concurrent requests shared a batch
+    with Pipeline.from_bundle(tiny_bundle, threads=1) as pipe:
+        alone = pipe(1, classes=[3], seed=3, steps=3).images
+    assert np.array_equal(np.load(io.BytesIO(results[3][1]))["images"], alone)
+    assert client.generate(label=1, seed=0, steps=2)[:4] == b"\x89PNG"       # still serving
