@@ -32,10 +32,15 @@ def add_to_bundle(bundle: str, precision: str, checkpoint: str | None, calibrati
 def add_int8_to_bundle(bundle: str, calib_samples: int, calib_cap: int, calib_data: str | None,
                        quality: bool | None) -> None:
     """INT8 of the denoiser, gated per step and (digits bundles) on judged samples."""
+    from edgediff.digits.precision_gate import judge_applies, quality_gate
     from edgediff.export.int8_bundle import add_int8
+    from edgediff.runtime.bundle import read_bundle
 
+    applies = judge_applies(read_bundle(bundle).manifest)
+    if quality and not applies:
+        raise click.UsageError("--quality: the digits judge cannot read this bundle's samples")
     parity, gate = add_int8(bundle, calib_samples=calib_samples, calib_cap=calib_cap, calib_data=calib_data,
-                            quality=quality, log=_log)
+                            judge=quality_gate if (applies if quality is None else quality) else None, log=_log)
     click.echo(parity.summary())
     if gate is not None:
         click.echo(f"sample quality {gate.summary()}")

@@ -7,8 +7,8 @@ PyTorch within 1e-5, far below INT8's 5e-2 gate, and it needs no checkpoint.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -26,45 +26,6 @@ from .int8 import Int8Error, convert_int8, record, replace_record
 
 INT8_FILE = "model_int8.onnx"
 HELD_OUT_SEED = 1_000_003        # held-out trajectories: never the calibration draws
-QUALITY_PER_CLASS = 50           # 500 judged samples per precision
-ACCURACY_POINTS = 2.0            # the INT8 model's judge accuracy within 2 points of FP32
-FD_RATIO = 1.25                  # and its FD at most 1.25x FP32's
-
-
-@dataclass
-class QualityGate:
-    """Sample quality of FP32 and INT8 by the digits judge, same seeds."""
-    fp32: object
-    int8: object
-
-    @property
-    def passed(self) -> bool:
-        return (100 * (self.fp32.accuracy - self.int8.accuracy) <= ACCURACY_POINTS
-                and self.int8.fd <= FD_RATIO * self.fp32.fd)
-
-    def summary(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-        return (f"{verdict}: judge accuracy {100 * self.int8.accuracy:.1f}% vs FP32 {100 * self.fp32.accuracy:.1f}% "
-                f"(≥ FP32 − {ACCURACY_POINTS:g} points), FD {self.int8.fd:.2f} vs {self.fp32.fd:.2f} "
-                f"(≤ {FD_RATIO:g}×), n={self.int8.n}")
-
-    def to_dict(self) -> dict:
-        return {"fp32": self.fp32.to_dict(), "int8": self.int8.to_dict(), "passed": self.passed,
-                "accuracy_points": ACCURACY_POINTS, "fd_ratio": FD_RATIO}
-
-
-def judge_applies(manifest) -> bool:
-    """The digits judge reads 1×16×16 digits drawn by class label (or unconditionally)."""
-    from edgediff.digits.judge import SIZE
-
-    if COND_COMPONENT in manifest.components or TEXT_CONTEXT in manifest.inputs:
-        return False
-    if manifest.space == "latent":
-        return "decoder" in manifest.components and \
-            manifest.component("decoder").outputs["image"]["shape"][1:] == [1, SIZE, SIZE]
-    return list(manifest.sample_shape) == [1, SIZE, SIZE]
-
-
 def _feeds(pipe, calib_data, samples: int, cap: int, log) -> tuple[CalibrationFeeds, CalibrationFeeds]:
     """Calibration feeds (recorded here, or ``calib_data`` from `edgediff calibrate`) and
     held-out trajectories of different seeds for the gate."""
@@ -114,27 +75,16 @@ def _split(feeds: CalibrationFeeds) -> tuple[CalibrationFeeds, CalibrationFeeds]
     return part(~held), part(held)
 
 
-def quality_gate(bundle_dir: Path, backend_int8, per_class: int = QUALITY_PER_CLASS) -> QualityGate:
-    """FP32 and INT8 samples of the bundle's recommended sampling, same seeds, judged."""
-    from edgediff.digits.judge import judge_backend
-    from edgediff.runtime.pipeline import Pipeline
-
-    with Pipeline.from_bundle(bundle_dir, precision="fp32", max_batch=250) as pipe:
-        return QualityGate(*(judge_backend(backend, pipe.manifest, per_class, batch=250, decoder=pipe.decoder)[0]
-                             for backend in (pipe.backend, backend_int8)))
-
-
 def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 16, calib_data: str | Path | None = None,
-             quality: bool | None = None, log=print) -> tuple[ParityResult, QualityGate | None]:
+             judge: Callable | None = None, log=print) -> tuple[ParityResult, object | None]:
     """Add ``model_int8.onnx`` to a bundle, gated; on failure leave the last model tried at
-    BUNDLE.int8.failed. ``quality``: judge samples (default: where the digits judge applies)."""
+    BUNDLE.int8.failed. ``judge(bundle_dir, int8_backend)``: a sample-quality gate (an object
+    with ``passed``, ``summary()``, ``to_dict()``; the CLI passes the digits judge's,
+    digits/precision_gate.py, where it applies), run after the per-step gate holds."""
     from edgediff.runtime.pipeline import Pipeline
 
     bundle = read_bundle(bundle_dir)
     m, path = bundle.manifest, Path(bundle_dir)
-    quality = judge_applies(m) if quality is None else quality
-    if quality and not judge_applies(m):
-        raise InvalidInput("the sample-quality gate uses the digits judge, which cannot read this bundle's samples")
     c = m.component("denoiser")
     fp32 = bundle.model_path("fp32")
     with Pipeline.from_bundle(bundle_dir, precision="fp32") as pipe:
@@ -147,7 +97,7 @@ def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 1
         try:
             final, trials, groups, reported = convert_int8(fp32, out, c, reference.infer, calibration, held_out,
                                                            m.time, log=log)
-            gate = _quality(bundle.path, out, c, log) if quality else None
+            gate = _quality(judge, bundle.path, out, c, log) if judge else None
             if gate is not None and not gate.passed:
                 raise Int8Error(f"INT8 sample quality misses the gate: {gate.summary()}")
         except Int8Error as exc:
@@ -163,14 +113,14 @@ def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 1
     return final.parity, gate
 
 
-def _quality(bundle_path: Path, model: Path, c, log) -> QualityGate:
-    log(f"judging {10 * QUALITY_PER_CLASS} FP32 and {10 * QUALITY_PER_CLASS} INT8 samples ...")
+def _quality(judge, bundle_path: Path, model: Path, c, log):
+    log("judging FP32 and INT8 samples ...")
     with OrtBackend(model, c.inputs, c.output_names, graph_outputs=c.graph_outputs,
                     disabled_optimizers=INT8_DISABLED_OPTIMIZERS) as backend:
-        return quality_gate(bundle_path, backend)
+        return judge(bundle_path, backend)
 
 
-def _install(bundle, tmp: Path, parity: ParityResult, rec: dict, gate: QualityGate | None) -> None:
+def _install(bundle, tmp: Path, parity: ParityResult, rec: dict, gate) -> None:
     from .bundle import install_into_bundle
 
     entry = parity.to_dict() | ({"quality": gate.to_dict()} if gate is not None else {})

@@ -13,7 +13,8 @@ from fs_snapshot import snapshot  # noqa: E402
 
 from edgediff.export import int8  # noqa: E402
 from edgediff.export.int8 import Group, Int8Error, Search, Trial, candidate_groups  # noqa: E402
-from edgediff.export.int8_bundle import INT8_FILE, add_int8, judge_applies  # noqa: E402
+from edgediff.digits.precision_gate import judge_applies  # noqa: E402
+from edgediff.export.int8_bundle import INT8_FILE, add_int8  # noqa: E402
 from edgediff.runtime.bundle import read_bundle  # noqa: E402
 from edgediff.runtime.parity import OutputCheck, ParityCase, ParityResult  # noqa: E402
 from edgediff.runtime.pipeline import Pipeline  # noqa: E402
@@ -27,7 +28,7 @@ def _consumers_of_dq(model: onnx.ModelProto) -> set[str]:
 
 def test_add_int8_installs_a_gated_qdq_model_with_its_record(tmp_path, fixture_bundle, one_thread):
     _, _, bundle, _ = fixture_bundle("dit")
-    parity, quality = add_int8(bundle, calib_samples=4, calib_cap=4, quality=False, log=lambda m: None)
+    parity, quality = add_int8(bundle, calib_samples=4, calib_cap=4, log=lambda m: None)
     assert parity.passed and parity.worst_rel_l2 <= 5e-2 and quality is None
     b = read_bundle(bundle)                                  # hashes verified: the install is whole
     rec = b.manifest.precision["int8"]
@@ -51,7 +52,7 @@ def test_a_missed_gate_keeps_the_bundle_and_sets_the_model_aside(tmp_path, fixtu
     monkeypatch.setattr(int8, "candidate_groups", lambda m: candidate_groups(m)[:2])     # a short search
     before = snapshot(bundle)
     with pytest.raises(Int8Error, match=r"misses the gate even with every candidate island FP32.*int8\.failed"):
-        add_int8(bundle, calib_samples=2, calib_cap=2, quality=False, log=lambda m: None)
+        add_int8(bundle, calib_samples=2, calib_cap=2, log=lambda m: None)
     assert snapshot(bundle) == before
     assert (bundle.parent / (bundle.name + ".int8.failed") / INT8_FILE).is_file()
 
@@ -187,11 +188,11 @@ def test_feeds_of_another_model_are_refused_in_one_line(fixture_bundle, tmp_path
                                  "y": np.zeros(rows, np.int64)}, np.repeat(np.arange(2), rows // 2))
     feeds(8, (shape[0] + 2, *shape[1:])).save(tmp_path / "w.npz")
     with pytest.raises(InvalidInput, match=r"'x' is float32 \(8, \d+, \d+, \d+\); this denoiser takes float32"):
-        add_int8(bundle, calib_data=tmp_path / "w.npz", quality=False, log=lambda m: None)
+        add_int8(bundle, calib_data=tmp_path / "w.npz", log=lambda m: None)
     few = feeds(6, shape)
     few.save(tmp_path / "few.npz")
     with pytest.raises(InvalidInput, match=r"3 row\(s\) at step 0: at least 4"):
-        add_int8(bundle, calib_data=tmp_path / "few.npz", quality=False, log=lambda m: None)
+        add_int8(bundle, calib_data=tmp_path / "few.npz", log=lambda m: None)
 
 
 def test_a_library_failure_is_one_int8_error(tmp_path):

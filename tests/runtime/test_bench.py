@@ -95,7 +95,7 @@ def test_int8_bench_times_fp32_and_the_machines_int8_gemm_in_the_same_run(tiny_b
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
-    add_int8(bundle, calib_samples=2, calib_cap=2, quality=False, log=lambda m: None)
+    add_int8(bundle, calib_samples=2, calib_cap=2, log=lambda m: None)
     r = run_bench(bundle, precision="int8", batches=[2], repeats=2, warmup=0, threads=1, sgemm_size=64)
     assert set(r["engines"]) == {"ort", "ort-fp32"} and r["ort_igemm"]["p50"] > 0
     i8 = r["int8"]
