@@ -128,16 +128,18 @@ def activation_peaks(fp32_path: Path, feed: dict, names: list[str] | None = None
         model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
     wanted = [o.name for o in model.graph.output]
     # Beside the original, so that relative external-data locations still resolve.
-    with deferred():                       # a signal cannot strand the file in the bundle
-        fd, tmp = tempfile.mkstemp(dir=fp32_path.parent, prefix=".calib-", suffix=".onnx")
-        os.close(fd)
+    tmp = None
     try:
+        with deferred():                   # a signal cannot strand the file in the bundle
+            fd, tmp = tempfile.mkstemp(dir=fp32_path.parent, prefix=".calib-", suffix=".onnx")
+            os.close(fd)
         onnx.save_model(model, tmp)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # unfused values
         session = ort.InferenceSession(tmp, sess_options=opts, providers=["CPUExecutionProvider"])
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     peaks = {k: float(np.abs(v).max()) for k, v in feed.items() if v.dtype == np.float32} if names is None else {}
     for row in range(0, len(next(iter(feed.values()))), rows):
         outs = session.run(wanted, {k: v[row:row + rows] for k, v in feed.items()})

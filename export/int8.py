@@ -202,14 +202,15 @@ def _temp_dir(where: Path):
     import shutil
     import tempfile
 
-    with deferred():
-        private = tempfile.mkdtemp(dir=where, prefix=".modelopt-")
-    saved, tempfile.tempdir = tempfile.tempdir, private
+    saved, private = tempfile.tempdir, None
     try:
+        with deferred():
+            private = tempfile.tempdir = tempfile.mkdtemp(dir=where, prefix=".modelopt-")
         yield
     finally:
         tempfile.tempdir = saved
-        shutil.rmtree(private, ignore_errors=True)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -185,16 +185,21 @@ def staged_dir(out: str | Path, tag: str = "tmp"):
     """Yield a :class:`Stage` beside ``out``; whatever is left of it afterwards (not moved
     into place, not kept as failed) is removed, also on errors, SIGINT and SIGTERM (see
     :mod:`edgediff.runtime.interrupts`)."""
-    with deferred():                      # no stage exists that the cleanup below does not know of
-        stage = Stage(Path(out), tag)
+    stage = None
     try:
+        # no stage exists that the cleanup below does not know of; a signal held while it is
+        # made is delivered as the block ends, already inside this try (CI caught a stage left
+        # behind when the creation stood before it)
+        with deferred():
+            stage = Stage(Path(out), tag)
         yield stage
     finally:
-        with deferred():
-            shutil.rmtree(stage.path, ignore_errors=True)
-            for d in reversed(stage.made):    # directories made for ``out``, if nothing went in
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        if stage is not None:
+            with deferred():
+                shutil.rmtree(stage.path, ignore_errors=True)
+                for d in reversed(stage.made):    # directories made for ``out``, if nothing went in
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
 
 
 @contextlib.contextmanager

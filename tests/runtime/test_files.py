@@ -258,3 +258,23 @@ def test_cannot_write_is_one_line(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(CannotWrite, match="cannot write"):
         write_atomic(tmp_path / "f" / "x.png", lambda t: None)
+
+
+def test_a_signal_while_the_stage_is_made_leaves_no_stage(tmp_path, monkeypatch):
+    """The signal is held while the stage directory is made and delivered as that block ends:
+    the cleanup must already be armed then (a CI run left such a stage behind)."""
+    import signal
+
+    from edgediff.runtime import files
+
+    made = files.Stage.__init__
+
+    def init_then_signal(self, out, tag):
+        made(self, out, tag)
+        signal.raise_signal(signal.SIGINT)          # held by deferred(), raised at its end
+
+    monkeypatch.setattr(files.Stage, "__init__", init_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(tmp_path / "b"):
+            pytest.fail("the body must not run")
+    assert list(tmp_path.iterdir()) == []
