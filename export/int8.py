@@ -35,6 +35,7 @@ from edgediff.runtime.errors import EdgediffError
 from edgediff.runtime.interrupts import deferred
 from edgediff.runtime.parity import ParityResult
 
+from . import fp16
 from .fp16 import activation_peaks, conditioning_nodes, module_scopes
 
 GATE_REL_L2 = GATES["int8"]           # 5e-2 per forward, every step
@@ -326,15 +327,10 @@ def measure(reference, component, path: Path, cases) -> ParityResult:
 
 
 @dataclass
-class Trial:
-    islands: tuple[str, ...]
-    parity: ParityResult
-    quantizers: int
-
-    @property
-    def score(self) -> float:
-        finite = all(c.finite for case in self.parity.cases for c in case.checks)
-        return self.parity.worst_rel_l2 if finite else float("inf")
+class Trial(fp16.Trial):
+    """FP16's trial (islands, parity, score: worst rel-L2, inf when not finite) and the
+    number of quantizers the model has."""
+    quantizers: int = 0
 
 
 @dataclass
