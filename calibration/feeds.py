@@ -41,6 +41,16 @@ class CalibrationFeeds:
         for start in range(0, len(self), size):
             yield {k: np.ascontiguousarray(v[start:start + size]) for k, v in self.arrays.items()}
 
+    def select(self, rows: np.ndarray) -> "CalibrationFeeds":
+        """The rows picked by a boolean mask, in order."""
+        return CalibrationFeeds({k: v[rows] for k, v in self.arrays.items()}, self.step[rows],
+                                {**self.meta, "rows": int(np.count_nonzero(rows))})
+
+    def by_step(self):
+        """(step, feed of all its rows) for each recorded step, in order."""
+        for k in np.unique(self.step):
+            yield int(k), self.select(self.step == k).arrays
+
     def save(self, path: str | Path) -> Path:
         """Write the feeds to ``path`` (.npz) atomically."""
         from edgediff.runtime.images import save_npz

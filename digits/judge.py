@@ -164,6 +164,20 @@ def class_order_labels(per_class: int, classes: int = 10) -> np.ndarray:
 _BATCH = 250            # samples per generation batch
 
 
+def unjudgeable(manifest) -> str | None:
+    """Why the judge cannot read this bundle's samples (image-conditioned, or not 1×16×16
+    digits once decoded), or None."""
+    from edgediff.runtime.conditions import COND_COMPONENT
+
+    if COND_COMPONENT in manifest.components:
+        return "this bundle's model is image-conditioned: judge it with `edgediff digits inpaint BUNDLE`"
+    out_shape = (manifest.component("decoder").outputs["image"]["shape"][1:] if manifest.space == "latent"
+                 and "decoder" in manifest.components else list(manifest.sample_shape))
+    if (manifest.space != "latent" or "decoder" in manifest.components) and out_shape != [1, SIZE, SIZE]:
+        return f"the digits judge reads 1×{SIZE}×{SIZE} digits; this model makes {out_shape}"
+    return None
+
+
 def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | None = None,
                   steps: int | None = None, guidance: float | None = None, seed: int = 0, batch: int = _BATCH,
                   decoder=None, **options):
@@ -173,15 +187,10 @@ def judge_backend(backend, manifest, per_class: int = 100, *, sampler: str | Non
     ``decoder`` (a bundle's decoder backend, e.g. ``Pipeline.decoder``, or anything with its
     ``infer({"latents"}) -> {"image"}`` contract). Unset sampler/steps/guidance: the bundle's
     recommended ones. ``options`` go to the sampler."""
-    from edgediff.runtime.conditions import COND_COMPONENT
     from edgediff.runtime.pipeline import decode, generate
 
-    if COND_COMPONENT in manifest.components:
-        raise InvalidInput("this bundle's model is image-conditioned: judge it with `edgediff digits inpaint BUNDLE`")
-    out_shape = (manifest.component("decoder").outputs["image"]["shape"][1:] if manifest.space == "latent"
-                 and "decoder" in manifest.components else list(manifest.sample_shape))
-    if (manifest.space != "latent" or "decoder" in manifest.components) and out_shape != [1, SIZE, SIZE]:
-        raise InvalidInput(f"the digits judge reads 1×{SIZE}×{SIZE} digits; this model makes {out_shape}")
+    if (why := unjudgeable(manifest)) is not None:
+        raise InvalidInput(why)
     if manifest.space == "latent" and decoder is None:
         raise InvalidInput("a latent model's samples must be decoded before judging: the bundle has no decoder")
     # an unconditional model draws as many samples, unlabelled

@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgediff.runtime.conditions import COND_COMPONENT
 from edgediff.runtime.manifest import TEXT_CONTEXT
 
-from .judge import SIZE, JudgeResult, judge_backend
+from .judge import JudgeResult, judge_backend, unjudgeable
 
 QUALITY_PER_CLASS = 50           # 500 judged samples per precision
 ACCURACY_POINTS = 2.0            # the candidate's judge accuracy within 2 points of FP32
@@ -41,13 +40,11 @@ class QualityGate:
 
 
 def judge_applies(manifest) -> bool:
-    """The digits judge reads 1×16×16 digits drawn by class label (or unconditionally)."""
-    if COND_COMPONENT in manifest.components or TEXT_CONTEXT in manifest.inputs:
+    """The digits judge reads 1×16×16 digits drawn by class label (or unconditionally): not a
+    text-conditioned model's, nor an undecoded latent model's."""
+    if TEXT_CONTEXT in manifest.inputs or (manifest.space == "latent" and "decoder" not in manifest.components):
         return False
-    if manifest.space == "latent":
-        return "decoder" in manifest.components and \
-            manifest.component("decoder").outputs["image"]["shape"][1:] == [1, SIZE, SIZE]
-    return list(manifest.sample_shape) == [1, SIZE, SIZE]
+    return unjudgeable(manifest) is None
 
 
 def quality_gate(bundle_dir: Path, candidate, per_class: int = QUALITY_PER_CLASS) -> QualityGate:

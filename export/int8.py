@@ -296,12 +296,7 @@ def quantize_conv_outputs(model: onnx.ModelProto, peaks: dict[str, float]) -> in
 
 def step_cases(feeds: CalibrationFeeds) -> list[tuple[str, dict]]:
     """One gate case per sampler step of held-out trajectories: all its rows."""
-    cases = []
-    for k in np.unique(feeds.step):
-        rows = feeds.step == k
-        feed = {name: np.ascontiguousarray(v[rows]) for name, v in feeds.arrays.items()}
-        cases.append((f"step {int(k)}, t={float(feed['t'][0]):g}", feed))
-    return cases
+    return [(f"step {k}, t={float(feed['t'][0]):g}", feed) for k, feed in feeds.by_step()]
 
 
 def split_denoise_call(cases, time: dict) -> tuple[list, list]:
@@ -411,7 +406,7 @@ def record(model: onnx.ModelProto, final: Trial, trials: list[Trial], groups: li
         islands.append({"name": name, "nodes": nodes, "scopes": module_scopes(model, nodes),
                         "reason": f"{by_name[name].why}; measured worst rel-L2 {score[final.islands[:k]]:.3g} "
                                   f"without, {score[final.islands[:k + 1]]:.3g} with"})
-    per_step = {case.label: max(c.rel_l2 for c in case.checks) for case in final.parity.cases}
+    per_step = _worst_per_case(final.parity)
     return {"tool": f"nvidia-modelopt {version('nvidia-modelopt')} ONNX PTQ (int8)",
             "weights": "INT8 symmetric, per output channel", "activations": "INT8 symmetric, per tensor",
             "calibration": {"method": "max", **_feeds_meta(calibration)},
@@ -421,10 +416,14 @@ def record(model: onnx.ModelProto, final: Trial, trials: list[Trial], groups: li
                        for tr in trials],
             "gate": {"rel_l2": GATE_REL_L2, "worst_rel_l2": final.parity.worst_rel_l2, "passed": final.parity.passed,
                      "held_out": _feeds_meta(held_out), "per_step": per_step,
-                     **({"not_gated": {case.label: max(c.rel_l2 for c in case.checks) for case in reported.cases},
+                     **({"not_gated": _worst_per_case(reported),
                          "not_gated_why": "DDM's final denoising call at t_min: its eps enters the sample "
                                           "scaled by sqrt(t_min); judged by the sample-quality gate"}
                         if reported else {})}}
+
+
+def _worst_per_case(parity: ParityResult) -> dict[str, float]:
+    return {case.label: max(c.rel_l2 for c in case.checks) for case in parity.cases}
 
 
 def _feeds_meta(feeds: CalibrationFeeds) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from edgediff.calibration.feeds import CalibrationFeeds, record_feeds
+from edgediff.runtime.backends.base import BackendError, validate_feed
 from edgediff.runtime.backends.ort import INT8_DISABLED_OPTIMIZERS, OrtBackend
 from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.conditions import COND_COMPONENT
@@ -50,13 +51,13 @@ def check_feeds(feeds: CalibrationFeeds, inputs: dict[str, dict], path) -> None:
     extra = sorted(set(feeds.arrays) - set(inputs))
     if extra:
         raise InvalidInput(f"{path} holds arrays this denoiser does not take: {', '.join(extra)}")
-    for name, spec in inputs.items():
-        arr, shape = feeds.arrays[name], spec.get("shape", [])
-        fixed = [(k, d) for k, d in enumerate(shape[1:], 1) if isinstance(d, int)]
-        if arr.dtype != np.dtype(spec.get("dtype", "float32")) or arr.ndim != len(shape) or \
-                any(arr.shape[k] != d for k, d in fixed):
+    for name, spec in inputs.items():       # the backends' own feed check, one input at a time
+        arr = feeds.arrays[name]
+        try:
+            validate_feed({name: arr}, {name: spec})
+        except BackendError:
             raise InvalidInput(f"{path}: {name!r} is {arr.dtype} {tuple(arr.shape)}; this denoiser takes "
-                               f"{spec.get('dtype', 'float32')} {shape}")
+                               f"{spec['dtype']} {spec['shape']}") from None
 
 
 def _split(feeds: CalibrationFeeds) -> tuple[CalibrationFeeds, CalibrationFeeds]:
@@ -68,11 +69,7 @@ def _split(feeds: CalibrationFeeds) -> tuple[CalibrationFeeds, CalibrationFeeds]
             raise InvalidInput(f"the calibration feeds hold {len(rows)} row(s) at step {int(k)}: at least 4 per step "
                                "are needed to hold one of four out for the gate (record them with a larger --cap)")
         held[rows[3::4]] = True
-
-    def part(mask):
-        return CalibrationFeeds({k: v[mask] for k, v in feeds.arrays.items()}, feeds.step[mask],
-                                {**feeds.meta, "rows": int(mask.sum())})
-    return part(~held), part(held)
+    return feeds.select(~held), feeds.select(held)
 
 
 def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 16, calib_data: str | Path | None = None,
