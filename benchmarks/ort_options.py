@@ -159,9 +159,9 @@ def run_bundle(bundle_dir: str, batch: int, repeats: int, threads: int, names: l
                 timers[name]()
                 ms[name].append((time.perf_counter() - start) * 1e3)
         top = profile_top(path, threads, feed, out_names) if profile else None
-    base = percentiles(ms["base"])["p50"]
-    rows = {name: {**percentiles(v), "speedup": base / percentiles(v)["p50"], "load_s": load_s[name],
-                   "rel_l2_vs_base": drift[name]} for name, v in ms.items()}
+    stats = {name: percentiles(v) for name, v in ms.items()}
+    rows = {name: {**st, "speedup": stats["base"]["p50"] / st["p50"], "load_s": load_s[name],
+                   "rel_l2_vs_base": drift[name]} for name, st in stats.items()}
     return {"bundle": bundle_dir, "family": m.family, "batch": batch, "threads": threads, "rows": rows,
             "errors": errors, "profile_top": top}
 

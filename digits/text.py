@@ -82,7 +82,8 @@ def frozen_text_encoder(seed: int):
     from edgediff.export.text_encoder import build
     from edgediff.runtime.tokenizer import ClipTokenizer, clip_vocab
 
-    vocab = clip_vocab(merges())
+    pairs = merges()
+    vocab = clip_vocab(pairs)
     config = text_config(vocab)
     torch.manual_seed(seed)
     model = build(config).requires_grad_(False)
@@ -91,7 +92,7 @@ def frozen_text_encoder(seed: int):
     # small denoiser barely learns to read (41-56% right at w = 2). Unit-variance embeddings keep
     # the word: 90% of the state at its position is the digit's (a trained CLIP separates words too).
     torch.nn.init.normal_(model.get_input_embeddings().weight, std=TOKEN_STD)
-    return model, ClipTokenizer(vocab, merges(), MAX_LENGTH), config
+    return model, ClipTokenizer(vocab, pairs, MAX_LENGTH), config
 
 
 def save_text_encoder(out: str | Path, model, config: dict) -> None:

@@ -123,7 +123,7 @@ def build_engine(bundle_dir: str | Path, opts: BuildOptions = BuildOptions(), lo
     bundle = read_bundle(bundle_dir)
     component = bundle.manifest.component(opts.component)
     if opts.precision not in component.models:
-        how = "edgediff add-precision" if opts.precision == "fp16" else "INT8 calibration"
+        how = f"edgediff add-precision --precision {opts.precision}"
         what = "model" if opts.component == "denoiser" else opts.component
         raise InvalidInput(f"bundle {bundle.path} has no {opts.precision} {what} (has: {', '.join(component.models)}); "
                          f"add it with {how} first")

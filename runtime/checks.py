@@ -44,9 +44,10 @@ class FiniteChecked:
         return f"step {step}/{self.steps} (t = {t_value:g})"
 
     def __call__(self, x, t, **kw):
-        bad = _bad(x)
-        if bad or float(np.abs(x).max(initial=0.0)) > self.limit:
-            what = f"{bad} NaN/inf values" if bad else f"|x| up to {float(np.abs(x).max()):.3g}"
+        peak = float(np.abs(x).max(initial=0.0))     # one pass per step: NaN propagates, inf exceeds
+        if not peak <= self.limit:
+            bad = _bad(x)
+            what = f"{bad} NaN/inf values" if bad else f"|x| up to {peak:.3g}"
             raise NonFinite(f"the sample diverged before {self._where(t)} ({what}){self.hint}; "
                             "lower the guidance scales, or pass --allow-nonfinite to keep going")
         try:

@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 
-from .errors import EdgediffError, InvalidInput, MissingExtra, missing_extra
+from .errors import EdgediffError, InvalidInput, missing_extra
 from .shards import RunSpec, ShardWorker, WorkerOptions
 
 # A shard whose worker died this many times is not tried again: the death is then its doing
@@ -27,8 +27,10 @@ POLL_S = 0.5            # how often the driver asks busy actors for their progre
 def import_ray():
     try:
         import ray
-    except ImportError:
-        raise MissingExtra("this needs ray, which is not installed: pip install 'edgediff[distributed]'") from None
+    except ImportError as exc:
+        if (missing := missing_extra(exc)) is None:
+            raise
+        raise missing from None
     return ray
 
 
@@ -190,7 +192,7 @@ class RayRunner:
                 index, samples = ray.get(ref)
             except ray.exceptions.RayError:
                 continue
-            if index == asked[ref].index and any(s.index == index for _, s in self.in_flight.values()):
+            if index == asked[ref].index:
                 self.on_progress(index, samples)
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from .conditions import COND_COMPONENT, COND_INPUT, ConditionFeatures, encode_conditions
 from .errors import InvalidInput
 from .manifest import TEXT_CONTEXT
-from .parity import OutputCheck, ParityCase, ParityResult, rel_l2
+from .parity import OutputCheck, ParityCase, ParityResult
 from .pipeline import decode, generate, resolve_labels, resolve_settings
 from .samplers import model_calls
 from .solvers import predict
@@ -213,7 +213,8 @@ class DriftReport:
 
     def to_dict(self) -> dict:
         steps = [{k: v for k, v in s.items() if k not in ("x", "denoised")} for s in self.steps]
-        return {"passed": self.passed, "failures": self.failures, "kind": self.kind,
+        failures = self.failures
+        return {"passed": not failures, "failures": failures, "kind": self.kind,
                 "reference": self.reference, "candidate": self.candidate,
                 "gate": {"per_forward_rel_l2": self.gate_rel_l2},
                 "worst": {n: self.worst(n) for n in self.output_names}, "settings": self.settings,
@@ -340,11 +341,5 @@ def component_drift(component, reference, candidate, *, cases: int = 4, batch: i
                          settings={"cases": cases, "batch": batch, "seed": seed})
 
 
-def trajectory_rel_l2(steps: list[dict], key: str) -> list[float | None]:
-    """The per-step rel-L2 of ``key`` ("x_t", "x0_estimate"), None where a step has none."""
-    return [s[key]["rel_l2"] if key in s else None for s in steps]
-
-
 __all__ = ["GATES", "DriftReport", "Tee", "component_drift", "component_feed", "denoiser_drift", "forward_cases",
-           "gate_for",
-           "rel_l2", "trajectory_rel_l2", "x0_of"]
+           "gate_for", "x0_of"]

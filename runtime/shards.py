@@ -73,7 +73,6 @@ class WorkerOptions:
     batch: int = 16
     decode_batch: int = 16
     threads: int | None = None
-    gpu: int = 0
     public_key: str | None = None
 
 
@@ -96,7 +95,7 @@ class ShardWorker:
 
         self.spec, self.options = spec, options
         self.pipe = Pipeline.from_bundle(spec.bundle, spec.backend, spec.precision, device=spec.device,
-                                         threads=options.threads, gpu=options.gpu, max_batch=options.batch,
+                                         threads=options.threads, max_batch=options.batch,
                                          decode_batch=options.decode_batch, public_key=options.public_key)
         self._text = None
         self.current: tuple[int | None, int] = (None, 0)     # (shard index, samples drawn so far)

@@ -22,11 +22,11 @@ import numpy as np
 
 from ..engines import EngineError, EngineKey, model_digest, select_engine
 from .base import Backend, BackendError, RunOptions
+from .ort import INSTALL_GPU
 
 MIN_TENSORRT = (10, 12)
-GPU_EXTRAS = "pip install 'edgediff[gpu-cu12]' (CUDA 12 driver) or 'edgediff[gpu-cu13]' (CUDA 13)"
-MISSING_TENSORRT = f"TensorRT is not installed: {GPU_EXTRAS}, on a machine with an NVIDIA GPU (TensorRT ≥ 10.12)"
-MISSING_CUDA = f"cuda-python is not installed: {GPU_EXTRAS}"
+MISSING_TENSORRT = f"TensorRT is not installed: {INSTALL_GPU}, on a machine with an NVIDIA GPU (TensorRT ≥ 10.12)"
+MISSING_CUDA = f"cuda-python is not installed: {INSTALL_GPU}"
 
 
 def import_tensorrt():
