@@ -42,7 +42,8 @@ def _make_parents(path: Path) -> list[Path]:
     return made
 
 
-def _png_writer(picture: np.ndarray, upscale: int = 1):
+def png_writer(picture: np.ndarray, upscale: int = 1):
+    """``write(target)``: ``picture`` (H, W, C) uint8 as PNG to a path or a binary file object."""
     from PIL import Image
 
     if upscale > 1:
@@ -73,7 +74,7 @@ def _save_all(writers: dict) -> None:
 
 
 def save_png(path: str | Path, picture: np.ndarray, upscale: int = 1) -> None:
-    _save_all({path: _png_writer(picture, upscale)})
+    _save_all({path: png_writer(picture, upscale)})
 
 
 def save_npz(path: str | Path, **arrays) -> None:
@@ -147,7 +148,7 @@ def save_outputs(manifest, generation, png=None, npz=None) -> list[str]:
             raise InvalidInput("this latent bundle has no decoder: add one with `edgediff add-vae BUNDLE "
                                "--checkpoint VAE` to get images, or write only --npz latents")
         shown, nrow = _grid_rows(manifest, generation, images)
-        writers[png] = _png_writer(grid(shown, nrow=nrow), upscale=max(1, 128 // images.shape[1]))
+        writers[png] = png_writer(grid(shown, nrow=nrow), upscale=max(1, 128 // images.shape[1]))
     if npz:
         arrays = {} if images is None else {"images": images}
         if generation.latent:

@@ -173,12 +173,11 @@ def failure(answer) -> tuple[int, str] | None:
 
 def _encode(request: Request, images, latents, labels) -> bytes:
     """PNG: the image (a grid for n > 1); npz: uint8 images, float32 latents, labels."""
+    from .images import png_writer
+
     buf = io.BytesIO()
     if request.format == "png":
-        from PIL import Image
-
-        picture = images[0] if len(images) == 1 else grid(images)
-        Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(buf, format="PNG")
+        png_writer(images[0] if len(images) == 1 else grid(images))(buf)      # the files' PNG encoding
     else:
         arrays = {k: v for k, v in (("images", images), ("latents", latents), ("labels", labels)) if v is not None}
         np.savez_compressed(buf, **arrays)
