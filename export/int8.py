@@ -315,7 +315,7 @@ def measure(reference, component, path: Path, cases) -> ParityResult:
     """Per-forward rel-L2 of the INT8 model on ONNX Runtime against the FP32 reference;
     ``component``: the manifest's record of the model (inputs, outputs)."""
     with OrtBackend(path, component.inputs, component.output_names, graph_outputs=component.graph_outputs,
-                    disabled_optimizers=INT8_DISABLED_OPTIMIZERS) as backend:
+                    int8=True) as backend:
         report = forward_cases(reference, backend, cases, gate=GATE_REL_L2,
                                names=("onnx-fp32", "onnx-int8 (onnxruntime CPU)"))
     return report.to_parity()
@@ -411,7 +411,8 @@ def record(model: onnx.ModelProto, final: Trial, trials: list[Trial], groups: li
             "weights": "INT8 symmetric, per output channel", "activations": "INT8 symmetric, per tensor",
             "calibration": {"method": "max", **_feeds_meta(calibration)},
             "quantizers": final.quantizers, "fp32_islands": islands,
-            "ort_disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS),
+            "onnxruntime_cpu": {"disabled_optimizers": list(INT8_DISABLED_OPTIMIZERS),
+                                "activations": "loaded as UINT8 with zero point 128 (exact; runtime/backends/ort_int8.py)"},
             "trials": [{"islands": list(tr.islands), "worst_rel_l2": tr.score if np.isfinite(tr.score) else None}
                        for tr in trials],
             "gate": {"rel_l2": GATE_REL_L2, "worst_rel_l2": final.parity.worst_rel_l2, "passed": final.parity.passed,

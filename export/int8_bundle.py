@@ -15,7 +15,7 @@ import onnx
 
 from edgediff.calibration.feeds import CalibrationFeeds, record_feeds
 from edgediff.runtime.backends.base import BackendError, validate_feed
-from edgediff.runtime.backends.ort import INT8_DISABLED_OPTIMIZERS, OrtBackend
+from edgediff.runtime.backends.ort import OrtBackend
 from edgediff.runtime.bundle import read_bundle
 from edgediff.runtime.conditions import COND_COMPONENT
 from edgediff.runtime.errors import InvalidInput
@@ -113,7 +113,7 @@ def add_int8(bundle_dir: str | Path, calib_samples: int = 64, calib_cap: int = 1
 def _quality(judge, bundle_path: Path, model: Path, c, log):
     log("judging FP32 and INT8 samples ...")
     with OrtBackend(model, c.inputs, c.output_names, graph_outputs=c.graph_outputs,
-                    disabled_optimizers=INT8_DISABLED_OPTIMIZERS) as backend:
+                    int8=True) as backend:
         return judge(bundle_path, backend)
 
 

@@ -18,6 +18,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -273,7 +274,10 @@ class Worker:
             for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[var] = str(threads)
         self.name = name
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # stderr to a file, not a pipe: a worker whose libraries warn past the pipe's 64 KB
+        # (ONNX Runtime logs a line per initializer it drops) would block while we wait for stdout
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True, env=env)
         self.ms: dict[int, list[float]] = {}
 
@@ -285,7 +289,9 @@ class Worker:
     def read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read().strip().splitlines()
+            self.proc.wait(timeout=60)
+            self.stderr.seek(0)
+            err = self.stderr.read().strip().splitlines()
             why = next((ln for ln in reversed(err) if ln.strip()), "no output")
             raise InvalidInput(f"the {self.name} engine stopped: {why}")
         return json.loads(line)
@@ -296,11 +302,13 @@ class Worker:
         finally:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+            self.stderr.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.stderr.close()
 
 
 def _argv_ort(kind: str, opts: dict) -> list[str]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..engines import ENGINE_DIR
 from .base import Backend, BackendError, RunOptions
+from .ort_int8 import CpuInt8Model
 
 # Execution providers in order of preference, when the installed onnxruntime has them.
 _PREFERRED = {"cpu": ["CPUExecutionProvider"],
@@ -95,7 +96,7 @@ def tensorrt_provider_options(cache_dir: Path, inputs: dict[str, dict], max_batc
 
 
 def _session(path: Path, device: str, threads: int | None, trt_options: dict | None = None,
-             disabled_optimizers=()):
+             int8: bool = False, source: str | bytes | None = None):
     ort = import_onnxruntime(device)
     available = ort.get_available_providers()
     providers = [p for p in _PREFERRED[device] if p in available]
@@ -107,8 +108,8 @@ def _session(path: Path, device: str, threads: int | None, trt_options: dict | N
         ort.preload_dlls()          # CUDA/cuDNN from pip wheels (nvidia-*), when they are installed
     listed = [(p, trt_options) if p == "TensorrtExecutionProvider" and trt_options else p for p in providers]
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=listed,
-                                       disabled_optimizers=list(disabled_optimizers) or None)
+        session = ort.InferenceSession(source or str(path), sess_options=opts, providers=listed,
+                                       disabled_optimizers=list(INT8_DISABLED_OPTIMIZERS) if int8 else None)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
     check_providers(session.get_providers(), providers[0])
@@ -150,6 +151,16 @@ def _check_shapes(session, inputs: dict[str, dict], name: str) -> None:
             raise BackendError(f"bundle.json declares {i.name!r} as {declared} but {name} takes {list(i.shape)}")
 
 
+def _cpu_int8_model(path: Path) -> CpuInt8Model:
+    from google.protobuf.message import DecodeError
+
+    try:
+        return CpuInt8Model(path)
+    except (OSError, ValueError, DecodeError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendError(f"cannot read the INT8 model {path}: {why}") from None
+
+
 class OrtBackend(Backend):
     """ONNX Runtime over an ONNX file: one session, reused for every call."""
 
@@ -157,12 +168,21 @@ class OrtBackend(Backend):
 
     def __init__(self, model_path: str | Path, inputs: dict[str, dict], outputs: list[str],
                  device: str = "cpu", threads: int | None = None, graph_outputs: dict | None = None,
-                 trt_options: dict | None = None, disabled_optimizers=()):
+                 trt_options: dict | None = None, int8: bool = False):
         super().__init__(inputs, outputs, graph_outputs)
         if device not in _PREFERRED:
             raise BackendError(f"unknown ORT device {device!r}; choose from {', '.join(_PREFERRED)}")
         self.device = device
-        self.session = _session(Path(model_path), device, threads, trt_options, disabled_optimizers)
+        # INT8 on the CPU provider: activations rewritten to U8, exactly (see ort_int8.py)
+        self._int8_cpu = None
+        try:
+            if int8 and device == "cpu":
+                self._int8_cpu = _cpu_int8_model(Path(model_path))
+            self.session = _session(Path(model_path), device, threads, trt_options, int8,
+                                    self._int8_cpu and self._int8_cpu.source)
+        except BaseException:
+            self.close()
+            raise
         graph_in = {i.name for i in self.session.get_inputs()}
         graph_out = {o.name for o in self.session.get_outputs()}
         if graph_in != set(inputs) or not set(self.graph_names) <= graph_out:
@@ -179,7 +199,7 @@ class OrtBackend(Backend):
             trt = tensorrt_provider_options(cache, c.inputs, options.max_batch)
         return cls(bundle.model_path(precision, options.component), c.inputs, c.output_names,
                    device=options.device, threads=options.threads, graph_outputs=c.graph_outputs, trt_options=trt,
-                   disabled_optimizers=INT8_DISABLED_OPTIMIZERS if precision == "int8" else ())
+                   int8=precision == "int8")
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
@@ -202,3 +222,5 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self.session = None
+        if getattr(self, "_int8_cpu", None) is not None:
+            self._int8_cpu.close()

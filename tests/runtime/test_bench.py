@@ -134,3 +134,17 @@ def test_graph_flops_falls_back_to_stored_symbolic_shapes(tmp_path):
         value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, ["2*batch", 128])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "m.onnx"))
     assert graph_flops(tmp_path / "m.onnx", 3) == {"flops": 2 * (2 * 3) * 5 * 128, "uncounted": []}
+
+
+def test_a_worker_that_logs_past_a_pipe_buffer_does_not_block_the_coordinator():
+    """ONNX Runtime logs a line per dropped initializer on stderr: 64 KB of it once hung a bench."""
+    import sys
+
+    from edgediff.runtime.bench import Worker
+
+    code = "import sys; sys.stderr.write('w' * 300_000); print('{\"ready\": 1}', flush=True); sys.stdin.readline()"
+    worker = Worker("noisy", [sys.executable, "-c", code], threads=1)
+    try:
+        assert worker.read() == {"ready": 1}
+    finally:
+        worker.kill()
