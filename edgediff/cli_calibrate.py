@@ -24,15 +24,29 @@ from edgediff.runtime.samplers import SAMPLERS
 @click.option("--prompt", "prompts", multiple=True, help="Text-to-image bundles: a calibration prompt (repeatable).")
 @click.option("--cond", "cond_path", type=click.Path(exists=True),
               help="Image-conditioned bundles: condition image(s), as for `generate --cond`.")
+@click.option("--images", "images_path", type=click.Path(exists=True, dir_okay=False),
+              help="Real images instead of trajectories: an .npz of 'images' (uint8 N,H,W,C or float N,C,H,W in "
+                   "[-1, 1]) and 'labels' for class-conditional bundles, diffused to every sampler step (latent "
+                   "bundles: through their encoder); --cap images per step.")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 4096), help="Samples per model batch.")
-def calibrate(bundle, out, samples, cap, seed, sampler, steps, guidance, prompts, cond_path, batch):
+def calibrate(bundle, out, samples, cap, seed, sampler, steps, guidance, prompts, cond_path, images_path, batch):
     """Record the denoiser's inputs along sampling trajectories (timestep-aware INT8 calibration data)."""
     from edgediff.calibration.feeds import record_feeds
+    from edgediff.calibration.images import image_feeds
     from edgediff.runtime.conditions import read_conditions
+    from edgediff.runtime.errors import InvalidInput
     from edgediff.runtime.pipeline import Pipeline, total_model_calls
 
     start = time.perf_counter()
+    if images_path and (prompts or cond_path):
+        raise InvalidInput("--images replaces sampling: it takes no --prompt or --cond")
     with Pipeline.from_bundle(bundle, max_batch=batch) as pipe:
+        if images_path:
+            feeds = image_feeds(pipe, images_path, cap, seed, sampler, steps, guidance, batch)
+            feeds.save(out)
+            click.echo(f"wrote {out}: {len(feeds)} rows over {feeds.meta['steps_recorded']} steps from "
+                       f"{feeds.meta['image_count']} images in {time.perf_counter() - start:.1f} s")
+            return
         extra = {"prompt": list(prompts)} if prompts else {}
         cond = read_conditions(pipe, cond_path, None)
         extra.update({"cond": cond} if cond is not None else {})

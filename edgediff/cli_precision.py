@@ -82,7 +82,9 @@ def refuse_foreign_options(ctx: click.Context, precision: str) -> None:
               help="int8: calibration rows kept per sampler step.")
 @click.option("--calib-data", type=click.Path(exists=True, dir_okay=False),
               help="int8: feeds .npz from `edgediff calibrate` instead of recording them (a quarter of each "
-                   "step's rows is held out for the gate); needed for text- and image-conditioned bundles.")
+                   "step's rows is held out for the gate; needed for text- and image-conditioned bundles), or an "
+                   ".npz of real 'images' (+ 'labels'), diffused to every sampler step (latent bundles: through "
+                   "their encoder).")
 @click.option("--quality/--no-quality", default=None,
               help="int8: judge 500 FP32 and 500 INT8 samples (default: where the digits judge applies).")
 @click.pass_context

@@ -428,8 +428,9 @@ def _worst_per_case(parity: ParityResult) -> dict[str, float]:
 
 
 def _feeds_meta(feeds: CalibrationFeeds) -> dict:
-    keep = ("samples", "cap", "seed", "sampler", "steps", "guidance", "rows", "steps_recorded")
-    return {k: feeds.meta[k] for k in keep if k in feeds.meta} | {"rows": len(feeds)}
+    keep = ("source", "images", "image_count", "samples", "cap", "seed", "sampler", "steps", "guidance", "rows",
+            "steps_recorded")
+    return {"source": "trajectories"} | {k: feeds.meta[k] for k in keep if k in feeds.meta} | {"rows": len(feeds)}
 
 
 def replace_record(manifest, record_: dict, parity: ParityResult, file: str):

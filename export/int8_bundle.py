@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from edgediff.calibration.feeds import CalibrationFeeds, record_feeds
+from edgediff.calibration.images import image_feeds, is_image_file
 from edgediff.runtime.backends.base import BackendError, validate_feed
 from edgediff.runtime.backends.ort import OrtBackend
 from edgediff.runtime.bundle import read_bundle
@@ -28,10 +29,15 @@ from .int8 import Int8Error, convert_int8, record, replace_record
 INT8_FILE = "model_int8.onnx"
 HELD_OUT_SEED = 1_000_003        # held-out trajectories: never the calibration draws
 def _feeds(pipe, calib_data, samples: int, cap: int, log) -> tuple[CalibrationFeeds, CalibrationFeeds]:
-    """Calibration feeds (recorded here, or ``calib_data`` from `edgediff calibrate`) and
-    held-out trajectories of different seeds for the gate."""
+    """Calibration feeds (recorded here, from real images, or ``calib_data`` from `edgediff
+    calibrate`) and held-out trajectories of different seeds (a quarter of given feeds) for the gate."""
     m = pipe.manifest
     needs = ("prompts" if TEXT_CONTEXT in m.inputs else "condition images" if COND_COMPONENT in m.components else None)
+    if calib_data is not None and is_image_file(calib_data):
+        log(f"calibration feeds from the images in {calib_data}, diffused to every sampler step (≤ {cap} rows per "
+            "step) ...")
+        calibration = image_feeds(pipe, calib_data, cap=cap, seed=0)
+        return calibration, record_feeds(pipe, samples=max(4, samples // 4), cap=8, seed=HELD_OUT_SEED)
     if needs and calib_data is None:
         raise InvalidInput(f"this bundle's denoiser needs {needs}: record calibration feeds with `edgediff calibrate "
                            f"BUNDLE --{'prompt' if needs == 'prompts' else 'cond'} ... --out feeds.npz` and pass "

@@ -44,7 +44,7 @@ def gate_for(precision: str) -> float:
 
 
 # --- the x0 prediction of one forward ----------------------------------------------------------
-def _alpha_sigma(schedule, t_model: float) -> tuple[float, float]:
+def model_time_marginal(schedule, t_model: float) -> tuple[float, float]:
     """(signal, noise) of the marginal at a model-time input: the model is always called with
     the VP marginal x = alpha·x0 + sigma·eps (euler/heun divide their VE x by sqrt(sigma²+1)
     before calling), or DDM's x = (1 - t)·x0 + sqrt(t)·eps."""
@@ -69,7 +69,7 @@ def x0_of(out: dict, feed: dict, schedule) -> np.ndarray | None:
         if "c" not in out or "eps" not in out:
             return None
         return x - t * np.asarray(out["c"], np.float64) - np.sqrt(t) * np.asarray(out["eps"], np.float64)
-    alpha, sigma = _alpha_sigma(schedule, t)
+    alpha, sigma = model_time_marginal(schedule, t)
     if "eps" not in out and "v" not in out:
         return None
     eps, x0 = predict({k: np.asarray(v, np.float64) for k, v in out.items()}, x, alpha, sigma)

@@ -22,7 +22,7 @@ def test_runtime_imports_neither_torch_nor_export(mod):
     assert proc.returncode == 0, f"{mod} pulled in: {proc.stdout.strip()} {proc.stderr[-300:]}"
 
 
-@pytest.mark.parametrize("mod", ["edgediff.calibration", "edgediff.calibration.feeds", "edgediff.cli", "edgediff.cli_precision",
+@pytest.mark.parametrize("mod", ["edgediff.calibration", "edgediff.calibration.feeds", "edgediff.calibration.images", "edgediff.cli", "edgediff.cli_precision",
                                  "edgediff.cli_classifier", "edgediff.cli_calibrate", "edgediff.cli_parity"])
 def test_imports_no_torch(mod):
     """The CLI lists families from the torch-free registry; torch loads only inside export."""

@@ -180,6 +180,8 @@ class OrtBackend(Backend):
                 self._int8_cpu = _cpu_int8_model(Path(model_path))
             self.session = _session(Path(model_path), device, threads, trt_options, int8,
                                     self._int8_cpu and self._int8_cpu.source)
+            if self._int8_cpu is not None:
+                self._int8_cpu.loaded()
         except BaseException:
             self.close()
             raise

@@ -65,7 +65,7 @@ def unsigned_activations(model) -> int:
 class CpuInt8Model:
     """The source ONNX Runtime loads for an INT8 model on the CPU: serialized bytes of the
     rewritten model, or (a model with external weights, which protobuf cannot hold past 2 GB)
-    a private temporary copy, removed by :meth:`close`."""
+    a private temporary copy, removed by :meth:`close` (ONNX Runtime may map its weights)."""
 
     def __init__(self, path: Path):
         import onnx
@@ -89,6 +89,11 @@ class CpuInt8Model:
             self.close()
             raise
         self.source = str(target)
+
+    def loaded(self) -> None:
+        """The session holds its own copy: drop the serialized bytes (the model's size)."""
+        if isinstance(self.source, bytes):
+            self.source = None
 
     def close(self) -> None:
         if self._dir is not None:

@@ -77,28 +77,6 @@ def test_readme_python_blocks_run_as_written_without_torch(digits_like_bundle):
         assert res.returncode == 0, f"README block failed:\n{block}\n{res.stderr[-2000:]}"
 
 
-@pytest.fixture(scope="module")
-def latent_bundle(tmp_path_factory):
-    """A latent DiT bundle with a (tiny, random) diffusers autoencoder as its decoder."""
-    diffusers = pytest.importorskip("diffusers")
-    import json
-
-    import torch
-
-    from edgediff.export.vae import add_vae
-
-    root = tmp_path_factory.mktemp("latent")
-    torch.manual_seed(0)
-    diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                            latent_channels=4, sample_size=16).save_pretrained(root / "vae")
-    config = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
-    (root / "dit.json").write_text(json.dumps(config))
-    export_bundle("dit", config, root / "b", log=lambda m: None)
-    add_vae(root / "b", root / "vae", log=lambda m: None)
-    return root / "b"
-
-
 def test_generate_decodes_a_latent_bundle_without_torch(latent_bundle, tmp_path):
     res = run_cli("generate", str(latent_bundle), "-n", "5", "--steps", "2", "--decode-batch", "2",
                   "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz"))

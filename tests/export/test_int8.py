@@ -174,6 +174,24 @@ def test_calib_data_holds_a_quarter_of_each_step_out(tmp_path, fixture_bundle, o
     assert "PASS" in out
 
 
+def test_calib_data_of_real_images_calibrates_and_trajectories_gate(tmp_path, fixture_bundle, one_thread, capsys):
+    from cli_helpers import run
+
+    _, _, bundle, _ = fixture_bundle("ddpm")
+    m = read_bundle(bundle).manifest
+    c, h, w = m.sample_shape
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, m.num_classes, 12) if m.conditional else None
+    np.savez(tmp_path / "i.npz", images=rng.integers(0, 256, (12, h, w, c), dtype=np.uint8),
+             **({"labels": labels} if labels is not None else {}))
+    code, out, err = run(["add-precision", str(bundle), "--precision", "int8", "--calib-data", str(tmp_path / "i.npz"),
+                          "--calib-samples", "4", "--calib-cap", "4", "--no-quality"], capsys)
+    assert code == 0, err
+    rec = read_bundle(bundle).manifest.precision["int8"]
+    assert rec["calibration"]["source"] == "images" and rec["calibration"]["image_count"] == 12
+    assert rec["gate"]["held_out"]["source"] == "trajectories" and "from the images" in out + err
+
+
 def test_options_of_the_other_precision_are_refused(fixture_bundle, capsys):
     from cli_helpers import run
 
