@@ -31,11 +31,9 @@ from edgediff.runtime.samplers import SAMPLERS
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 4096), help="Samples per model batch.")
 def calibrate(bundle, out, samples, cap, seed, sampler, steps, guidance, prompts, cond_path, images_path, batch):
     """Record the denoiser's inputs along sampling trajectories (timestep-aware INT8 calibration data)."""
-    from edgediff.calibration.feeds import record_feeds
     from edgediff.calibration.images import image_feeds
-    from edgediff.runtime.conditions import read_conditions
     from edgediff.runtime.errors import InvalidInput
-    from edgediff.runtime.pipeline import Pipeline, total_model_calls
+    from edgediff.runtime.pipeline import Pipeline
 
     start = time.perf_counter()
     if images_path and (prompts or cond_path):
@@ -43,21 +41,27 @@ def calibrate(bundle, out, samples, cap, seed, sampler, steps, guidance, prompts
     with Pipeline.from_bundle(bundle, max_batch=batch) as pipe:
         if images_path:
             feeds = image_feeds(pipe, images_path, cap, seed, sampler, steps, guidance, batch)
-            feeds.save(out)
-            click.echo(f"wrote {out}: {len(feeds)} rows over {feeds.meta['steps_recorded']} steps from "
-                       f"{feeds.meta['image_count']} images in {time.perf_counter() - start:.1f} s")
-            return
-        extra = {"prompt": list(prompts)} if prompts else {}
-        cond = read_conditions(pipe, cond_path, None)
-        extra.update({"cond": cond} if cond is not None else {})
-        draws = samples * len(prompts or cond if (prompts or cond is not None) else [0])
-        total = total_model_calls(pipe.manifest, draws, min(batch, draws), sampler=sampler, steps=steps,
-                                  guidance=guidance)
-        with tqdm(total=total, desc="calibrating", unit="call", disable=None) as bar:
-            feeds = record_feeds(pipe, samples, cap, seed, sampler, steps, guidance, batch, bar.update, **extra)
+            source = f"from {feeds.meta['image_count']} images"
+        else:
+            feeds = _trajectory_feeds(pipe, samples, cap, seed, sampler, steps, guidance, prompts, cond_path, batch)
+            source = f"({feeds.meta['sampler']}, w = {feeds.meta['guidance']:g})"
     feeds.save(out)
-    click.echo(f"wrote {out}: {len(feeds)} rows over {feeds.meta['steps_recorded']} steps "
-               f"({feeds.meta['sampler']}, w = {feeds.meta['guidance']:g}) in {time.perf_counter() - start:.1f} s")
+    click.echo(f"wrote {out}: {len(feeds)} rows over {feeds.meta['steps_recorded']} steps {source} "
+               f"in {time.perf_counter() - start:.1f} s")
+
+
+def _trajectory_feeds(pipe, samples, cap, seed, sampler, steps, guidance, prompts, cond_path, batch):
+    from edgediff.calibration.feeds import record_feeds
+    from edgediff.runtime.conditions import read_conditions
+    from edgediff.runtime.pipeline import total_model_calls
+
+    extra = {"prompt": list(prompts)} if prompts else {}
+    cond = read_conditions(pipe, cond_path, None)
+    extra.update({"cond": cond} if cond is not None else {})
+    draws = samples * len(prompts or cond if (prompts or cond is not None) else [0])
+    total = total_model_calls(pipe.manifest, draws, min(batch, draws), sampler=sampler, steps=steps, guidance=guidance)
+    with tqdm(total=total, desc="calibrating", unit="call", disable=None) as bar:
+        return record_feeds(pipe, samples, cap, seed, sampler, steps, guidance, batch, bar.update, **extra)
 
 
 COMMANDS = (calibrate,)
