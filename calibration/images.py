@@ -35,7 +35,7 @@ def is_image_file(path: str | Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as data:
             return "images" in data.files and "step" not in data.files
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, TypeError):      # TypeError: an .npy array, not an archive
         return False
 
 
@@ -53,8 +53,9 @@ def read_images(path: str | Path, shape: tuple) -> tuple[np.ndarray, np.ndarray 
         c, h, w = (d if isinstance(d, int) else "?" for d in shape)
         raise InvalidInput(f"{path}: 'images' must be uint8 (N, {h}, {w}, {c}) or float (N, {c}, {h}, {w}) "
                            f"in [-1, 1] for this bundle, got {given}")
-    if not np.isfinite(arr).all():
-        raise InvalidInput(f"{path}: 'images' holds NaN/inf")
+    if not np.isfinite(arr).all() or np.abs(arr).max() > 1.0 + 1e-3:
+        raise InvalidInput(f"{path}: float 'images' must lie in [-1, 1] (found {np.nanmin(arr):.3g}..{np.nanmax(arr):.3g}"
+                           "; NaN/inf refused): scale them, or pass uint8 images")
     if labels is not None and (labels.shape != (len(arr),) or labels.dtype.kind not in "iu"):
         raise InvalidInput(f"{path}: 'labels' must be integers, one per image ({len(arr)}), got "
                            f"{labels.dtype} {labels.shape}")
@@ -77,7 +78,7 @@ def clean_samples(pipe, images: np.ndarray, batch: int = 16) -> np.ndarray:
     return latents
 
 
-def _labels(m, labels: np.ndarray | None, n: int) -> np.ndarray | None:
+def _labels(m, labels: np.ndarray | None) -> np.ndarray | None:
     if not m.conditional:
         return None
     if labels is None:
@@ -87,12 +88,8 @@ def _labels(m, labels: np.ndarray | None, n: int) -> np.ndarray | None:
     return labels.astype(np.int64)
 
 
-def image_feeds(pipe, path: str | Path, cap: int = 16, seed: int = 0, sampler: str | None = None,
-                steps: int | None = None, guidance: float | None = None, batch: int = 16) -> CalibrationFeeds:
-    """Feeds of the images in ``path`` forward-diffused to every model time of the sampler
-    (``pipe``: an FP32 Pipeline), at most ``cap`` rows per step (a guided bundle's null
-    rows included)."""
-    m = pipe.manifest
+def _check_bundle(m) -> tuple:
+    """The image shape the bundle takes (its encoder's for a latent bundle), or one line why not."""
     if TEXT_CONTEXT in m.inputs or COND_COMPONENT in m.components:
         what = "--prompt" if TEXT_CONTEXT in m.inputs else "--cond"
         raise InvalidInput(f"images alone cannot calibrate this bundle's conditioning: record trajectories with "
@@ -100,32 +97,43 @@ def image_feeds(pipe, path: str | Path, cap: int = 16, seed: int = 0, sampler: s
     if m.space == "latent" and "encoder" not in m.components:
         raise InvalidInput("this latent bundle has no encoder to turn images into latents: add its autoencoder "
                            "with `edgediff add-vae`, or calibrate on sampling trajectories")
-    shape = m.component("encoder").inputs["image"]["shape"][1:] if m.space == "latent" else m.sample_shape
-    images, labels = read_images(path, shape)
-    labels = _labels(m, labels, len(images))
-    x0 = clean_samples(pipe, images, batch).astype(np.float64)
+    return tuple(m.component("encoder").inputs["image"]["shape"][1:] if m.space == "latent" else m.sample_shape)
+
+
+def _step_rows(m, k: int, t: float, x0: np.ndarray, labels, guided: bool, rng) -> dict[str, np.ndarray]:
+    """One step's feeds: the chosen clean samples ``x0`` diffused to model time ``t``."""
+    signal, noise = model_time_marginal(m.noise_schedule, t)
+    x = (signal * x0 + noise * rng.standard_normal(x0.shape)).astype(np.float32)
+    part = {"x": x, "t": np.full(len(x), t, np.float32)}
+    if SELF_COND in m.inputs:       # the previous step's x0 estimate, clipped as the runtime clips it
+        clip = m.option("clip_sample", m.space == "pixel")
+        part[SELF_COND] = np.zeros_like(x) if k == 0 else (np.clip(x0, -1, 1) if clip else x0).astype(np.float32)
+    if labels is not None:
+        part["y"] = labels
+        if guided:                  # guidance's [conditional | null] halves of one call
+            part = {name: np.concatenate([v, v]) for name, v in part.items()}
+            part["y"][len(x):] = m.null_label
+    return part
+
+
+def image_feeds(pipe, path: str | Path, cap: int = 16, seed: int = 0, sampler: str | None = None,
+                steps: int | None = None, guidance: float | None = None, batch: int = 16) -> CalibrationFeeds:
+    """Feeds of the images in ``path`` forward-diffused to every model time of the sampler
+    (``pipe``: an FP32 Pipeline): ``cap`` images per step, or ``cap // 2`` (at least one),
+    each twice, for a guided bundle."""
+    m = pipe.manifest
+    images, labels = read_images(path, _check_bundle(m))
+    labels = _labels(m, labels)
     dry = record_feeds(pipe, samples=1, cap=1, seed=seed, sampler=sampler, steps=steps, guidance=guidance, batch=1)
     guided = m.conditional and dry.meta["guidance"] != 1.0
     rng = np.random.default_rng(seed)
-    per_step = max(1, cap // 2) if guided else cap
-    parts, step = [], []
-    for k, feed in dry.by_step():
-        t = float(feed["t"][0])
-        rows = rng.choice(len(x0), size=min(per_step, len(x0)), replace=False)
-        signal, noise = model_time_marginal(m.noise_schedule, t)
-        x = (signal * x0[rows] + noise * rng.standard_normal(x0[rows].shape)).astype(np.float32)
-        part = {"x": x, "t": np.full(len(rows), t, np.float32)}
-        if SELF_COND in m.inputs:
-            part[SELF_COND] = (np.zeros_like(x) if k == 0 else np.clip(x0[rows], -1, 1).astype(np.float32))
-        if labels is not None:
-            part["y"] = labels[rows]
-            if guided:
-                part = {name: np.concatenate([v, v]) for name, v in part.items()}
-                part["y"][len(rows):] = m.null_label
-        parts.append(part)
-        step.append(np.full(len(part["x"]), k, np.int64))
-    arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    per_step = min(max(1, cap // 2) if guided else cap, len(images))
+    chosen = [(k, float(feed["t"][0]), rng.choice(len(images), per_step, replace=False)) for k, feed in dry.by_step()]
+    used = np.unique(np.concatenate([rows for _, _, rows in chosen]))     # encode only the images used
+    x0 = dict(zip(used.tolist(), clean_samples(pipe, images[used], batch).astype(np.float64)))
+    parts = [_step_rows(m, k, t, np.stack([x0[i] for i in rows]), None if labels is None else labels[rows], guided,
+                        rng) for k, t, rows in chosen]
+    step = np.concatenate([np.full(len(p["x"]), k, np.int64) for p, (k, _, _) in zip(parts, chosen)])
     meta = {k: v for k, v in dry.meta.items() if k != "samples"} | {
-        "source": "images", "images": str(path), "image_count": len(images), "cap": cap,
-        "rows": int(sum(len(s) for s in step))}
-    return CalibrationFeeds(arrays, np.concatenate(step), meta)
+        "source": "images", "images": str(path), "image_count": len(images), "cap": cap, "rows": len(step)}
+    return CalibrationFeeds({name: np.concatenate([p[name] for p in parts]) for name in parts[0]}, step, meta)

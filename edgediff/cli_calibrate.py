@@ -27,7 +27,8 @@ from edgediff.runtime.samplers import SAMPLERS
 @click.option("--images", "images_path", type=click.Path(exists=True, dir_okay=False),
               help="Real images instead of trajectories: an .npz of 'images' (uint8 N,H,W,C or float N,C,H,W in "
                    "[-1, 1]) and 'labels' for class-conditional bundles, diffused to every sampler step (latent "
-                   "bundles: through their encoder); --cap images per step.")
+                   "bundles: through their encoder); --cap rows per step (guided: cap/2 images, each also with the "
+                   "null label).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 4096), help="Samples per model batch.")
 def calibrate(bundle, out, samples, cap, seed, sampler, steps, guidance, prompts, cond_path, images_path, batch):
     """Record the denoiser's inputs along sampling trajectories (timestep-aware INT8 calibration data)."""

@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from .backends.ort_int8 import all_nodes
 from .errors import InvalidInput
 
 SGEMM_N = 2048                 # square float32 GEMM: 2·N³ flops per call, the BLAS's best case
@@ -71,7 +72,7 @@ def graph_flops(model_path: str | Path, batch: int) -> dict:
             shapes[name] = shape
     shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
     total, uncounted = 0, []
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         if node.op_type in COUNTED_OPS:
             flops = _node_flops(node, shapes)
             if flops is None:
@@ -95,15 +96,6 @@ def _stored_shapes(graph, batch: int) -> dict:
         return None
     return {vi.name: [dim(d) for d in vi.type.tensor_type.shape.dim]
             for vi in [*graph.input, *graph.value_info, *graph.output]}
-
-
-def _all_nodes(graph):
-    """Nodes of ``graph`` and of its subgraphs (If/Loop bodies), which shape inference also covers."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.g and attr.g.node:
-                yield from _all_nodes(attr.g)
 
 
 def _known(shape) -> bool:
@@ -276,9 +268,13 @@ class Worker:
         self.name = name
         # stderr to a file, not a pipe: a worker whose libraries warn past the pipe's 64 KB
         # (ONNX Runtime logs a line per initializer it drops) would block while we wait for stdout
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env=env)
+        self.stderr = tempfile.TemporaryFile(mode="w+", errors="replace")
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                         text=True, env=env)
+        except BaseException:
+            self.stderr.close()
+            raise
         self.ms: dict[int, list[float]] = {}
 
     def ask(self, msg: dict) -> dict:
@@ -289,7 +285,11 @@ class Worker:
     def read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
             self.stderr.seek(0)
             err = self.stderr.read().strip().splitlines()
             why = next((ln for ln in reversed(err) if ln.strip()), "no output")

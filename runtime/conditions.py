@@ -77,7 +77,7 @@ def read_npz_arrays(path: Path, required: str, optional: tuple[str, ...] | None 
         with np.load(path, allow_pickle=False) as data:
             found = list(data.files)
             arrays = {k: data[k] for k in (found if optional is None else (required, *optional)) if k in found}
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, TypeError):     # TypeError: an .npy (an array, not an archive)
         raise InvalidInput(f"cannot read {path}: not an .npz archive of plain arrays") from None
     if required not in arrays:          # raised out of the try: InvalidInput is a ValueError
         raise InvalidInput(f"{path} has no array {required!r} (found: {', '.join(found) or 'none'})")

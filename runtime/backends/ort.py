@@ -96,7 +96,7 @@ def tensorrt_provider_options(cache_dir: Path, inputs: dict[str, dict], max_batc
 
 
 def _session(path: Path, device: str, threads: int | None, trt_options: dict | None = None,
-             int8: bool = False, source: str | bytes | None = None):
+             int8: bool = False, cpu_int8: CpuInt8Model | None = None):
     ort = import_onnxruntime(device)
     available = ort.get_available_providers()
     providers = [p for p in _PREFERRED[device] if p in available]
@@ -104,11 +104,13 @@ def _session(path: Path, device: str, threads: int | None, trt_options: dict | N
         raise BackendError(f"onnxruntime here has no {_PREFERRED[device][0]} (has {', '.join(available)}): "
                            f"pip uninstall -y onnxruntime, then {INSTALL_GPU}")
     opts = session_options(ort, threads)
+    for key, value in (cpu_int8.session_config if cpu_int8 else {}).items():
+        opts.add_session_config_entry(key, value)
     if device != "cpu" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()          # CUDA/cuDNN from pip wheels (nvidia-*), when they are installed
     listed = [(p, trt_options) if p == "TensorrtExecutionProvider" and trt_options else p for p in providers]
     try:
-        session = ort.InferenceSession(source or str(path), sess_options=opts, providers=listed,
+        session = ort.InferenceSession(cpu_int8.source if cpu_int8 else str(path), sess_options=opts, providers=listed,
                                        disabled_optimizers=list(INT8_DISABLED_OPTIMIZERS) if int8 else None)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise BackendError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
@@ -174,17 +176,9 @@ class OrtBackend(Backend):
             raise BackendError(f"unknown ORT device {device!r}; choose from {', '.join(_PREFERRED)}")
         self.device = device
         # INT8 on the CPU provider: activations rewritten to U8, exactly (see ort_int8.py)
-        self._int8_cpu = None
-        try:
-            if int8 and device == "cpu":
-                self._int8_cpu = _cpu_int8_model(Path(model_path))
-            self.session = _session(Path(model_path), device, threads, trt_options, int8,
-                                    self._int8_cpu and self._int8_cpu.source)
-            if self._int8_cpu is not None:
-                self._int8_cpu.loaded()
-        except BaseException:
-            self.close()
-            raise
+        cpu_int8 = _cpu_int8_model(Path(model_path)) if int8 and device == "cpu" else None
+        self.session = _session(Path(model_path), device, threads, trt_options, int8, cpu_int8)
+        self.int8_rewritten = cpu_int8.rewritten if cpu_int8 else None
         graph_in = {i.name for i in self.session.get_inputs()}
         graph_out = {o.name for o in self.session.get_outputs()}
         if graph_in != set(inputs) or not set(self.graph_names) <= graph_out:
@@ -224,5 +218,3 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self.session = None
-        if getattr(self, "_int8_cpu", None) is not None:
-            self._int8_cpu.close()

@@ -52,6 +52,7 @@ def test_each_step_holds_the_images_diffused_to_the_sampler_s_model_time(bundle,
             if signal > 2 * noise:                 # the image is unmistakable at the quiet steps
                 assert labels[i] == label
 
+
 def test_a_latent_bundle_encodes_its_images(latent_bundle, tmp_path):
     with Pipeline.from_bundle(latent_bundle) as pipe:
         rng = np.random.default_rng(0)
@@ -88,6 +89,13 @@ def test_refusals_are_one_line(bundle, tmp_path, capsys):
         np.savez(tmp_path / "range.npz", images=images, labels=labels + 100)
         with pytest.raises(InvalidInput, match="'labels' must lie in"):
             image_feeds(pipe, tmp_path / "range.npz")
+        np.savez(tmp_path / "255.npz", images=images.transpose(0, 3, 1, 2).astype(np.float32), labels=labels)
+        with pytest.raises(InvalidInput, match=r"must lie in \[-1, 1\] \(found 0..255"):
+            image_feeds(pipe, tmp_path / "255.npz")
+    np.save(tmp_path / "a.npy", images)
+    assert not is_image_file(tmp_path / "a.npy")
+    with pytest.raises(InvalidInput, match="not an .npz archive"):
+        CalibrationFeeds.load(tmp_path / "a.npy")
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", str(bundle), "--out", str(tmp_path / "f.npz"), "--images", str(tmp_path / "size.npz")])
     err = capsys.readouterr().err

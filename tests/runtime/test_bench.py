@@ -142,9 +142,12 @@ def test_a_worker_that_logs_past_a_pipe_buffer_does_not_block_the_coordinator():
 
     from edgediff.runtime.bench import Worker
 
+    import threading
+
     code = "import sys; sys.stderr.write('w' * 300_000); print('{\"ready\": 1}', flush=True); sys.stdin.readline()"
-    worker = Worker("noisy", [sys.executable, "-c", code], threads=1)
-    try:
-        assert worker.read() == {"ready": 1}
-    finally:
-        worker.kill()
+    worker, got = Worker("noisy", [sys.executable, "-c", code], threads=1), []
+    reader = threading.Thread(target=lambda: got.append(worker.read()), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    worker.kill()                   # unblocks a reader stuck on a pipe, so a regression fails, not hangs
+    assert got == [{"ready": 1}]

@@ -50,21 +50,61 @@ def test_activations_become_u8_and_compute_exactly_the_same():
     np.testing.assert_array_equal(_run(model.SerializeToString(), x), before)
 
 
-def test_backend_loads_int8_through_the_rewrite_and_external_weights_through_a_private_copy(tmp_path):
+def test_backend_loads_int8_through_the_rewrite_and_external_weights_from_beside_the_model(tmp_path):
     model = _qdq_model()
     x = np.random.default_rng(2).standard_normal((2, 3, 5, 5)).astype(np.float32)
     expected = _run(model.SerializeToString(), x)
     onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
-    held = CpuInt8Model(tmp_path / "m.onnx")
-    private = held.source
-    assert isinstance(private, str) and not private.startswith(str(tmp_path))
-    np.testing.assert_allclose(_run(private, x), expected, rtol=1e-6, atol=1e-6)
-    held.close()
-    assert not (tmp_path / private).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.data", "m.onnx"]
+    held = CpuInt8Model(tmp_path / "m.onnx")            # even the scalar zero points are external here
+    assert held.rewritten == 1 and held.session_config          # weights are read where they are, not copied
     inputs = {"x": {"dtype": "float32", "shape": ["batch", 3, 5, 5]}}
     with OrtBackend(tmp_path / "m.onnx", inputs, ["y"], int8=True) as backend:
-        assert backend._int8_cpu.rewritten == 1
+        assert backend.int8_rewritten == 1
         np.testing.assert_allclose(backend.infer({"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.data", "m.onnx"]
+
+
+def _variant(change) -> int:
+    model = _qdq_model()
+    change(model)
+    return unsigned_activations(model)
+
+
+def test_what_the_rewrite_leaves_alone():
+    from onnx import helper as h
+
+    def nonzero(m):
+        m.graph.initializer.append(numpy_helper.from_array(np.int8(3), "xz3"))
+        for n in m.graph.node:
+            if "xq" in n.output or "xq" in n.input:
+                n.input[2] = "xz3"
+
+    def other_reader(m):            # something besides a DQ reads the INT8 tensor
+        m.graph.node.append(h.make_node("Identity", ["xq"], ["xq_copy"]))
+
+    def graph_output(m):
+        m.graph.output.append(h.make_tensor_value_info("xq", TensorProto.INT8, [2, 3, 5, 5]))
+
+    def two_input_dq(m):
+        dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "xq")
+        del dq.input[2]
+
+    assert _variant(lambda m: None) == 1
+    for change in (nonzero, other_reader, graph_output, two_input_dq):
+        assert _variant(change) == 0, change.__name__
+
+
+def test_a_zero_point_shared_by_weights_and_activations_stays_for_the_weights():
+    model = _qdq_model()
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] in ("w", "wq"):
+            n.input[1], n.input[2] = "xs", "xz"       # per-tensor weight quantization sharing x's scalars
+            del n.attribute[:]
+    x = np.random.default_rng(3).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    before = _run(model.SerializeToString(), x)
+    assert unsigned_activations(model) == 1
+    assert "xz" in {i.name for i in model.graph.initializer}
+    np.testing.assert_array_equal(_run(model.SerializeToString(), x), before)
 
 
 def test_an_unreadable_int8_model_is_one_line(tmp_path):
