@@ -77,6 +77,23 @@ def test_islands_are_added_in_order_of_measured_gain_until_the_gate_holds():
     assert tried == [(), ("a",), ("b",), ("c",), ("b", "c")]       # each alone once, then cumulative
 
 
+def test_an_island_that_cures_one_output_counts_while_another_output_is_worst():
+    """DDM: FP32 ``o`` cures output c, but eps sets the max until ``d`` is FP32 too; ordered by
+    the max, ``o`` (no gain alone) would come after ``x`` (a small gain on eps)."""
+    tried = []
+
+    def trial(islands):
+        tried.append(islands)
+        c = 0.01 if "o" in islands else 0.1
+        eps = 0.03 if "d" in islands else 0.19 if "x" in islands else 0.2
+        case = ParityCase("step 0", [OutputCheck("c", c, c, True), OutputCheck("eps", eps, eps, True)])
+        return Trial(islands, ParityResult("ref", "int8", 5e-2, None, [case]), 1)
+
+    groups = [Group(n, "", (n,)) for n in "xod"]
+    assert Search(groups, trial, log=lambda m: None).run().islands == ("d", "o")
+    assert tried[-2:] == [("d",), ("d", "o")]          # by the max it would have tried ("d", "x") next
+
+
 def test_no_islands_when_all_int8_passes():
     final = Search([Group("a", "", ("a",))], lambda i: _trial(i, 0.01), log=lambda m: None).run()
     assert final.islands == ()
