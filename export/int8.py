@@ -452,8 +452,7 @@ def _worst_per_case(parity: ParityResult) -> dict[str, float]:
 
 
 def _feeds_meta(feeds: CalibrationFeeds) -> dict:
-    keep = ("source", "images", "image_count", "samples", "cap", "seed", "sampler", "steps", "guidance", "rows",
-            "steps_recorded")
+    keep = ("source", "images", "image_count", "samples", "cap", "seed", "sampler", "steps", "guidance", "steps_recorded")
     return {"source": "trajectories"} | {k: feeds.meta[k] for k in keep if k in feeds.meta} | {"rows": len(feeds)}
 
 

@@ -28,6 +28,8 @@ from .int8 import Int8Error, convert_int8, record, replace_record
 
 INT8_FILE = "model_int8.onnx"
 HELD_OUT_SEED = 1_000_003        # held-out trajectories: never the calibration draws
+
+
 def _feeds(pipe, calib_data, samples: int, cap: int, log) -> tuple[CalibrationFeeds, CalibrationFeeds]:
     """Calibration feeds (recorded here, from real images, or ``calib_data`` from `edgediff
     calibrate`) and held-out trajectories of different seeds (a quarter of given feeds) for the gate."""
@@ -36,8 +38,7 @@ def _feeds(pipe, calib_data, samples: int, cap: int, log) -> tuple[CalibrationFe
     if calib_data is not None and is_image_file(calib_data):
         log(f"calibration feeds from the images in {calib_data}, diffused to every sampler step (≤ {cap} rows per "
             "step) ...")
-        calibration = image_feeds(pipe, calib_data, cap=cap, seed=0)
-        return calibration, record_feeds(pipe, samples=max(4, samples // 4), cap=8, seed=HELD_OUT_SEED)
+        return image_feeds(pipe, calib_data, cap=cap, seed=0), _held_out(pipe, samples)
     if needs and calib_data is None:
         raise InvalidInput(f"this bundle's denoiser needs {needs}: record calibration feeds with `edgediff calibrate "
                            f"BUNDLE --{'prompt' if needs == 'prompts' else 'cond'} ... --out feeds.npz` and pass "
@@ -48,8 +49,12 @@ def _feeds(pipe, calib_data, samples: int, cap: int, log) -> tuple[CalibrationFe
         return _split(feeds)
     log(f"recording calibration feeds: {samples} trajectories, ≤ {cap} rows per step ...")
     calibration = record_feeds(pipe, samples=samples, cap=cap, seed=0)
-    held_out = record_feeds(pipe, samples=max(4, samples // 4), cap=8, seed=HELD_OUT_SEED)
-    return calibration, held_out
+    return calibration, _held_out(pipe, samples)
+
+
+def _held_out(pipe, samples: int) -> CalibrationFeeds:
+    """Trajectories of other seeds for the gate: a quarter of the calibration draws (≥ 4)."""
+    return record_feeds(pipe, samples=max(4, samples // 4), cap=8, seed=HELD_OUT_SEED)
 
 
 def check_feeds(feeds: CalibrationFeeds, inputs: dict[str, dict], path) -> None:
